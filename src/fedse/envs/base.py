@@ -1,0 +1,160 @@
+"""The text-environment protocol every fedse environment follows.
+
+An environment is a private, deterministic game played in text. The agent sees
+`instruction` once, then the observation returned by `reset(task_id)`, and answers
+each observation with raw model text ("Thought: ...\\nAction: ..."). `step` parses
+that text exactly as AgentGym's client for the environment does, applies the
+action and returns a `StepResult`.
+
+Turn limits are the caller's business (AgentGym's controller enforces them, not
+the environment servers): `max_turns` states the limit a rollout should use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import ClassVar
+
+ACK = "OK."
+"""The fixed assistant reply after the instruction (AgentGym's conversation start)."""
+
+
+class EnvError(ValueError):
+    """A user-facing error about an environment: bad name, bad task id, bad call order."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    observation: str
+    reward: float
+    done: bool
+    success: bool
+    action: str
+    """The action string the environment parsed out of the model output."""
+
+
+class TextEnv(ABC):
+    """Base class: task-id checks, call-order checks and splits; subclasses do the game.
+
+    Subclasses set `name`, `instruction`, `max_turns` and `num_tasks` and implement
+    `_reset`, `_step` and `expert`.
+    """
+
+    name: ClassVar[str]
+    instruction: ClassVar[str]
+    max_turns: ClassVar[int]
+    num_tasks: ClassVar[int | None]
+    """Valid task ids are 0 .. num_tasks-1; None means any non-negative integer."""
+
+    def __init__(self) -> None:
+        self.task_id: int | None = None
+        self.done = False
+        self.turns = 0
+
+    @property
+    def splits(self) -> dict[str, tuple[int, ...]]:
+        """AgentEval test ids and AgentTraj train ids (environments.md, Appendix A)."""
+        return agentgym_splits(self.name)
+
+    def check_task_id(self, task_id: int) -> int:
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise EnvError(f"{self.name}: task id must be an integer, got {task_id!r}")
+        if task_id < 0 or (self.num_tasks is not None and task_id >= self.num_tasks):
+            raise EnvError(f"{self.name}: unknown task id {task_id}; valid ids are {self.valid_ids_text()}")
+        return task_id
+
+    def valid_ids_text(self) -> str:
+        if self.num_tasks is None:
+            return "any integer >= 0"
+        return f"0..{self.num_tasks - 1}"
+
+    def reset(self, task_id: int) -> str:
+        """Start task `task_id` and return its first observation."""
+        self.check_task_id(task_id)
+        self.task_id, self.done, self.turns = task_id, False, 0
+        return self._reset(task_id)
+
+    def step(self, model_output: str) -> StepResult:
+        """Parse the raw model output, apply its action, return what happened."""
+        if self.task_id is None:
+            raise EnvError(f"{self.name}: call reset(task_id) before step()")
+        if self.done:
+            raise EnvError(f"{self.name}: task {self.task_id} is finished; call reset(task_id) to start another")
+        result = self._step(model_output)
+        self.turns += 1
+        self.done = result.done
+        return result
+
+    @abstractmethod
+    def _reset(self, task_id: int) -> str: ...
+
+    @abstractmethod
+    def _step(self, model_output: str) -> StepResult: ...
+
+    @abstractmethod
+    def expert(self, task_id: int) -> list[str]:
+        """Model outputs that solve `task_id` when replayed through `step` after `reset`.
+
+        Computed on a private copy of the game: the caller's episode is not touched.
+        """
+
+
+# --- AgentGym client-side action extraction (environments.md §2.2) -------------------
+
+
+def parse_action_lmrl(text: str) -> str:
+    """Maze and Wordle: the text after the first 'Action:' (up to a second one), stripped.
+
+    Reproduces the upstream quirk that a trailing '</s>' removes five characters.
+    """
+    if text.endswith("</s>"):
+        text = text[:-5]
+    parts = text.split("Action:")
+    return (parts[1] if len(parts) > 1 else parts[0]).strip()
+
+
+ONLY_ONE_ACTION = "Error: Only one 'Action' is allowed per response. Please adjust your response."
+_ACTION_LINE = re.compile(r"Action:\s*(.*?)(?=\n|$)", re.DOTALL)
+_NOT_ACTION_CHARS = re.compile(r"[^A-Za-z0-9, ]+")
+
+
+def parse_action_single_line(text: str) -> str | None:
+    """BabyAI and TextCraft: the one 'Action:' line, cleaned; None if there are several.
+
+    Characters other than letters, digits, commas and spaces are dropped and runs of
+    whitespace collapse to one space. No 'Action:' at all gives the empty action.
+    """
+    matches = _ACTION_LINE.findall(text)
+    if len(matches) > 1:
+        return None
+    action = _NOT_ACTION_CHARS.sub("", matches[0] if matches else "")
+    return " ".join(action.split())
+
+
+# --- splits -----------------------------------------------------------------------------
+
+
+def parse_ranges(spec: str) -> tuple[int, ...]:
+    """'0-2,5,7-8' -> (0, 1, 2, 5, 7, 8)."""
+    ids: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        ids.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(ids)
+
+
+@cache
+def _splits_file() -> dict:
+    text = resources.files("fedse.envs").joinpath("data/agentgym_splits.json").read_text()
+    return json.loads(text)
+
+
+@cache
+def agentgym_splits(env_name: str) -> dict[str, tuple[int, ...]]:
+    ranges = _splits_file()[env_name]
+    return {split: parse_ranges(spec) for split, spec in ranges.items()}

@@ -1,0 +1,61 @@
+"""The `fedse` command line: envs, play, experts, and one-line errors for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedse.cli import build_parser, cmd_play, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedse.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_envs_lists_split_sizes(capsys):
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out
+    assert "maze" in out and "textcraft" in out
+    assert out.splitlines()[3].split()[:4] == ["textcraft", "100", "374", "20"]
+
+
+def test_wrong_env_name_is_a_one_line_error():
+    proc = run_cli("play", "mazee")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fedse: error: unknown environment 'mazee'; choose one of: maze, wordle, textcraft"
+
+
+def test_wrong_task_id_is_a_one_line_error():
+    proc = run_cli("play", "maze", "--task", "99")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fedse: error: maze: unknown task id 99; valid ids are 0..24"
+
+
+def test_play_reads_actions_until_the_goal(capsys):
+    moves = iter(["move down"])
+    args = build_parser().parse_args(["play", "maze", "--task", "18"])
+    assert cmd_play(args, read=lambda prompt: next(moves)) == 0
+    out = capsys.readouterr().out
+    assert "Your current position is at position 7, 6." in out
+    assert "Success" in out and "reward 1, done True" in out
+
+
+def test_play_stops_at_the_turn_limit(capsys):
+    args = build_parser().parse_args(["play", "maze", "--task", "0"])
+    assert cmd_play(args, read=lambda prompt: "Thought: bump.\nAction: move up") == 0
+    assert "Out of turns (15)." in capsys.readouterr().out
+
+
+def test_play_quits_on_end_of_input(capsys):
+    def eof(prompt):
+        raise EOFError
+
+    args = build_parser().parse_args(["play", "wordle"])
+    assert cmd_play(args, read=eof) == 0
+
+
+@pytest.mark.parametrize("env", ["maze", "wordle", "textcraft"])
+def test_experts_command_reports_full_success(env, capsys):
+    assert main(["experts", "--envs", env]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:4] == [env, "test", row[2], "100.0%"]
