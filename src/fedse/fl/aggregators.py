@@ -1,0 +1,232 @@
+"""LoRA aggregation rules: one small class per algorithm, each stating its rule and properties.
+
+Notation: client k returns LoRA factors A_k (r x in) and B_k (out x r) for every adapted
+linear layer; its weight update is ΔW_k = s · B_k A_k with s = alpha / r. An aggregator is
+*exact* when the new global model equals base + mean_k ΔW_k; *linear* when the server only
+needs sums of what clients upload (so secure aggregation can hide individual updates);
+*personalized* when clients keep a local part; *mutates_base* when it folds weight deltas
+into the frozen base model (which then must travel to clients too).
+
+Every aggregator is a pure function of tensors: `aggregate(global, updates, state)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from fedse.agent.lora import Adapter
+from fedse.fl.update import Update
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+def lora_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The adapted modules' name prefixes, in sorted order."""
+    return sorted(k[: -len(A_SUFFIX)] for k in tensors if k.endswith(A_SUFFIX))
+
+
+def scale_of(adapter: Adapter) -> float:
+    return adapter.spec.alpha / adapter.spec.rank
+
+
+def delta_weights(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """ΔW = s · B A for every adapted module."""
+    return {m: scale * tensors[m + B_SUFFIX].double() @ tensors[m + A_SUFFIX].double() for m in lora_modules(tensors)}
+
+
+def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    total = sum(weights)
+    return sum(w / total * t.double() for w, t in zip(weights, tensors, strict=True)).to(tensors[0].dtype)
+
+
+@dataclass
+class Aggregation:
+    adapter: Adapter
+    """The new global adapter."""
+    base_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Module prefix -> dense ΔW to add to that module's base weight (mutating aggregators)."""
+    state: dict = field(default_factory=dict)
+
+
+class Aggregator:
+    name: ClassVar[str]
+    exact: ClassVar[bool] = False
+    linear: ClassVar[bool] = True
+    personalized: ClassVar[bool] = False
+    mutates_base: ClassVar[bool] = False
+    uploads: ClassVar[str] = "AB"
+    """Which factors a client sends: 'AB', 'A' or 'B'."""
+    trains: ClassVar[str] = "AB"
+    """Which factors a client trains."""
+
+    def upload(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a client's adapter that crosses to the server."""
+        suffixes = [s for f, s in (("A", A_SUFFIX), ("B", B_SUFFIX)) if f in self.uploads]
+        return {k: v for k, v in tensors.items() if k.endswith(tuple(suffixes))}
+
+    def client_start(self, received: Adapter, local: Adapter | None) -> Adapter:
+        """The adapter a client starts its round from (non-personalized: the global one)."""
+        return received
+
+    def bytes_up(self, adapter: Adapter) -> int:
+        """Bytes one client uploads per round."""
+        return sum(t.numel() * t.element_size() for t in self.upload(adapter.tensors).values())
+
+    def bytes_down(self, adapter: Adapter, num_clients: int) -> int:
+        """Bytes the server sends each client per round."""
+        return adapter.num_bytes
+
+    def aggregate(self, current: Adapter, updates: list[Update], state: dict) -> Aggregation:
+        raise NotImplementedError
+
+    @classmethod
+    def properties(cls) -> dict[str, bool | str]:
+        return {
+            "exact": cls.exact,
+            "linear": cls.linear,
+            "personalized": cls.personalized,
+            "mutates_base": cls.mutates_base,
+            "uploads": cls.uploads,
+        }
+
+    def _average(self, current: Adapter, updates: list[Update], weights: list[float], keys) -> Adapter:
+        tensors = dict(current.tensors)
+        for k in keys:
+            tensors[k] = weighted_mean([u.tensors[k] for u in updates], weights)
+        return Adapter(current.spec, tensors)
+
+
+class FedSE(Aggregator):
+    """Fed-SE (arXiv 2512.08870, §3.2): the unweighted element-wise mean of A and of B.
+
+    A = mean_k A_k, B = mean_k B_k. Unweighted so that environments with many easy
+    trajectories do not dominate. Inexact: B̄ Ā ≠ mean_k B_k A_k in general.
+    """
+
+    name = "fedse"
+
+    def aggregate(self, current, updates, state):
+        return Aggregation(self._average(current, updates, [1.0] * len(updates), current.tensors), state=state)
+
+
+class FedIT(Aggregator):
+    """FedIT (Zhang et al., 2024, "Towards Building the Federated GPT"): FedAvg on LoRA factors.
+
+    A = Σ_k n_k A_k / Σ n_k and likewise B, with n_k the client's number of examples.
+    """
+
+    name = "fedit"
+
+    def aggregate(self, current, updates, state):
+        weights = [float(u.num_examples) for u in updates]
+        if sum(weights) <= 0:
+            weights = [1.0] * len(updates)
+        return Aggregation(self._average(current, updates, weights, current.tensors), state=state)
+
+
+class FFALoRA(Aggregator):
+    """FFA-LoRA (Sun et al., ICLR 2024): A stays frozen at its shared seeded init; only B is
+    trained, sent and averaged. Exact: mean_k s B_k A = s (mean_k B_k) A."""
+
+    name = "ffa"
+    exact = True
+    uploads = trains = "B"
+
+    def aggregate(self, current, updates, state):
+        keys = [k for k in current.tensors if k.endswith(B_SUFFIX)]
+        return Aggregation(self._average(current, updates, [1.0] * len(updates), keys), state=state)
+
+
+class FedSALoRA(Aggregator):
+    """FedSA-LoRA (Guo et al., ICLR 2025): A learns general knowledge and is shared (averaged);
+    each client keeps its own B. Evaluated per client, with (global A, own B)."""
+
+    name = "fedsa"
+    personalized = True
+    uploads = "A"
+
+    def aggregate(self, current, updates, state):
+        keys = [k for k in current.tensors if k.endswith(A_SUFFIX)]
+        return Aggregation(self._average(current, updates, [1.0] * len(updates), keys), state=state)
+
+    def client_start(self, received, local):
+        if local is None:
+            return received
+        tensors = {k: (received.tensors[k] if k.endswith(A_SUFFIX) else local.tensors[k]) for k in received.tensors}
+        return Adapter(received.spec, tensors)
+
+
+class FLoRA(Aggregator):
+    """FLoRA (Wang et al., NeurIPS 2024): stack the clients' factors, which gives the exact sum
+    of their products; here the mean, mean_k s B_k A_k, is merged into the base weights and
+    every round starts from a fresh adapter (B = 0, new seeded A). Clients receive the
+    stacked factors, so download grows with the number of clients."""
+
+    name = "flora"
+    exact = True
+    linear = False
+    mutates_base = True
+
+    def aggregate(self, current, updates, state):
+        scale = scale_of(current)
+        deltas = [delta_weights(u.tensors, scale) for u in updates]
+        base_delta = {m: sum(d[m] for d in deltas) / len(deltas) for m in deltas[0]}
+        round_ = state.get("round", 0) + 1
+        return Aggregation(fresh_adapter(current, seed=round_), base_delta, {**state, "round": round_})
+
+    def bytes_down(self, adapter, num_clients):
+        return adapter.num_bytes * max(num_clients, 1)
+
+
+class FedExLoRA(Aggregator):
+    """FedEx-LoRA (Singhal et al., 2024): average A and B as FedAvg does, then fold the residual
+    s (mean_k B_k A_k − B̄ Ā) into the base weights, so that the global model is exact.
+    The residual is dense, so the download includes a full-size matrix per adapted layer."""
+
+    name = "fedex"
+    exact = True
+    linear = False
+    mutates_base = True
+
+    def aggregate(self, current, updates, state):
+        averaged = self._average(current, updates, [1.0] * len(updates), current.tensors)
+        scale = scale_of(current)
+        deltas = [delta_weights(u.tensors, scale) for u in updates]
+        mean_delta = {m: sum(d[m] for d in deltas) / len(deltas) for m in deltas[0]}
+        product = delta_weights(averaged.tensors, scale)
+        return Aggregation(averaged, {m: mean_delta[m] - product[m] for m in mean_delta}, state)
+
+    def bytes_down(self, adapter, num_clients):
+        dense = sum(
+            adapter.tensors[m + B_SUFFIX].shape[0] * adapter.tensors[m + A_SUFFIX].shape[1]
+            for m in lora_modules(adapter.tensors)
+        )
+        return adapter.num_bytes + dense * 4
+
+
+def fresh_adapter(like: Adapter, seed: int) -> Adapter:
+    """PEFT's LoRA init with a seeded generator: A ~ kaiming-uniform(a=√5), B = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for k, v in like.tensors.items():
+        if k.endswith(A_SUFFIX):
+            bound = 1 / math.sqrt(v.shape[1])  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
+            tensors[k] = (torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).to(v.dtype)
+        else:
+            tensors[k] = torch.zeros_like(v)
+    return Adapter(like.spec, tensors)
+
+
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    cls.name: cls for cls in (FedSE, FedIT, FFALoRA, FedSALoRA, FLoRA, FedExLoRA)
+}
+
+
+def make_aggregator(name: str) -> Aggregator:
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; choose one of: {', '.join(AGGREGATORS)}")
+    return AGGREGATORS[name]()

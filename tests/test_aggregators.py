@@ -1,0 +1,166 @@
+"""Aggregation rules on random tensors: exactness, one-client identity, weighting, validation."""
+
+import logging
+
+import pytest
+import torch
+
+from fedse.agent.lora import Adapter, LoraSpec
+from fedse.fl.aggregators import A_SUFFIX, AGGREGATORS, B_SUFFIX, delta_weights, make_aggregator
+from fedse.fl.server import aggregate_round
+from fedse.fl.update import Update
+
+SPEC = LoraSpec(rank=4, alpha=8)
+MODULES = {
+    "base_model.model.model.layers.0.self_attn.q_proj": (16, 12),
+    "base_model.model.model.layers.1.mlp.up_proj": (20, 12),
+}
+
+
+def random_adapter(seed: int, a_from: Adapter | None = None) -> Adapter:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out, inp) in MODULES.items():
+        tensors[module + A_SUFFIX] = torch.randn(SPEC.rank, inp, generator=gen)
+        tensors[module + B_SUFFIX] = torch.randn(out, SPEC.rank, generator=gen)
+        if a_from is not None:
+            tensors[module + A_SUFFIX] = a_from.tensors[module + A_SUFFIX].clone()
+    return Adapter(SPEC, tensors)
+
+
+def updates_for(name: str, current: Adapter, k: int = 3, examples=(10, 20, 30)) -> list[Update]:
+    aggregator = make_aggregator(name)
+    clients = [random_adapter(100 + i, a_from=current if aggregator.trains == "B" else None) for i in range(k)]
+    return [Update(f"c{i}", aggregator.upload(c.tensors), examples[i % len(examples)]) for i, c in enumerate(clients)]
+
+
+def produced_delta(result, current) -> dict[str, torch.Tensor]:
+    scale = SPEC.alpha / SPEC.rank
+    delta = delta_weights(result.aggregation.adapter.tensors, scale)
+    for m, d in result.aggregation.base_delta.items():
+        delta[m] = delta[m] + d.double()
+    return delta
+
+
+def mean_client_delta(updates, current) -> dict[str, torch.Tensor]:
+    scale = SPEC.alpha / SPEC.rank
+    full = [delta_weights({**current.tensors, **u.tensors}, scale) for u in updates]
+    return {m: sum(d[m] for d in full) / len(full) for m in full[0]}
+
+
+@pytest.mark.parametrize("name", ["ffa", "flora", "fedex"])
+def test_exact_aggregators_reproduce_the_mean_update(name):
+    current = random_adapter(0)
+    updates = updates_for(name, current)
+    result = aggregate_round(make_aggregator(name), current, updates, {})
+    want, got = mean_client_delta(updates, current), produced_delta(result, current)
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
+    assert result.diagnostics["gap"] < 1e-6
+    assert make_aggregator(name).exact
+
+
+@pytest.mark.parametrize("name", ["fedse", "fedit"])
+def test_factor_averaging_is_inexact_and_the_diagnostic_measures_it(name):
+    current = random_adapter(0)
+    updates = updates_for(name, current, examples=(10, 10, 10))
+    result = aggregate_round(make_aggregator(name), current, updates, {})
+    d = result.diagnostics
+    assert d["gap"] > 0.05
+    assert d["inexactness"] == pytest.approx(d["gap"], rel=1e-6)
+    assert not make_aggregator(name).exact
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_one_client_gives_back_that_clients_model(name):
+    current = random_adapter(0)
+    [update] = updates_for(name, current, k=1)
+    result = aggregate_round(make_aggregator(name), current, [update], {})
+    if name == "fedsa":  # only A travels; the new global A is the client's
+        for k, v in update.tensors.items():
+            torch.testing.assert_close(result.aggregation.adapter.tensors[k], v)
+        return
+    want, got = mean_client_delta([update], current), produced_delta(result, current)
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
+
+
+def test_fedit_with_equal_examples_equals_fedse():
+    current = random_adapter(0)
+    updates = updates_for("fedse", current, examples=(7, 7, 7))
+    a = aggregate_round(make_aggregator("fedit"), current, updates, {}).aggregation.adapter
+    b = aggregate_round(make_aggregator("fedse"), current, updates, {}).aggregation.adapter
+    for k in a.tensors:
+        torch.testing.assert_close(a.tensors[k], b.tensors[k])
+    c = aggregate_round(make_aggregator("fedit"), current, updates_for("fedse", current, examples=(1, 1, 50)), {})
+    assert any(not torch.allclose(c.aggregation.adapter.tensors[k], b.tensors[k]) for k in b.tensors)
+
+
+def test_fedsa_never_moves_b_and_clients_keep_their_own():
+    current = random_adapter(0)
+    fedsa = make_aggregator("fedsa")
+    result = aggregate_round(fedsa, current, updates_for("fedsa", current), {})
+    for k, v in current.tensors.items():
+        if k.endswith(B_SUFFIX):
+            assert torch.equal(result.aggregation.adapter.tensors[k], v)
+    local = random_adapter(7)
+    start = fedsa.client_start(result.aggregation.adapter, local)
+    assert all(torch.equal(start.tensors[k], local.tensors[k]) for k in local.tensors if k.endswith(B_SUFFIX))
+    assert all(
+        torch.equal(start.tensors[k], result.aggregation.adapter.tensors[k])
+        for k in local.tensors
+        if k.endswith(A_SUFFIX)
+    )
+    assert result.diagnostics["inexactness"] is None  # the server never sees B_k
+
+
+def test_declared_properties_and_bytes():
+    current = random_adapter(0)
+    full = current.num_bytes
+    assert make_aggregator("fedse").bytes_up(current) == full
+    assert make_aggregator("ffa").bytes_up(current) < full and make_aggregator("fedsa").bytes_up(current) < full
+    assert make_aggregator("flora").bytes_down(current, 5) == 5 * full
+    assert make_aggregator("fedex").bytes_down(current, 5) > full
+    assert make_aggregator("flora").mutates_base and not make_aggregator("fedse").mutates_base
+    assert make_aggregator("fedsa").personalized and make_aggregator("fedse").linear
+    with pytest.raises(ValueError, match="unknown aggregator 'fedavgx'; choose one of: fedse, fedit"):
+        make_aggregator("fedavgx")
+
+
+def test_bad_updates_are_rejected_by_name_and_the_round_completes(caplog):
+    current = random_adapter(0)
+    good = updates_for("fedse", current, k=2)
+    key = sorted(current.tensors)[0]
+    nan = Update("nan-client", {**current.tensors, key: torch.full_like(current.tensors[key], float("nan"))}, 5)
+    missing = Update("missing-client", {k: v for k, v in current.tensors.items() if k != key}, 5)
+    shaped = Update("shape-client", {**current.tensors, key: torch.zeros(3, 3)}, 5)
+    with caplog.at_level(logging.WARNING):
+        result = aggregate_round(make_aggregator("fedse"), current, [*good, nan, missing, shaped], {})
+    assert result.accepted == ["c0", "c1"]
+    assert f"client nan-client: tensor {key} contains NaN or Inf" in result.rejected["nan-client"]
+    assert result.rejected["missing-client"] == [f"client missing-client: missing tensor {key}"]
+    assert "has shape (3, 3), expected" in result.rejected["shape-client"][0]
+    assert "round continues with 2 of 5 clients" in caplog.text
+    expected = aggregate_round(make_aggregator("fedse"), current, good, {}).aggregation.adapter
+    assert all(torch.equal(result.aggregation.adapter.tensors[k], expected.tensors[k]) for k in current.tensors)
+
+
+def test_no_valid_update_keeps_the_previous_global():
+    current = random_adapter(0)
+    key = sorted(current.tensors)[0]
+    bad = Update("x", {**current.tensors, key: current.tensors[key].double()}, 1)
+    result = aggregate_round(make_aggregator("fedse"), current, [bad], {})
+    assert result.aggregation.adapter is current and result.accepted == []
+    assert "dtype torch.float64" in result.rejected["x"][0]
+
+
+def test_update_cosine_sees_opposite_clients():
+    current = random_adapter(0)
+    one = random_adapter(1)
+    opposite = Adapter(SPEC, {k: (-v if k.endswith(B_SUFFIX) else v) for k, v in one.tensors.items()})
+    zero_b = Adapter(
+        SPEC, {k: (torch.zeros_like(v) if k.endswith(B_SUFFIX) else v) for k, v in current.tensors.items()}
+    )
+    updates = [Update("a", one.tensors, 1), Update("b", opposite.tensors, 1)]
+    d = aggregate_round(make_aggregator("fedse"), zero_b, updates, {}).diagnostics
+    assert d["update_cosine"][0][1] == pytest.approx(-1.0) and d["update_cosine"][0][0] == pytest.approx(1.0)

