@@ -1,6 +1,6 @@
 """One local self-evolution step on the embedded model: does SFT on Maze expert demos help?
 
-    .venv/bin/python bench/maze_sft.py            # 30 expert trajectories, 1 epoch, 10 test ids
+    .venv/bin/python bench/maze_sft.py            # 30 expert trajectories, 2 epochs at lr 1e-3, 10 test ids
 
 Trains a fresh LoRA adapter (r=8, alpha=16, all linear layers) on expert trajectories of the
 AgentTraj Maze train ids (13-22, repeated to the requested count, as AgentTraj repeats them),
@@ -24,8 +24,8 @@ from fedse.evolve.store import expert_trajectory
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demos", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--test-ids", default="13-22", help="Maze test ids, e.g. 13-22 or 0-9")
     args = parser.parse_args()
 

@@ -75,7 +75,7 @@ def test_episodes_end_at_max_turns_or_the_context_limit(tiny_policy):
     assert (t.turns, t.finish, t.success) == (2, "max_turns", False)
     assert stats.turns == 2 and stats.generated_tokens == sum(len(x) for x in t.logprobs)
     assert stats.processed_tokens >= t.prompt_tokens
-    [t] = rollout(tiny_policy, [RolloutRequest("maze", 0, sampling=SHORT)], max_context=1100)
+    [t] = rollout(tiny_policy, [RolloutRequest("maze", 0, sampling=SHORT)], max_context=400)
     assert t.finish == "context" and 0 < t.turns < 15
 
 

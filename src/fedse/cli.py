@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from fedse.envs import EnvError, TextEnv, list_envs, make_env
+from fedse.errors import UserError
 
 
 def replay(env: TextEnv, task_id: int, outputs: list[str]) -> tuple[bool, int]:
@@ -74,6 +75,34 @@ def cmd_experts(args: argparse.Namespace) -> int:
     return 0 if all_solved else 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import json
+    import logging
+    from pathlib import Path
+
+    from fedse.experiments.config import RunConfig, load_config
+    from fedse.experiments.run import Federation
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.resume:
+        root = Path(args.resume)
+        if not (root / "config.json").exists():
+            raise EnvError(f"{root} is not a run directory (no config.json)")
+        config = RunConfig.model_validate(json.loads((root / "config.json").read_text()))
+    else:
+        config = load_config(args.config, args.set)
+        if args.name:
+            config = config.model_copy(update={"name": args.name})
+        root = Path(args.runs_dir) / config.name
+    print(
+        f"run {config.name}: {len(config.fed.clients)} clients ({', '.join(config.fed.clients)}), "
+        f"{config.fed.rounds} rounds, aggregator {config.fed.aggregator}, model {config.model.name} -> {root}"
+    )
+    Federation(config, root).run(resume=bool(args.resume), force=args.force)
+    print(f"done: metrics in {root / 'metrics.jsonl'}, checkpoints in {root / 'checkpoints'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedse", description="Federated self-evolution of LLM agents.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     experts.add_argument("--split", choices=["test", "train"], default="test")
     experts.add_argument("--envs", nargs="*", help="environments (default: all)")
     experts.set_defaults(run=cmd_experts)
+    run = sub.add_parser("run", help="run a federated self-evolution experiment")
+    run.add_argument("config", nargs="?", help="TOML file (e.g. configs/demo.toml); defaults apply without one")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. fed.rounds=3")
+    run.add_argument("--name", help="run name (default: the config's)")
+    run.add_argument("--runs-dir", default="runs")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed round")
+    run.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    run.set_defaults(run=cmd_run)
     return parser
 
 
@@ -93,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except EnvError as error:
+    except (UserError, FileExistsError, FileNotFoundError) as error:
         print(f"fedse: error: {error}", file=sys.stderr)
         return 2
 

@@ -114,3 +114,13 @@ class Policy:
             self.activate(next(iter(names)))
             return self.peft(**inputs).logits
         return self.peft(**inputs, adapter_names=[a or BASE for a in adapters]).logits
+
+
+def module_weights(policy: Policy) -> dict[str, torch.nn.Parameter]:
+    """The frozen base weight of every LoRA-adapted module, by the module's adapter-key prefix."""
+    out = {}
+    for name, module in policy.peft.named_modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(base, "weight") and hasattr(module, "lora_A"):
+            out[name] = base.weight
+    return out

@@ -20,11 +20,13 @@ from functools import cache
 from importlib import resources
 from typing import ClassVar
 
+from fedse.errors import UserError
+
 ACK = "OK."
 """The fixed assistant reply after the instruction (AgentGym's conversation start)."""
 
 
-class EnvError(ValueError):
+class EnvError(UserError):
     """A user-facing error about an environment: bad name, bad task id, bad call order."""
 
 

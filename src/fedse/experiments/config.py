@@ -1,0 +1,141 @@
+"""Run configuration: TOML files validated into typed objects, with defaults in one place.
+
+    config = load_config("configs/demo.toml", overrides=["fed.rounds=3", "fed.aggregator=ffa"])
+
+Unknown keys and bad values are one-line errors naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedse.envs import list_envs
+from fedse.errors import UserError
+from fedse.fl.aggregators import AGGREGATORS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    name: str = "smollm2-135m"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    target_modules: str = "all-linear"
+
+
+class FedSection(Section):
+    clients: list[str] = Field(default_factory=lambda: ["maze", "wordle", "textcraft"])
+    """One client per environment (Fed-SE's setup)."""
+    rounds: int = Field(20, ge=1)
+    aggregator: str = "fedse"
+    clients_per_round: float = Field(1.0, gt=0)
+    """A fraction (<= 1) or a count (> 1) of clients sampled each round; 1.0 = all."""
+    seed: int = 0
+
+    @field_validator("aggregator")
+    @classmethod
+    def _known_aggregator(cls, v: str) -> str:
+        if v not in AGGREGATORS:
+            raise ValueError(f"must be one of: {', '.join(AGGREGATORS)}")
+        return v
+
+    @field_validator("clients")
+    @classmethod
+    def _known_envs(cls, v: list[str]) -> list[str]:
+        unknown = [e for e in v if e not in list_envs()]
+        if unknown or not v:
+            raise ValueError(f"each client is an environment, one of: {', '.join(list_envs())}")
+        return v
+
+
+class ExploreSection(Section):
+    tasks: int | None = Field(32, ge=0)
+    """Train tasks each client plays per round (None: its whole train split)."""
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = Field(96, ge=1)
+    max_batch: int = Field(32, ge=1)
+    filter: str = "success"
+
+
+class BufferSection(Section):
+    expert_seeds: int | None = Field(None, ge=0)
+    """Expert demonstrations that seed each buffer (None: one per train id, like AgentTraj)."""
+    cap: int | None = Field(None, ge=1)
+    dedup: Literal["none", "exact"] = "none"
+    history: bool = True
+
+
+class TrainSection(Section):
+    epochs: int = Field(2, ge=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_tokens: int = Field(2048, ge=64)
+    max_length: int = Field(2048, ge=64)
+    fedprox_mu: float = Field(0.0, ge=0)
+
+
+class EvalSection(Section):
+    tasks: int | None = Field(None, ge=1)
+    """Test tasks per environment (None: the whole AgentEval test split)."""
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    model: ModelSection = ModelSection()
+    fed: FedSection = FedSection()
+    explore: ExploreSection = ExploreSection()
+    buffer: BufferSection = BufferSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+
+
+class ConfigError(UserError):
+    """A one-line description of what is wrong in a configuration."""
+
+
+def _set(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        _set(tree, key.strip(), value.strip())
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            section = first["loc"][:-1]
+            model = RunConfig
+            for part in section:
+                model = model.model_fields[str(part)].annotation
+            raise ConfigError(f"unknown key {where!r}; allowed: {', '.join(model.model_fields)}") from None
+        raise ConfigError(f"bad value for {where!r}: {first['msg']}") from None

@@ -1,0 +1,94 @@
+"""One client's round (Fed-SE Algorithm 1, lines 4-7): explore, filter, grow the buffer, train, report.
+
+Everything here runs on the client: the environment, the trajectories and the buffer never
+leave it. What it returns for the server is an `Update` (adapter tensors, num_examples and
+scalar metrics); the trained adapter itself stays with the client for personalized rules.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, field, replace
+
+from fedse.agent.lora import Adapter
+from fedse.agent.policy import Policy
+from fedse.agent.rollout import RolloutRequest, RolloutStats, Sampling, rollout
+from fedse.envs import make_env
+from fedse.evolve.buffer import ExperienceBuffer
+from fedse.evolve.filters import make_filter
+from fedse.evolve.sft import TrainConfig, train_adapter
+from fedse.fl.aggregators import Aggregator
+from fedse.fl.update import Update
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    explore_tasks: int | None = 32
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0))
+    max_batch: int = 32
+    filter: str = "success"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable seed from any parts (Python's hash() of strings changes between processes)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def exploration_tasks(env_name: str, count: int | None, seed: int) -> list[int]:
+    """`count` train ids (None: all), sampled without replacement while the split lasts."""
+    ids = list(make_env(env_name).splits["train"])
+    count = len(ids) if count is None else count
+    rng = random.Random(seed)
+    out: list[int] = []
+    while len(out) < count:
+        rng.shuffle(ids)
+        out += ids[: count - len(out)]
+    return out
+
+
+def client_round(
+    policy: Policy,
+    client: str,
+    env_name: str,
+    start: Adapter,
+    buffer: ExperienceBuffer,
+    round_: int,
+    settings: ClientSettings,
+    aggregator: Aggregator,
+    seed: int = 0,
+) -> tuple[Update, Adapter]:
+    """Run round `round_` for `client` from adapter `start`; returns (update for the server, trained adapter)."""
+    policy.load(client, start)
+    round_seed = derived_seed(seed, round_, client)
+    tasks = exploration_tasks(env_name, settings.explore_tasks, round_seed)
+    requests = [
+        RolloutRequest(env_name, task, adapter=client, sampling=settings.sampling, seed=derived_seed(round_seed, i))
+        for i, task in enumerate(tasks)
+    ]
+    stats = RolloutStats()
+    explored = rollout(policy, requests, max_batch=settings.max_batch, stats=stats)
+    keep = make_filter(settings.filter)
+    kept = [t for t in explored if keep.keep(t)]
+    added = buffer.add(kept, round_)
+    data = buffer.training_set(round_)
+    train = replace(settings.train, train_factors=aggregator.trains, seed=round_seed)
+    report = train_adapter(policy, client, data, train)
+    trained = policy.get(client)
+    metrics = {
+        "explored": len(explored),
+        "explore_success": sum(t.success for t in explored) / max(len(explored), 1),
+        "kept": len(kept),
+        "added": added,
+        "buffer": len(buffer),
+        "train_examples": len(data),
+        "train_tokens": report.tokens,
+        "train_seconds": report.seconds,
+        "truncated": report.truncated,
+        "rollout_seconds": stats.seconds,
+        "rollout_tokens": stats.processed_tokens,
+    }
+    if report.steps:
+        metrics["train_loss"] = report.loss
+    return Update(client, aggregator.upload(trained.tensors), len(data), metrics), trained

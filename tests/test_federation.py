@@ -1,0 +1,108 @@
+"""End to end on the tiny random model: rounds, every aggregator, metrics, checkpoints and resume."""
+
+import json
+
+import pytest
+import torch
+
+from fedse.agent.model import load_base
+from fedse.agent.policy import Policy
+from fedse.experiments.config import ConfigError, load_config
+from fedse.experiments.run import Federation, RunExists
+from fedse.fl import server
+
+TINY = [
+    "model.name='tiny-random'", "model.lora_rank=4", "model.lora_alpha=8",
+    "fed.clients=['maze', 'wordle']", "fed.rounds=2",
+    "explore.tasks=2", "explore.max_new_tokens=6", "buffer.expert_seeds=2",
+    "train.epochs=1", "train.lr=0.001", "train.max_length=1024", "train.batch_tokens=2048",
+    "eval.tasks=2", "eval.max_new_tokens=6",
+]  # fmt: skip
+
+
+def tiny_config(*extra):
+    return load_config(None, [*TINY, *extra])
+
+
+def run(tmp_path, *extra, name="run"):
+    fed = Federation(tiny_config(*extra), tmp_path / name, Policy(load_base("tiny-random")))
+    fed.run(echo=lambda *_: None)
+    return fed
+
+
+@pytest.mark.parametrize("aggregator", ["fedse", "fedit", "ffa", "fedsa", "flora", "fedex"])
+def test_two_rounds_two_clients_write_the_expected_records(tmp_path, aggregator):
+    fed = run(tmp_path, f"fed.aggregator='{aggregator}'")
+    records = [json.loads(line) for line in fed.paths.metrics.read_text().splitlines()]
+    events = [(r["event"], r["round"], r.get("client") or r.get("env")) for r in records]
+    per_round = lambda r: [("eval", r, "maze"), ("eval", r, "wordle"), ("eval_avg", r, None)]  # noqa: E731
+    assert events == [
+        *per_round(0),
+        ("client", 1, "maze"), ("client", 1, "wordle"), ("aggregate", 1, None), *per_round(1),
+        ("client", 2, "maze"), ("client", 2, "wordle"), ("aggregate", 2, None), *per_round(2),
+    ]  # fmt: skip
+    client = next(r for r in records if r["event"] == "client")
+    assert client["buffer"] >= 2 and client["explored"] == 2 and client["train_tokens"] > 0
+    assert json.loads(fed.paths.state.read_text())["round"] == 2
+    assert (fed.paths.checkpoint(2) / "global" / "adapter_model.safetensors").exists()
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    straight = run(tmp_path, "fed.aggregator='fedex'", name="straight")
+    real = server.aggregate_round
+    calls = {"n": 0}
+
+    def crash_in_round_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-round")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("fedse.experiments.run.aggregate_round", crash_in_round_two)
+    crashed = Federation(tiny_config("fed.aggregator='fedex'"), tmp_path / "crashed", Policy(load_base("tiny-random")))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.run(echo=lambda *_: None)
+    assert json.loads(crashed.paths.state.read_text())["round"] == 1
+    monkeypatch.setattr("fedse.experiments.run.aggregate_round", real)
+    resumed = Federation(tiny_config("fed.aggregator='fedex'"), tmp_path / "crashed", Policy(load_base("tiny-random")))
+    resumed.run(resume=True, echo=lambda *_: None)
+    assert resumed.global_adapter.hash == straight.global_adapter.hash
+    for module, delta in straight.base_delta.items():
+        assert torch.equal(resumed.base_delta[module], delta)
+    strip = lambda p: [r for r in map(json.loads, p.read_text().splitlines()) if r["event"] != "client"]  # noqa: E731
+    assert strip(resumed.paths.metrics) == strip(straight.paths.metrics)
+
+
+def test_only_adapter_tensors_and_scalar_metrics_reach_the_server(tmp_path, monkeypatch):
+    seen = []
+    real = server.aggregate_round
+
+    def spy(aggregator, current, updates, state):
+        seen.extend(updates)
+        return real(aggregator, current, updates, state)
+
+    monkeypatch.setattr("fedse.experiments.run.aggregate_round", spy)
+    fed = run(tmp_path, "fed.rounds=1")
+    adapter_keys = set(fed.global_adapter.tensors)
+    assert len(seen) == 2
+    for update in seen:
+        assert set(vars(update)) == {"client", "tensors", "num_examples", "metrics"}
+        assert set(update.tensors) <= adapter_keys and all(isinstance(t, torch.Tensor) for t in update.tensors.values())
+        assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in update.metrics.values())
+
+
+def test_an_existing_run_is_never_overwritten_without_force(tmp_path):
+    run(tmp_path, "fed.rounds=1")
+    again = Federation(tiny_config("fed.rounds=1"), tmp_path / "run", Policy(load_base("tiny-random")))
+    with pytest.raises(RunExists, match="use --resume to continue it or --force to overwrite it"):
+        again.run(echo=lambda *_: None)
+
+
+def test_config_errors_name_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match="unknown key 'fed.round'; allowed: clients, rounds, aggregator"):
+        load_config(None, ["fed.round=3"])
+    with pytest.raises(ConfigError, match="bad value for 'fed.aggregator': Value error, must be one of: fedse, fedit"):
+        load_config(None, ["fed.aggregator=fedavg"])
+    with pytest.raises(ConfigError, match="bad value for 'train.lr'"):
+        load_config(None, ["train.lr=-1"])
+    assert load_config(None, ["fed.rounds=3"]).fed.rounds == 3
