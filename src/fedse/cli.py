@@ -1,10 +1,11 @@
-"""`fedse` command line: list, play and check the environments."""
+"""`fedse` command line: environments (envs, play, experts) and federated runs (run)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 from fedse.envs import EnvError, TextEnv, list_envs, make_env
@@ -84,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedse.experiments.run import Federation
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers/peft noise
     if args.resume:
         root = Path(args.resume)
         if not (root / "config.json").exists():
