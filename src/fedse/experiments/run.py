@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -213,8 +214,6 @@ class Federation:
         count = max(1, min(len(self.clients), count))
         if count == len(self.clients):
             return list(self.clients)
-        import random
-
         return sorted(random.Random(derived_seed(self.config.fed.seed, "sample", round_)).sample(self.clients, count))
 
     def round(self, round_: int, echo=print) -> None:
