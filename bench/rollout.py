@@ -1,7 +1,7 @@
 """Rollout throughput: the batched engine against AgentGym's naive loop, on the same episodes.
 
     .venv/bin/python bench/rollout.py --per-env 8     # 24 episodes: engine ~2.5 min, naive ~10 min here
-    .venv/bin/python bench/rollout.py --per-env 32    # 82 episodes (Maze has 25 test ids): naive ~25 min
+    .venv/bin/python bench/rollout.py --per-env 32    # 82 episodes (Maze has 25 test ids); naive is the long part
 
 Prints, for both ways: episodes/s, generated and processed tokens/s; the ratio engine/naive;
 and the processed-token rate as a fraction of this machine's fp32 matmul roof, measured in
