@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -86,7 +86,3 @@ def load_adapter(directory: str | Path) -> Adapter:
         targets = tuple(sorted(targets))
     spec = LoraSpec(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets)
     return Adapter(spec, load_file(str(weights_path)))
-
-
-def spec_dict(spec: LoraSpec) -> dict:
-    return asdict(spec)

@@ -76,10 +76,6 @@ class RolloutStats:
     """Tokens run through the model (prompt and generated; padding not counted)."""
     seconds: float = 0.0
 
-    def add(self, other: RolloutStats) -> None:
-        for name in ("episodes", "turns", "generated_tokens", "processed_tokens", "seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
     def summary(self) -> str:
         s = max(self.seconds, 1e-9)
         return (
@@ -320,9 +316,7 @@ class RolloutEngine:
 
     def _end_turn(self, e: _Episode, stats: RolloutStats) -> None:
         text = self.policy.tokenizer.decode(e.gen_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        unfed = (
-            [e.next_token] if e.next_token is not None and len(e.gen_ids) >= e.request.sampling.max_new_tokens else []
-        )
+        unfed = [e.next_token] if e.next_token is not None else []  # the turn hit max_new_tokens
         result = e.env.step(text)
         stats.turns += 1
         stats.generated_tokens += len(e.gen_logprobs)
@@ -331,18 +325,18 @@ class RolloutEngine:
         e.messages += [{"role": "assistant", "content": text}, {"role": "user", "content": result.observation}]
         e.reward, e.success = result.reward, result.success
         e.gen_ids, e.gen_logprobs, e.next_token = [], [], None
-        suffix = self.layout.continuation(e.messages, e.consumed + text)
-        queue = unfed + self.layout.encode(suffix)
         if result.done:
             e.finish = "done"
         elif e.turns >= e.max_turns:
             e.finish = "max_turns"
-        elif e.length + len(queue) + e.request.sampling.max_new_tokens > self.max_context:
-            e.finish = "context"
         else:
-            e.consumed += text + suffix
-            e.queue, e.status = queue, "prompt"
-            return
+            suffix = self.layout.continuation(e.messages, e.consumed + text)
+            queue = unfed + self.layout.encode(suffix)
+            if e.length + len(queue) + e.request.sampling.max_new_tokens <= self.max_context:
+                e.consumed += text + suffix
+                e.queue, e.status = queue, "prompt"
+                return
+            e.finish = "context"
         e.status = "finished"
         self._finished.append(e)
 

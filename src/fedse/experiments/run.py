@@ -125,6 +125,7 @@ class Federation:
         self.base_original: dict[str, torch.Tensor] = {}
         self.base_delta: dict[str, torch.Tensor] = {}
         self.personal: dict[str, Adapter] = {}
+        self.buffers: dict[str, ExperienceBuffer] = {}
         self.state: dict = {}
         self.settings = ClientSettings(
             explore_tasks=config.explore.tasks,
@@ -164,8 +165,11 @@ class Federation:
         return 0
 
     def _buffer(self, client: str) -> ExperienceBuffer:
-        c = self.config.buffer
-        return ExperienceBuffer(self.paths.buffer(client), BufferConfig(c.cap, c.dedup, c.history))
+        """The client's buffer, read from disk once per process."""
+        if client not in self.buffers:
+            c = self.config.buffer
+            self.buffers[client] = ExperienceBuffer(self.paths.buffer(client), BufferConfig(c.cap, c.dedup, c.history))
+        return self.buffers[client]
 
     def _remember_base(self) -> None:
         if self.aggregator.mutates_base:

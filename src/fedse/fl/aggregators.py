@@ -83,16 +83,6 @@ class Aggregator:
     def aggregate(self, current: Adapter, updates: list[Update], state: dict) -> Aggregation:
         raise NotImplementedError
 
-    @classmethod
-    def properties(cls) -> dict[str, bool | str]:
-        return {
-            "exact": cls.exact,
-            "linear": cls.linear,
-            "personalized": cls.personalized,
-            "mutates_base": cls.mutates_base,
-            "uploads": cls.uploads,
-        }
-
     def _average(self, current: Adapter, updates: list[Update], weights: list[float], keys) -> Adapter:
         tensors = dict(current.tensors)
         for k in keys:
