@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The federated demo (configs/demo.toml): writes runs/demo/ (replacing an earlier demo) and its report.
 demo: install
-	$(VENV)/bin/fedse experts --split test
+	$(VENV)/bin/fedse run configs/demo.toml --force
 
 test: install
 	$(VENV)/bin/ruff check src tests

@@ -1,12 +1,13 @@
 """Rollout throughput: the batched engine against AgentGym's naive loop, on the same episodes.
 
-    .venv/bin/python bench/rollout.py --per-env 8     # 24 episodes: engine ~2.5 min, naive ~10 min here
-    .venv/bin/python bench/rollout.py --per-env 32    # 82 episodes (Maze has 25 test ids); naive is the long part
+    .venv/bin/python bench/rollout.py --per-env 32 --dtype float32   # the issue's workload (82 episodes)
+    .venv/bin/python bench/rollout.py --per-env 8                    # a quicker look (24 episodes)
 
 Prints, for both ways: episodes/s, generated and processed tokens/s; the ratio engine/naive;
-and the processed-token rate as a fraction of this machine's fp32 matmul roof, measured in
-the same run (0.27 GFLOP per token for SmolLM2-135M, or 2 x parameters for another model).
-Both ways play greedy, with the same token ids, so they take the same actions.
+and the processed-token rate as a fraction of this machine's matmul roof in the model's dtype,
+measured in the same run (0.27 GFLOP per token for SmolLM2-135M, 2 x parameters otherwise).
+Both ways play greedy with the same token ids and the same dtype (`--dtype`, default auto: bf16
+on AMX CPUs), so they take the same actions up to floating-point ties.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from fedse.agent.rollout import RolloutRequest, RolloutStats, Sampling, naive_ro
 from fedse.envs import make_env
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -34,6 +35,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="both ways use it")
     parser.add_argument("--envs", nargs="*", default=["maze", "wordle", "textcraft"])
     parser.add_argument("--per-env", type=int, default=4, help="test tasks per environment")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -42,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(torch.get_num_threads())
-    policy = Policy(load_base(args.model))
+    policy = Policy(load_base(args.model, dtype=args.dtype))
     sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens)
     requests = [
         RolloutRequest(name, task_id, sampling=sampling)
@@ -51,10 +53,15 @@ def main() -> None:
     ]
     params = sum(p.numel() for p in policy.base.model.parameters())
     gflop_per_token = 0.27 if args.model == "smollm2-135m" else 2 * params / 1e9
-    roof = matmul_gflops()
+    fp32_roof = matmul_gflops()
+    dtype = policy.base.model.dtype
+    roof = fp32_roof if dtype == torch.float32 else matmul_gflops(dtype=dtype)
     print(
         f"{len(requests)} episodes ({args.per_env} per env: {', '.join(args.envs)}), greedy, "
-        f"max {args.max_new_tokens} new tokens per turn; fp32 matmul {roof:.0f} GFLOP/s, "
+        f"max {args.max_new_tokens} new tokens per turn, {policy.base.model.dtype}, max batch {args.max_batch}; "
+        f"matmul fp32 {fp32_roof:.0f} GFLOP/s"
+        + (f", {str(dtype).removeprefix('torch.')} {roof:.0f} GFLOP/s" if roof != fp32_roof else "")
+        + "; "
         f"{gflop_per_token} GFLOP/token -> roof {roof / gflop_per_token:.0f} tok/s"
     )
 
@@ -62,7 +69,7 @@ def main() -> None:
     for way in ["engine"] + ([] if args.skip_naive else ["naive"]):
         stats = RolloutStats()
         if way == "engine":
-            trajectories = rollout(policy, requests, max_batch=args.max_batch, progress=True, stats=stats)
+            trajectories = rollout(policy, requests, max_batch=args.max_batch, progress="engine", stats=stats)
         else:
             trajectories = naive_rollout(policy, requests, stats=stats)
         results[way] = (stats, trajectories)

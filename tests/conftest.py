@@ -28,4 +28,4 @@ def random_adapter(policy: Policy, name: str, seed: int, spec: LoraSpec = SMALL)
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded model (converted once into $FEDSE_CACHE)."""
-    return load_base("smollm2-135m")
+    return load_base("smollm2-135m", dtype="float32")  # the exactness contract is stated for fp32

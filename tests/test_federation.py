@@ -38,8 +38,8 @@ def test_two_rounds_two_clients_write_the_expected_records(tmp_path, aggregator)
     per_round = lambda r: [("eval", r, "maze"), ("eval", r, "wordle"), ("eval_avg", r, None)]  # noqa: E731
     assert events == [
         *per_round(0),
-        ("client", 1, "maze"), ("client", 1, "wordle"), ("aggregate", 1, None), *per_round(1),
-        ("client", 2, "maze"), ("client", 2, "wordle"), ("aggregate", 2, None), *per_round(2),
+        ("explore", 1, None), ("client", 1, "maze"), ("client", 1, "wordle"), ("aggregate", 1, None), *per_round(1),
+        ("explore", 2, None), ("client", 2, "maze"), ("client", 2, "wordle"), ("aggregate", 2, None), *per_round(2),
     ]  # fmt: skip
     client = next(r for r in records if r["event"] == "client")
     assert client["buffer"] >= 2 and client["explored"] == 2 and client["train_tokens"] > 0
@@ -69,8 +69,12 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
     assert resumed.global_adapter.hash == straight.global_adapter.hash
     for module, delta in straight.base_delta.items():
         assert torch.equal(resumed.base_delta[module], delta)
-    strip = lambda p: [r for r in map(json.loads, p.read_text().splitlines()) if r["event"] != "client"]  # noqa: E731
-    assert strip(resumed.paths.metrics) == strip(straight.paths.metrics)
+
+    def figures(run):  # every record but wall-clock times (client records hold several)
+        records = [r for r in map(json.loads, run.paths.metrics.read_text().splitlines()) if r["event"] != "client"]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert figures(resumed) == figures(straight)
 
 
 def test_only_adapter_tensors_and_scalar_metrics_reach_the_server(tmp_path, monkeypatch):
@@ -106,3 +110,50 @@ def test_config_errors_name_the_key_and_the_choices():
     with pytest.raises(ConfigError, match="bad value for 'train.lr'"):
         load_config(None, ["train.lr=-1"])
     assert load_config(None, ["fed.rounds=3"]).fed.rounds == 3
+
+
+def test_each_round_prints_a_summary_and_round_zero_is_checkpointed(tmp_path):
+    printed = []
+    fed = Federation(tiny_config("fed.rounds=1"), tmp_path / "run", Policy(load_base("tiny-random")))
+    fed.run(echo=printed.append)
+    assert [p.splitlines()[0].split(" (")[0] for p in printed] == ["── round 0/1", "── round 1/1"]
+    assert "Avg (task-weighted) " in printed[1] and "updates accepted" in printed[1]
+    assert (fed.paths.checkpoint(0) / "global" / "adapter_model.safetensors").exists()
+
+
+def test_eval_of_a_checkpoint_reproduces_the_recorded_evaluation(tmp_path, capsys):
+    from fedse.cli import main
+
+    fed = run(tmp_path, "fed.aggregator='fedsa'", "fed.rounds=1")
+    recorded = {
+        r["env"]: r
+        for r in map(json.loads, fed.paths.metrics.read_text().splitlines())
+        if r["event"] == "eval" and r["round"] == 1
+    }
+    assert main(["eval", str(fed.paths.root), "--round", "1"]) == 0
+    again = json.loads((fed.paths.root / "evals" / "round_001_tasks_2.json").read_text())
+    assert {env: {k: r[k] for k in ("successes", "reward")} for env, r in again["eval"].items()} == {
+        env: {k: r[k] for k in ("successes", "reward")} for env, r in recorded.items()
+    }
+    assert main(["eval", str(fed.paths.root), "--round", "7"]) == 2
+    assert "no checkpoint for round 7; completed rounds: [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aggregator", ["fedse", "fedsa"])
+def test_batched_exploration_equals_each_client_exploring_alone(tmp_path, aggregator):
+    """The embedded runtime plays all clients' episodes in one rollout; each client must get what it would alone."""
+    from fedse.agent.rollout import rollout
+    from fedse.fl.client import exploration_requests
+
+    fed = Federation(
+        tiny_config(f"fed.aggregator='{aggregator}'", "explore.temperature=1.0"),
+        tmp_path / "run",
+        Policy(load_base("tiny-random")),
+    )
+    fed.run(echo=lambda *_: None)  # two rounds, so fedsa clients hold different personal adapters
+    together = fed._explore(3, fed.clients)
+    for client in fed.clients:
+        fed.policy.load(client, fed.aggregator.client_start(fed.global_adapter, fed.personal.get(client)))
+        alone = rollout(fed.policy, exploration_requests(client, client, 3, fed.settings, fed.config.fed.seed))
+        assert [t.messages for t in alone] == [t.messages for t in together[client]]
+        assert [t.adapter for t in alone] == [t.adapter for t in together[client]]

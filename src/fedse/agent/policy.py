@@ -24,6 +24,7 @@ class Policy:
         self.peft: PeftModel | None = None
         self.specs: dict[str, LoraSpec] = {}
         self.hashes: dict[str, str] = {}
+        self._merged: str | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -71,7 +72,8 @@ class Policy:
         if set(adapter.tensors) != expected:
             missing, extra = sorted(expected - set(adapter.tensors)), sorted(set(adapter.tensors) - expected)
             raise ValueError(f"adapter {name!r} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
-        tensors = {k: v.to(self.device, self.base.model.dtype) for k, v in adapter.tensors.items()}
+        # LoRA factors keep their own precision (fp32) even on a bf16 base; loading casts into them.
+        tensors = {k: v.to(self.device) for k, v in adapter.tensors.items()}
         set_peft_model_state_dict(self.peft, tensors, adapter_name=name)
         self.hashes[name] = adapter_hash(adapter.tensors)
 
@@ -84,6 +86,11 @@ class Policy:
 
     def hash_of(self, name: str | None) -> str | None:
         return None if name is None else self.hashes[name]
+
+    def rehash(self, name: str) -> str:
+        """Record the hash of adapter `name` after its tensors changed in place (training)."""
+        self.hashes[name] = self.get(name).hash
+        return self.hashes[name]
 
     def activate(self, name: str) -> None:
         """Make `name` the active adapter, all parameters frozen (PEFT's set_adapter unfreezes it)."""
@@ -102,9 +109,38 @@ class Policy:
         finally:
             config._attn_implementation = previous
 
+    @contextmanager
+    def merged(self, name: str):
+        """Fold adapter `name` into the base weights for the duration; forwards then pass `None`.
+
+        W' = W + (alpha/r) B A per adapted module. It removes LoRA's two extra matmuls and
+        module calls per layer from every decode step. The original weight tensors are put
+        back on exit (not un-merged by subtraction), so the base is restored bit for bit.
+        Inside, `forward` accepts only rows of `name` or of adapters with the same tensors (hash).
+        """
+        originals = []
+        self._merged = name
+        try:
+            for module in self.peft.modules():
+                if hasattr(module, "get_delta_weight") and name in getattr(module, "lora_A", {}):
+                    weight = module.base_layer.weight
+                    originals.append((weight, weight.data))
+                    weight.data = weight.data + module.get_delta_weight(name).to(weight.dtype)
+            with self.peft.disable_adapter():
+                yield
+        finally:
+            self._merged = None
+            for weight, data in originals:
+                weight.data = data
+
     def forward(self, adapters: list[str | None], **inputs) -> torch.Tensor:
         """Logits of one forward pass in which row i uses adapter `adapters[i]`."""
         names = set(adapters)
+        if self._merged is not None:
+            same = {n for n in names if n is not None and self.hashes.get(n) == self.hashes[self._merged]}
+            if same != names:
+                raise ValueError(f"adapter {self._merged!r} is merged; cannot run rows with {sorted(map(str, names))}")
+            return self.peft(**inputs).logits
         if self.peft is None or names == {None}:
             if self.peft is None:
                 return self.base.model(**inputs).logits

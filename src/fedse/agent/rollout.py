@@ -17,7 +17,8 @@ How a rollout proceeds:
    not fit `max_context`.
 
 Every row keeps its KV cache for the whole episode (`SlotCache`), so no token is encoded
-twice. Rows may use different adapters in one forward pass. Sampling uses one seeded
+twice. Rows may use different adapters in one forward pass; when every request uses the same
+adapter (exploration, evaluation) it is merged into the weights for the rollout instead. Sampling uses one seeded
 generator per episode, so an episode's draws do not depend on its batch neighbours.
 
 `naive_rollout` is the reference loop (AgentGym's): one episode at a time, the whole history
@@ -131,7 +132,7 @@ class _Episode:
 
 
 class RolloutEngine:
-    def __init__(self, policy: Policy, max_batch: int = 32, max_context: int = 4096, progress: bool = False):
+    def __init__(self, policy: Policy, max_batch: int = 32, max_context: int = 4096, progress: str | None = None):
         self.policy = policy
         self.layout = ChatLayout(policy.tokenizer)
         self.stop_ids = self.layout.stop_ids
@@ -153,8 +154,13 @@ class RolloutEngine:
         done: list[_Episode] = []
         rows: list[_Episode] = []
         cache: SlotCache | None = None
-        bar = _progress_bar(len(requests)) if self.progress else None
-        with self.policy.attention(ATTENTION_NAME):
+        bar = _progress_bar(len(requests), self.progress) if self.progress else None
+        adapters = {r.adapter for r in requests}
+        # One adapter (by content) for the whole rollout, e.g. every client exploring from the
+        # same global adapter: fold it into the weights.
+        single = None not in adapters and len({self.policy.hash_of(a) for a in adapters}) == 1
+        merged = self.policy.merged(next(iter(adapters))) if single else nullcontext()
+        with self.policy.attention(ATTENTION_NAME), merged:
             while pending or rows:
                 active = [e for e in rows if e.status != "finished"]
                 free = [i for i, e in enumerate(rows) if e.status == "finished"]
@@ -224,7 +230,11 @@ class RolloutEngine:
             ids = self.layout.encode(self.layout.prefix_text(episode.env.instruction))
             cache = self._new_cache(1, len(ids))
             self._forward(
-                cache, [episode.request.adapter], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool)
+                cache,
+                [episode.request.adapter],
+                torch.tensor([ids]),
+                torch.ones(1, len(ids), dtype=torch.bool),
+                last_only=True,  # only the cache is kept
             )
             stats.processed_tokens += len(ids)
             self._prefixes[key] = (cache, len(ids))
@@ -393,17 +403,20 @@ def rollout(
     *,
     max_batch: int = 32,
     max_context: int = 4096,
-    progress: bool = False,
+    progress: str | None = None,
     stats: RolloutStats | None = None,
 ) -> list[Trajectory]:
-    """Play every request to the end; trajectories come back in request order."""
+    """Play every request to the end; trajectories come back in request order.
+
+    `progress` labels a progress bar (episodes, turns, tokens/s); None shows none.
+    """
     return RolloutEngine(policy, max_batch, max_context, progress).run(requests, stats)
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int, label: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="rollout", unit="ep", dynamic_ncols=True)
+    return tqdm(total=total, desc=label, unit="ep", dynamic_ncols=True, leave=False)
 
 
 # --- the reference loop ----------------------------------------------------------------------

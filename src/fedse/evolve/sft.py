@@ -117,8 +117,13 @@ def _trainable(policy: Policy, name: str, factors: str) -> list[torch.nn.Paramet
     return params
 
 
-def train_adapter(policy: Policy, name: str, trajectories: list[Trajectory], config: TrainConfig) -> TrainReport:
-    """Fine-tune adapter `name` of `policy` in place on `trajectories`; returns what happened."""
+def train_adapter(
+    policy: Policy, name: str, trajectories: list[Trajectory], config: TrainConfig, progress: str | None = None
+) -> TrainReport:
+    """Fine-tune adapter `name` of `policy` in place on `trajectories`; returns what happened.
+
+    `progress` labels a progress bar (steps, loss, tokens/s); None shows none.
+    """
     report = TrainReport(examples=len(trajectories))
     if not trajectories:
         return report
@@ -144,6 +149,7 @@ def train_adapter(policy: Policy, name: str, trajectories: list[Trajectory], con
     device = policy.device
     torch.manual_seed(config.seed)
     policy.peft.train()
+    bar = _progress_bar(total_steps, progress) if progress else None
     try:
         for batches in epochs_batches:
             loss_sum, loss_count = 0.0, 0
@@ -180,13 +186,28 @@ def train_adapter(policy: Policy, name: str, trajectories: list[Trajectory], con
                 report.steps += 1
                 report.tokens += int(attention.sum())
                 report.loss_tokens += n
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{loss_sum / max(loss_count, 1):.3f}",
+                        tok_s=f"{report.tokens / (time.perf_counter() - start):.0f}",
+                    )
             report.epoch_losses.append(loss_sum / max(loss_count, 1))
     finally:
+        if bar is not None:
+            bar.close()
         policy.peft.eval()
         for p in policy.peft.parameters():
             p.requires_grad_(False)
+        policy.rehash(name)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _progress_bar(total: int, label: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="step", dynamic_ncols=True, leave=False)
 
 
 @torch.no_grad()

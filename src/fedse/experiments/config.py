@@ -24,6 +24,9 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name: str = "smollm2-135m"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 on CUDA and AMX CPUs, else fp32 (fedse.agent.model.default_dtype); fp32 always for
+    aggregators that merge updates into the base weights (a bf16 base would round them away)."""
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     target_modules: str = "all-linear"
@@ -81,7 +84,7 @@ class TrainSection(Section):
 
 class EvalSection(Section):
     tasks: int | None = Field(None, ge=1)
-    """Test tasks per environment (None: the whole AgentEval test split)."""
+    """Test tasks per environment, spread evenly over the AgentEval test split (None: all of it)."""
     max_new_tokens: int = Field(96, ge=1)
 
 

@@ -1,17 +1,23 @@
 """The embedded federation: all clients in one process on one frozen base model, adapters swapped.
 
+A round (Fed-SE Algorithm 1): every sampled client's exploration is played in one batched
+rollout (each client with its own adapter slot and seeds, so batching changes nothing but
+speed); then each client filters, grows its buffer and trains (`fedse.fl.client.learn`); the
+server aggregates the updates; the new adapter is evaluated and checkpointed.
+
 A run lives in `runs/<name>/`:
 
     config.json          the resolved configuration
-    metrics.jsonl        one record per event: eval (round, env), client (round, client), aggregate (round)
+    metrics.jsonl        one record per event: eval (round, env), eval_avg, explore, client, aggregate
     clients/<c>/buffer.jsonl   each client's experience buffer (private to the client)
     checkpoints/round_NNN/     global adapter (PEFT format), base delta, aggregator state, personal adapters
-    state.json           the last completed round
+    state.json           the last completed round (0: the starting adapter, evaluated)
 
 A checkpoint is written to a temporary folder and renamed, then state.json is replaced, so a
 crash leaves the previous round intact; `resume` continues after the last completed round,
-trims buffers and metrics of the unfinished one, and, with the same seeds, produces the same
-final adapter as an uninterrupted run.
+trims buffers and metrics of the unfinished one, and, since every seed is derived from (run
+seed, round, client) rather than carried RNG state, produces the same final adapter as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ from safetensors.torch import load_file, save_file
 from fedse.agent.lora import Adapter, LoraSpec, load_adapter, save_adapter
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy, module_weights
-from fedse.agent.rollout import RolloutRequest, Sampling, rollout
+from fedse.agent.rollout import RolloutRequest, RolloutStats, Sampling, rollout
+from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
+from fedse.errors import UserError
 from fedse.evolve.buffer import BufferConfig, ExperienceBuffer
 from fedse.evolve.sft import TrainConfig
 from fedse.evolve.store import expert_trajectory
 from fedse.experiments.config import RunConfig
+from fedse.experiments.report import load_run, round_summary
 from fedse.fl.aggregators import make_aggregator
-from fedse.fl.client import ClientSettings, client_round, derived_seed, exploration_tasks
+from fedse.fl.client import ClientSettings, derived_seed, exploration_requests, exploration_tasks, learn
 from fedse.fl.server import aggregate_round
 
 log = logging.getLogger(__name__)
@@ -81,15 +90,31 @@ def _append_metrics(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def evaluate(policy: Policy, config: RunConfig, adapters: dict[str, str]) -> dict[str, dict]:
+def evaluation_tasks(env_name: str, count: int | None) -> list[int]:
+    """`count` test ids spread evenly over the env's test split (None: all of it).
+
+    The split is ordered by difficulty for some envs (TextCraft's depth bands), so a prefix
+    would not be representative.
+
+    >>> evaluation_tasks("maze", 5)
+    [0, 5, 10, 15, 20]
+    """
+    ids = make_env(env_name).splits["test"]
+    if count is None or count >= len(ids):
+        return list(ids)
+    return [ids[i * len(ids) // count] for i in range(count)]
+
+
+def evaluate(
+    policy: Policy, config: RunConfig, adapters: dict[str, str], progress: str | None = None
+) -> dict[str, dict]:
     """Greedy rollouts on each client environment's test split; `adapters` maps env -> adapter name."""
     sampling = Sampling(temperature=0.0, max_new_tokens=config.eval.max_new_tokens)
     requests = []
     for env_name, adapter in adapters.items():
-        ids = make_env(env_name).splits["test"]
-        ids = ids[: config.eval.tasks] if config.eval.tasks else ids
+        ids = evaluation_tasks(env_name, config.eval.tasks)
         requests += [RolloutRequest(env_name, i, adapter=adapter, sampling=sampling) for i in ids]
-    trajectories = rollout(policy, requests, max_batch=config.explore.max_batch)
+    trajectories = rollout(policy, requests, max_batch=config.explore.max_batch, progress=progress)
     out: dict[str, dict] = {}
     for env_name in adapters:
         mine = [t for t in trajectories if t.env == env_name]
@@ -112,11 +137,17 @@ def averages(per_env: dict[str, dict]) -> dict[str, float]:
 
 
 class Federation:
-    def __init__(self, config: RunConfig, root: str | Path, policy: Policy | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, root: str | Path, policy: Policy | None = None, progress: bool = False
+    ) -> None:
         self.config = config
+        self.progress = progress
         self.paths = RunPaths(Path(root))
         self.aggregator = make_aggregator(config.fed.aggregator)
-        self.policy = policy or Policy(load_base(config.model.name))
+        dtype = config.model.dtype
+        if dtype == "auto" and self.aggregator.mutates_base:
+            dtype = "float32"
+        self.policy = policy or Policy(load_base(config.model.name, dtype=dtype))
         self.spec = LoraSpec(
             config.model.lora_rank, config.model.lora_alpha, target_modules=config.model.target_modules
         )
@@ -183,9 +214,14 @@ class Federation:
             weight = self.base_weights[module]
             weight.data.copy_((self.base_original[module].double() + self.base_delta[module]).to(weight.dtype))
 
-    def _resume(self) -> int:
-        last = json.loads(self.paths.state.read_text())["round"]
-        ckpt = self.paths.checkpoint(last)
+    def load_checkpoint(self, round_: int) -> None:
+        """Put the policy and server state back to the end of `round_` (adapters, base delta, aggregator)."""
+        ckpt = self.paths.checkpoint(round_)
+        if not ckpt.exists():
+            done = sorted(int(p.name.split("_")[1]) for p in ckpt.parent.glob("round_[0-9][0-9][0-9]"))
+            raise UserError(
+                f"{self.paths.root} has no checkpoint for round {round_}; completed rounds: {done or 'none'}"
+            )
         self.global_adapter = load_adapter(ckpt / GLOBAL)
         self.policy.load(GLOBAL, self.global_adapter)
         self._remember_base()
@@ -195,6 +231,11 @@ class Federation:
         for client in self.clients:
             if (ckpt / "clients" / client).exists():
                 self.personal[client] = load_adapter(ckpt / "clients" / client)
+
+    def _resume(self) -> int:
+        last = json.loads(self.paths.state.read_text())["round"]
+        self.load_checkpoint(last)
+        for client in self.clients:
             self._buffer(client).truncate(last)
         if self.paths.metrics.exists():  # drop the records of the unfinished round
             lines = self.paths.metrics.read_text().splitlines()
@@ -206,8 +247,9 @@ class Federation:
 
     def run(self, resume: bool = False, force: bool = False, echo=print) -> dict:
         last = self.start(resume=resume, force=force)
-        if last == 0 and not resume:
+        if not resume:  # round 0: the starting adapter, evaluated and checkpointed like any round
             self._evaluate(0, echo)
+            self._checkpoint(0)
         for round_ in range(last + 1, self.config.fed.rounds + 1):
             self.round(round_, echo)
         return json.loads(self.paths.state.read_text()) if self.paths.state.exists() else {}
@@ -222,32 +264,25 @@ class Federation:
 
     def round(self, round_: int, echo=print) -> None:
         start = time.perf_counter()
+        clients = self.sampled_clients(round_)
+        explored = self._explore(round_, clients)
         updates, trained = [], {}
-        for client in self.sampled_clients(round_):
-            begin = self.aggregator.client_start(self.global_adapter, self.personal.get(client))
-            update, adapter = client_round(
+        for client in clients:
+            update, adapter = learn(
                 self.policy,
                 client,
-                client,
-                begin,
+                explored[client],
                 self._buffer(client),
                 round_,
                 self.settings,
                 self.aggregator,
                 seed=self.config.fed.seed,
+                progress=self.progress,
             )
             trained[client] = adapter
             updates.append(update)
-            _append_metrics(
-                self.paths.metrics,
-                {
-                    "event": "client",
-                    "round": round_,
-                    "client": client,
-                    "num_examples": update.num_examples,
-                    **update.metrics,
-                },
-            )
+            record = {"event": "client", "round": round_, "client": client, "num_examples": update.num_examples}
+            _append_metrics(self.paths.metrics, {**record, **update.metrics})
         result = aggregate_round(self.aggregator, self.global_adapter, updates, self.state)
         self.global_adapter, self.state = result.aggregation.adapter, result.aggregation.state
         self.policy.load(GLOBAL, self.global_adapter)
@@ -265,25 +300,84 @@ class Federation:
                 **result.diagnostics,
             },
         )
-        summary = self._evaluate(round_, echo)
+        self._evaluate(round_, echo)
         self._checkpoint(round_)
-        echo(f"round {round_}: avg success {summary['avg_weighted']:.1%} ({time.perf_counter() - start:.0f} s)")
+        echo(round_summary(load_run(self.paths.root), round_, time.perf_counter() - start))
+
+    def _explore(self, round_: int, clients: list[str]) -> dict[str, list[Trajectory]]:
+        """Every sampled client's exploration, played in one batched rollout.
+
+        Each client's episodes run with its own adapter slot and its own seeds, so each gets
+        exactly the trajectories it would get exploring alone (the engine's batch-invariance,
+        pinned in tests/test_rollout.py); batching only fills the CPU better.
+        """
+        requests: dict[str, list[RolloutRequest]] = {}
+        for client in clients:
+            self.policy.load(client, self.aggregator.client_start(self.global_adapter, self.personal.get(client)))
+            requests[client] = exploration_requests(client, client, round_, self.settings, self.config.fed.seed)
+        stats = RolloutStats()
+        label = f"explore ({len(clients)} clients)" if self.progress else None
+        flat = [r for client in clients for r in requests[client]]
+        played = rollout(self.policy, flat, max_batch=self.settings.max_batch, stats=stats, progress=label)
+        out, i = {}, 0
+        for client in clients:
+            out[client], i = played[i : i + len(requests[client])], i + len(requests[client])
+        _append_metrics(
+            self.paths.metrics,
+            {
+                "event": "explore",
+                "round": round_,
+                "clients": clients,
+                "episodes": stats.episodes,
+                "turns": stats.turns,
+                "processed_tokens": stats.processed_tokens,
+                "generated_tokens": stats.generated_tokens,
+                "seconds": stats.seconds,
+            },
+        )
+        return out
+
+    def eval_adapters(self) -> dict[str, str]:
+        """env -> name of the loaded adapter to evaluate it with (personalised rules: each client's own)."""
+        if not (self.aggregator.personalized and self.personal):
+            return dict.fromkeys(self.clients, GLOBAL)
+        adapters = {}
+        for client in self.clients:
+            name = f"eval-{client}"
+            self.policy.load(name, self.aggregator.client_start(self.global_adapter, self.personal.get(client)))
+            adapters[client] = name
+        return adapters
 
     def _evaluate(self, round_: int, echo=print) -> dict:
-        if self.aggregator.personalized and self.personal:
-            adapters = {}
-            for client in self.clients:
-                name = f"eval-{client}"
-                self.policy.load(name, self.aggregator.client_start(self.global_adapter, self.personal.get(client)))
-                adapters[client] = name
-        else:
-            adapters = dict.fromkeys(self.clients, GLOBAL)
-        per_env = evaluate(self.policy, self.config, adapters)
+        start = time.perf_counter()
+        label = f"eval round {round_}" if self.progress else None
+        per_env = evaluate(self.policy, self.config, self.eval_adapters(), progress=label)
         for env_name, figures in per_env.items():
             _append_metrics(self.paths.metrics, {"event": "eval", "round": round_, "env": env_name, **figures})
         summary = averages(per_env)
+        summary["seconds"] = time.perf_counter() - start
         _append_metrics(self.paths.metrics, {"event": "eval_avg", "round": round_, **summary})
+        if round_ == 0:
+            echo(round_summary(load_run(self.paths.root), 0, summary["seconds"]))
         return summary
+
+    def evaluate_checkpoint(self, round_: int | None = None) -> tuple[dict, Path]:
+        """Evaluate checkpoint `round_` (default: the last completed) with this config's eval settings.
+
+        The result also goes to `evals/round_NNN_tasks_K.json`; metrics.jsonl is left as it was.
+        """
+        if round_ is None:
+            if not self.paths.state.exists():
+                raise UserError(f"{self.paths.root} has no completed round yet")
+            round_ = json.loads(self.paths.state.read_text())["round"]
+        self.load_checkpoint(round_)
+        label = f"eval round {round_}" if self.progress else None
+        per_env = evaluate(self.policy, self.config, self.eval_adapters(), progress=label)
+        result = {"round": round_, "eval": per_env, **averages(per_env)}
+        out = self.paths.root / "evals" / f"round_{round_:03d}_tasks_{self.config.eval.tasks or 'all'}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        return result, out
 
     def _checkpoint(self, round_: int) -> None:
         final = self.paths.checkpoint(round_)

@@ -1,5 +1,9 @@
 """One client's round (Fed-SE Algorithm 1, lines 4-7): explore, filter, grow the buffer, train, report.
 
+A round is `exploration_requests` played by `rollout` (the agent layer), then `learn`. The two
+halves are apart so that a runtime may play several clients' episodes in one batch (the
+embedded federation does) or one client's alone (a client process in a real federation).
+
 Everything here runs on the client: the environment, the trajectories and the buffer never
 leave it. What it returns for the server is an `Update` (adapter tensors, num_examples and
 scalar metrics); the trained adapter itself stays with the client for personalized rules.
@@ -13,7 +17,8 @@ from dataclasses import dataclass, field, replace
 
 from fedse.agent.lora import Adapter
 from fedse.agent.policy import Policy
-from fedse.agent.rollout import RolloutRequest, RolloutStats, Sampling, rollout
+from fedse.agent.rollout import RolloutRequest, Sampling
+from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.evolve.filters import make_filter
@@ -48,37 +53,42 @@ def exploration_tasks(env_name: str, count: int | None, seed: int) -> list[int]:
     return out
 
 
-def client_round(
+def exploration_requests(
+    client: str, env_name: str, round_: int, settings: ClientSettings, seed: int = 0
+) -> list[RolloutRequest]:
+    """The episodes `client` plays in round `round_`, with adapter slot `client` and per-episode seeds."""
+    round_seed = derived_seed(seed, round_, client)
+    tasks = exploration_tasks(env_name, settings.explore_tasks, round_seed)
+    return [
+        RolloutRequest(env_name, task, adapter=client, sampling=settings.sampling, seed=derived_seed(round_seed, i))
+        for i, task in enumerate(tasks)
+    ]
+
+
+def learn(
     policy: Policy,
     client: str,
-    env_name: str,
-    start: Adapter,
+    explored: list[Trajectory],
     buffer: ExperienceBuffer,
     round_: int,
     settings: ClientSettings,
     aggregator: Aggregator,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[Update, Adapter]:
-    """Run round `round_` for `client` from adapter `start`; returns (update for the server, trained adapter)."""
-    policy.load(client, start)
-    round_seed = derived_seed(seed, round_, client)
-    tasks = exploration_tasks(env_name, settings.explore_tasks, round_seed)
-    requests = [
-        RolloutRequest(env_name, task, adapter=client, sampling=settings.sampling, seed=derived_seed(round_seed, i))
-        for i, task in enumerate(tasks)
-    ]
-    stats = RolloutStats()
-    explored = rollout(policy, requests, max_batch=settings.max_batch, stats=stats)
+    """Filter the explored episodes, grow the buffer, train adapter slot `client` on it (Algorithm 1,
+    lines 4-6); returns the update for the server and the trained adapter."""
     keep = make_filter(settings.filter)
     kept = [t for t in explored if keep.keep(t)]
     added = buffer.add(kept, round_)
     data = buffer.training_set(round_)
-    train = replace(settings.train, train_factors=aggregator.trains, seed=round_seed)
-    report = train_adapter(policy, client, data, train)
+    train = replace(settings.train, train_factors=aggregator.trains, seed=derived_seed(seed, round_, client))
+    report = train_adapter(policy, client, data, train, progress=f"{client}: train" if progress else None)
     trained = policy.get(client)
     metrics = {
         "explored": len(explored),
         "explore_success": sum(t.success for t in explored) / max(len(explored), 1),
+        "explore_tokens": sum(t.prompt_tokens + t.generated_tokens for t in explored),
         "kept": len(kept),
         "added": added,
         "buffer": len(buffer),
@@ -86,8 +96,6 @@ def client_round(
         "train_tokens": report.tokens,
         "train_seconds": report.seconds,
         "truncated": report.truncated,
-        "rollout_seconds": stats.seconds,
-        "rollout_tokens": stats.processed_tokens,
     }
     if report.steps:
         metrics["train_loss"] = report.loss

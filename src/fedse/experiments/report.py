@@ -1,0 +1,379 @@
+"""`fedse report`: report.md and PNG plots from one or more runs' metrics.jsonl.
+
+Every figure in the report is read from the runs' records; nothing is recomputed except the
+95 % Wilson score intervals on success rates (Wilson, 1927), which suit the small eval sets
+of a demo (they stay inside [0, 1] and are not degenerate at 0 or n successes).
+Several runs are overlaid in the same plots, one line per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedse.errors import UserError
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for a binomial rate.
+
+    >>> [round(x, 3) for x in wilson(0, 10)]
+    [0.0, 0.278]
+    >>> [round(x, 3) for x in wilson(5, 10)]
+    [0.237, 0.763]
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+EVENTS = ("eval", "eval_avg", "explore", "client", "aggregate")
+
+
+@dataclass
+class RunRecords:
+    """One run's configuration and metrics, grouped by event."""
+
+    name: str
+    root: Path
+    config: dict
+    eval: list[dict] = field(default_factory=list)
+    eval_avg: list[dict] = field(default_factory=list)
+    explore: list[dict] = field(default_factory=list)
+    client: list[dict] = field(default_factory=list)
+    aggregate: list[dict] = field(default_factory=list)
+
+    @property
+    def envs(self) -> list[str]:
+        return list(dict.fromkeys(r["env"] for r in self.eval))
+
+    @property
+    def clients(self) -> list[str]:
+        return list(dict.fromkeys(r["client"] for r in self.client))
+
+    @property
+    def rounds(self) -> list[int]:
+        return sorted({r["round"] for r in self.eval_avg})
+
+    def eval_at(self, round_: int, env: str) -> dict | None:
+        return next((r for r in self.eval if r["round"] == round_ and r["env"] == env), None)
+
+    def pooled(self, round_: int) -> tuple[int, int]:
+        """(successes, tasks) over every env at `round_` (the numerator and denominator of Avg)."""
+        rows = [r for r in self.eval if r["round"] == round_]
+        return sum(r["successes"] for r in rows), sum(r["tasks"] for r in rows)
+
+
+def load_run(root: str | Path) -> RunRecords:
+    root = Path(root)
+    if not (root / "config.json").exists() or not (root / "metrics.jsonl").exists():
+        raise UserError(f"{root} is not a run directory (it needs config.json and metrics.jsonl; see `fedse run`)")
+    config = json.loads((root / "config.json").read_text())
+    run = RunRecords(name=config.get("name", root.name), root=root, config=config)
+    for line in (root / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("event") in EVENTS:
+                getattr(run, record["event"]).append(record)
+    return run
+
+
+# --- markdown ----------------------------------------------------------------------------------
+
+
+def _rate(successes: int, n: int) -> str:
+    lo, hi = wilson(successes, n)
+    return f"{successes}/{n} = {successes / n:.0%} [{lo:.0%}, {hi:.0%}]" if n else "–"
+
+
+def _success_table(run: RunRecords) -> list[str]:
+    envs = run.envs
+    lines = [
+        "| round | " + " | ".join(envs) + " | Avg (task-weighted) | mean over envs |",
+        "|---:|" + "---|" * len(envs) + "---|---:|",
+    ]
+    for avg in run.eval_avg:
+        round_ = avg["round"]
+        cells = []
+        for env in envs:
+            r = run.eval_at(round_, env)
+            cells.append(_rate(r["successes"], r["tasks"]) if r else "–")
+        lines.append(
+            f"| {round_} | " + " | ".join(cells) + f" | {_rate(*run.pooled(round_))} | {avg['avg_mean']:.1%} |"
+        )
+    return lines
+
+
+def _client_table(run: RunRecords) -> list[str]:
+    lines = [
+        "| round | client | explored | explore success | kept | buffer | train examples | train loss | explore tokens | train s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in run.client:
+        loss = f"{r['train_loss']:.3f}" if "train_loss" in r else "–"
+        lines.append(
+            f"| {r['round']} | {r['client']} | {r['explored']} | {r['explore_success']:.0%} | {r['kept']} | {r['buffer']} "
+            f"| {r['train_examples']} | {loss} | {r.get('explore_tokens', '–')} | {r['train_seconds']:.0f} |"
+        )
+    return lines
+
+
+def _mean_off_diagonal(matrix: list[list[float]]) -> float:
+    values = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _aggregate_table(run: RunRecords) -> list[str]:
+    lines = [
+        "| round | accepted | inexactness | mean pairwise update cosine | MB up (all clients) | MB down (per client) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in run.aggregate:
+        inexact = f"{r['inexactness']:.4f}" if r.get("inexactness") is not None else "–"
+        cosine = f"{_mean_off_diagonal(r['update_cosine']):.3f}" if r.get("update_cosine") else "–"
+        lines.append(
+            f"| {r['round']} | {len(r['accepted'])} | {inexact} | {cosine} "
+            f"| {sum(r['bytes_up']) / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} |"
+        )
+    return lines
+
+
+def _timing(run: RunRecords) -> str:
+    rollout = sum(r["seconds"] for r in run.explore)
+    train = sum(r["train_seconds"] for r in run.client)
+    evaluation = sum(r.get("seconds", 0.0) for r in run.eval_avg)
+    return (
+        f"Time spent: exploration rollouts {rollout / 60:.1f} min, local training {train / 60:.1f} min, "
+        f"evaluation {evaluation / 60:.1f} min (the embedded runtime plays all clients' exploration in one batched "
+        "rollout, then trains the clients one after another)."
+    )
+
+
+def _setup(run: RunRecords) -> str:
+    c = run.config
+    fed, explore, train, ev = c["fed"], c["explore"], c["train"], c["eval"]
+    return (
+        f"`{run.root}`: model `{c['model']['name']}` with LoRA r={c['model']['lora_rank']}, "
+        f"clients {', '.join(fed['clients'])}, aggregator `{fed['aggregator']}`, {fed['rounds']} rounds planned, "
+        f"seed {fed['seed']}; per round each client explores {explore['tasks']} train tasks at temperature "
+        f"{explore['temperature']} and trains {train['epochs']} epochs at lr {train['lr']:g}; "
+        f"evaluation: {ev['tasks'] or 'all'} test tasks per env, greedy."
+    )
+
+
+def render_markdown(runs: list[RunRecords], plots: list[str]) -> str:
+    out = ["# fedse report", ""]
+    for run in runs:
+        out.append(f"- **{run.name}** — {_setup(run)}")
+    out += [
+        "",
+        "Success rates are greedy test-split successes with 95 % Wilson intervals. "
+        "*Avg* is Fed-SE's average, weighted by test tasks per environment; *mean over envs* weighs each environment equally.",
+        "",
+    ]
+    for run in runs:
+        first, last = (run.eval_avg[0], run.eval_avg[-1]) if run.eval_avg else (None, None)
+        out += [f"## {run.name}", ""]
+        if first and last:
+            out += [
+                f"Avg test success: round {first['round']} {first['avg_weighted']:.1%} → "
+                f"round {last['round']} {last['avg_weighted']:.1%}.",
+                "",
+            ]
+        out += ["### Test success per round", "", *_success_table(run), ""]
+        out += ["### Clients", "", *_client_table(run), ""]
+        out += ["### Aggregation and communication", "", *_aggregate_table(run), "", _timing(run), ""]
+    out += ["## Plots", ""]
+    out += [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def round_summary(run: RunRecords, round_: int, seconds: float) -> str:
+    """The one-screen summary printed after each round, from that round's records."""
+    planned = run.config["fed"]["rounds"]
+    lines = [f"── round {round_}/{planned} ({seconds:.0f} s) " + "─" * 40]
+    clients = {r["client"]: r for r in run.client if r["round"] == round_}
+    header = f"{'env / client':<12} {'test success':<22}"
+    if clients:
+        header += f" {'explored':>8} {'ok':>5} {'kept':>5} {'buffer':>6} {'loss':>7} {'train':>6}"
+    lines.append(header)
+    for env in dict.fromkeys([*run.envs, *clients]):
+        r = run.eval_at(round_, env)
+        c = clients.get(env)
+        line = f"{env:<12} {_rate(r['successes'], r['tasks']) if r else '–':<22}"
+        if c:
+            loss = f"{c['train_loss']:.3f}" if "train_loss" in c else "–"
+            line += (
+                f" {c['explored']:>8} {c['explore_success']:>5.0%} {c['kept']:>5} {c['buffer']:>6} {loss:>7}"
+                f" {c['train_seconds']:>5.0f}s"
+            )
+        lines.append(line)
+    explore = next((e for e in run.explore if e["round"] == round_), None)
+    if explore:
+        lines.append(
+            f"explore: {explore['episodes']} episodes, {explore['turns']} turns in one batch, {explore['seconds']:.0f} s "
+            f"({explore['processed_tokens'] / max(explore['seconds'], 1e-9):.0f} tok/s)"
+        )
+    avg = next((a for a in run.eval_avg if a["round"] == round_), None)
+    if avg:
+        lines.append(f"Avg (task-weighted) {_rate(*run.pooled(round_))}; mean over envs {avg['avg_mean']:.1%}")
+    agg = next((a for a in run.aggregate if a["round"] == round_), None)
+    if agg:
+        parts = [f"{len(agg['accepted'])} updates accepted"]
+        if agg["rejected"]:
+            parts.append(f"rejected {agg['rejected']}")
+        if agg.get("inexactness") is not None:
+            parts.append(f"inexactness {agg['inexactness']:.4f}")
+        if agg.get("update_cosine"):
+            parts.append(f"mean update cosine {_mean_off_diagonal(agg['update_cosine']):.3f}")
+        parts.append(f"{sum(agg['bytes_up']) / 1e6:.1f} MB up, {agg['bytes_down'] / 1e6:.1f} MB down per client")
+        lines.append(f"aggregate ({run.config['fed']['aggregator']}): " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _round_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _plot_success(runs: list[RunRecords], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    envs = list(dict.fromkeys(e for run in runs for e in run.envs))
+    panels = [*envs, "Avg (task-weighted)"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for run in runs:
+            xs, counts = [], []
+            for round_ in run.rounds:
+                if panel in envs:
+                    r = run.eval_at(round_, panel)
+                    if r is None:
+                        continue
+                    counts.append((r["successes"], r["tasks"]))
+                else:
+                    counts.append(run.pooled(round_))
+                xs.append(round_)
+            if not xs:
+                continue
+            rates = [s / n for s, n in counts]
+            lo, hi = zip(*(wilson(s, n) for s, n in counts))
+            ax.plot(xs, rates, marker="o", label=run.name)
+            ax.fill_between(xs, lo, hi, alpha=0.2)
+        ax.set_title(panel)
+        ax.set_ylim(-0.02, 1.02)
+        _round_axis(ax)
+    axes[0][0].set_ylabel("test success (95% Wilson)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_clients(runs: list[RunRecords], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fields = [("kept", "kept successful trajectories"), ("buffer", "buffer size"), ("train_loss", "train loss")]
+    fig, axes = plt.subplots(1, len(fields), figsize=(11, 3.2))
+    for ax, (key, title) in zip(axes, fields):
+        for run in runs:
+            for client in run.clients:
+                rows = [r for r in run.client if r["client"] == client and key in r]
+                label = client if len(runs) == 1 else f"{run.name}/{client}"
+                ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        _round_axis(ax)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_aggregation(runs: list[RunRecords], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with_cos = [run for run in runs if run.aggregate and run.aggregate[-1].get("update_cosine")]
+    fig, axes = plt.subplots(1, 1 + len(with_cos), figsize=(4 + 3.6 * len(with_cos), 3.4), squeeze=False)
+    ax = axes[0][0]
+    for run in runs:
+        rows = [r for r in run.aggregate if r.get("inexactness") is not None]
+        ax.plot([r["round"] for r in rows], [r["inexactness"] for r in rows], marker="o", label=run.name)
+    ax.set_title("inexactness ‖B̄Ā − mean BA‖ / ‖mean BA‖")
+    _round_axis(ax)
+    ax.legend(fontsize=8)
+    for ax, run in zip(axes[0][1:], with_cos):
+        last = run.aggregate[-1]
+        names = last.get("accepted") or run.clients
+        image = ax.imshow(last["update_cosine"], vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set_xticks(range(len(names)), names, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        for i, row in enumerate(last["update_cosine"]):
+            for j, v in enumerate(row):
+                ax.text(
+                    j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if abs(v) > 0.5 else "black"
+                )
+        ax.set_title(f"{run.name}: update cosine, round {last['round']}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_communication(runs: list[RunRecords], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for run in runs:
+        rounds = [r["round"] for r in run.aggregate]
+        ax.plot(rounds, [sum(r["bytes_up"]) / 1e6 for r in run.aggregate], marker="o", label=f"{run.name} up (all)")
+        ax.plot(
+            rounds,
+            [r["bytes_down"] * len(r["accepted"]) / 1e6 for r in run.aggregate],
+            marker="s",
+            linestyle="--",
+            label=f"{run.name} down (all)",
+        )
+    ax.set_title("communication per round")
+    ax.set_ylabel("MB")
+    ax.set_ylim(bottom=0)
+    _round_axis(ax)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write report.md and its plots into `out` (default: the run's folder, or `<first>-vs-...` for several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = [load_run(d) for d in run_dirs]
+    if out is None:
+        first = runs[0].root
+        out = first if len(runs) == 1 else first.parent / "-vs-".join(r.root.name for r in runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "success.png": _plot_success,
+        "clients.png": _plot_clients,
+        "aggregation.png": _plot_aggregation,
+        "communication.png": _plot_communication,
+    }
+    for name, plot in plots.items():
+        plot(runs, out / name)
+    report = out / "report.md"
+    report.write_text(render_markdown(runs, list(plots)))
+    return report
