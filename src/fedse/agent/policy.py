@@ -111,7 +111,7 @@ class Policy:
 
     @contextmanager
     def merged(self, name: str):
-        """Fold adapter `name` into the base weights for the duration; forwards then pass `None`.
+        """Fold adapter `name` into the base weights for the duration of the context.
 
         W' = W + (alpha/r) B A per adapted module. It removes LoRA's two extra matmuls and
         module calls per layer from every decode step. The original weight tensors are put

@@ -247,6 +247,14 @@ def _round_axis(ax) -> None:
     ax.grid(alpha=0.3)
 
 
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_success(runs: list[RunRecords], path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -276,9 +284,7 @@ def _plot_success(runs: list[RunRecords], path: Path) -> None:
         _round_axis(ax)
     axes[0][0].set_ylabel("test success (95% Wilson)")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_clients(runs: list[RunRecords], path: Path) -> None:
@@ -296,9 +302,7 @@ def _plot_clients(runs: list[RunRecords], path: Path) -> None:
         ax.set_ylim(bottom=0)
         _round_axis(ax)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_aggregation(runs: list[RunRecords], path: Path) -> None:
@@ -326,9 +330,7 @@ def _plot_aggregation(runs: list[RunRecords], path: Path) -> None:
                 )
         ax.set_title(f"{run.name}: update cosine, round {last['round']}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_communication(runs: list[RunRecords], path: Path) -> None:
@@ -350,9 +352,7 @@ def _plot_communication(runs: list[RunRecords], path: Path) -> None:
     ax.set_ylim(bottom=0)
     _round_axis(ax)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:

@@ -118,10 +118,11 @@ def evaluate(
     out: dict[str, dict] = {}
     for env_name in adapters:
         mine = [t for t in trajectories if t.env == env_name]
+        successes = sum(t.success for t in mine)
         out[env_name] = {
             "tasks": len(mine),
-            "successes": sum(t.success for t in mine),
-            "success": sum(t.success for t in mine) / len(mine),
+            "successes": successes,
+            "success": successes / len(mine),
             "reward": sum(t.reward for t in mine) / len(mine),
         }
     return out
@@ -248,8 +249,9 @@ class Federation:
     def run(self, resume: bool = False, force: bool = False, echo=print) -> dict:
         last = self.start(resume=resume, force=force)
         if not resume:  # round 0: the starting adapter, evaluated and checkpointed like any round
-            self._evaluate(0, echo)
+            seconds = self._evaluate(0)["seconds"]
             self._checkpoint(0)
+            echo(round_summary(load_run(self.paths.root), 0, seconds))
         for round_ in range(last + 1, self.config.fed.rounds + 1):
             self.round(round_, echo)
         return json.loads(self.paths.state.read_text()) if self.paths.state.exists() else {}
@@ -300,7 +302,7 @@ class Federation:
                 **result.diagnostics,
             },
         )
-        self._evaluate(round_, echo)
+        self._evaluate(round_)
         self._checkpoint(round_)
         echo(round_summary(load_run(self.paths.root), round_, time.perf_counter() - start))
 
@@ -348,7 +350,7 @@ class Federation:
             adapters[client] = name
         return adapters
 
-    def _evaluate(self, round_: int, echo=print) -> dict:
+    def _evaluate(self, round_: int) -> dict:
         start = time.perf_counter()
         label = f"eval round {round_}" if self.progress else None
         per_env = evaluate(self.policy, self.config, self.eval_adapters(), progress=label)
@@ -357,8 +359,6 @@ class Federation:
         summary = averages(per_env)
         summary["seconds"] = time.perf_counter() - start
         _append_metrics(self.paths.metrics, {"event": "eval_avg", "round": round_, **summary})
-        if round_ == 0:
-            echo(round_summary(load_run(self.paths.root), 0, summary["seconds"]))
         return summary
 
     def evaluate_checkpoint(self, round_: int | None = None) -> tuple[dict, Path]:
