@@ -22,7 +22,10 @@ def test_envs_lists_split_sizes(capsys):
 def test_wrong_env_name_is_a_one_line_error():
     proc = run_cli("play", "mazee")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "fedse: error: unknown environment 'mazee'; choose one of: maze, wordle, textcraft"
+    assert (
+        proc.stderr.strip()
+        == "fedse: error: unknown environment 'mazee'; choose one of: maze, wordle, textcraft, babyai, webshop"
+    )
 
 
 def test_wrong_task_id_is_a_one_line_error():

@@ -5,8 +5,14 @@ import pytest
 from fedse.envs import EnvError, list_envs, make_env
 from fedse.envs.base import ONLY_ONE_ACTION, parse_action_lmrl, parse_action_single_line, parse_ranges
 
-EXPECTED_SPLITS = {"maze": (25, 10), "wordle": (25, 955), "textcraft": (100, 374)}
-MAX_TURNS = {"maze": 15, "wordle": 8, "textcraft": 20}
+EXPECTED_SPLITS = {
+    "maze": (25, 10),
+    "wordle": (25, 955),
+    "textcraft": (100, 374),
+    "babyai": (90, 810),
+    "webshop": (200, 3930),
+}
+MAX_TURNS = {"maze": 15, "wordle": 8, "textcraft": 20, "babyai": 20, "webshop": 10}
 
 
 def test_registry_lists_the_first_three_environments():
@@ -14,7 +20,9 @@ def test_registry_lists_the_first_three_environments():
 
 
 def test_unknown_env_name_names_the_valid_choices():
-    with pytest.raises(EnvError, match="unknown environment 'mazee'; choose one of: maze, wordle, textcraft"):
+    with pytest.raises(
+        EnvError, match="unknown environment 'mazee'; choose one of: maze, wordle, textcraft, babyai, webshop"
+    ):
         make_env("mazee")
 
 
@@ -54,7 +62,7 @@ def test_bad_maze_task_ids_name_the_valid_range(bad):
 
 
 def test_unbounded_envs_reject_negative_ids():
-    for name in ("wordle", "textcraft"):
+    for name in ("wordle", "textcraft", "babyai"):
         with pytest.raises(EnvError, match="valid ids are any integer >= 0"):
             make_env(name).reset(-3)
 

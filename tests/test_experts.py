@@ -33,7 +33,7 @@ def test_expert_fits_the_turn_limit_except_the_listed_deep_goals(name):
 
 
 def test_expert_outputs_are_thought_then_action():
-    for name in ["maze", "wordle", "textcraft"]:
+    for name in ["maze", "wordle", "textcraft", "babyai", "webshop"]:
         for output in make_env(name).expert(3):
             thought, action = output.split("\n")
             assert thought.startswith("Thought: ") and len(thought) > len("Thought: ") + 10

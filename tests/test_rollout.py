@@ -107,7 +107,10 @@ def test_a_single_adapter_rollout_is_merged_and_leaves_the_base_untouched(tiny_p
     random_adapter(tiny_policy, "only", seed=3)
     before = {k: v.clone() for k, v in tiny_policy.base.model.state_dict().items() if "lora" not in k}
     requests = mixed_requests(adapters=("only",))
-    assert_same_episodes(rollout(tiny_policy, requests, max_batch=4), naive_rollout(tiny_policy, requests))
+    # Folding W + BA changes the fp32 summation order (x(W+BA) vs xW + (xB)A): the same actions,
+    # log-probabilities within a few 1e-4 on this random model rather than the unmerged 1e-4.
+    merged = rollout(tiny_policy, requests, max_batch=4)
+    assert_same_episodes(merged, naive_rollout(tiny_policy, requests), tol=5e-4)
     after = {k: v for k, v in tiny_policy.base.model.state_dict().items() if "lora" not in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
     with tiny_policy.merged("only"), pytest.raises(ValueError, match="adapter 'only' is merged"):

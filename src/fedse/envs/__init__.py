@@ -11,15 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fedse.envs.babyai import BabyAIEnv
 from fedse.envs.base import ACK, EnvError, StepResult, TextEnv
 from fedse.envs.maze import MazeEnv
 from fedse.envs.textcraft import TextCraftEnv
+from fedse.envs.webshop import WebShopEnv
 from fedse.envs.wordle import WordleEnv
 
 _REGISTRY: dict[str, Callable[..., TextEnv]] = {
     "maze": MazeEnv,
     "wordle": WordleEnv,
     "textcraft": TextCraftEnv,
+    "babyai": BabyAIEnv,
+    "webshop": WebShopEnv,
 }
 
 

@@ -1,0 +1,48 @@
+"""WebShop's product search: BM25 over the catalog, top 50 (environments.md §7.6).
+
+WebShop searches a Lucene index with pyserini (a JDK and torch); we use `bm25s` configured
+like Lucene's defaults there: BM25 with k1 0.9 and b 0.4, Lucene's idf, English stopwords and
+Porter stemming, over each product's title, description, first bullet point and option
+values. Differences from Anserini that remain: bm25s drops one-character tokens and keeps
+exact document lengths (Lucene quantises them), so rankings can differ on near ties.
+"""
+
+from __future__ import annotations
+
+import bm25s
+import Stemmer
+
+from fedse.envs.webshop_catalog import Catalog, Product
+
+SEARCH_RETURN_N = 50
+_STEMMER = Stemmer.Stemmer("porter")
+
+
+def document(product: Product) -> str:
+    options = " ".join(v for values in product.options.values() for v in values)
+    first_bullet = product.bullet_points[0] if product.bullet_points else ""
+    return f"{product.title} {product.description} {first_bullet} {options}".lower()
+
+
+class SearchEngine:
+    """Keyword search returning up to 50 products, best first; products with no matching term are left out."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.products = catalog.products
+        tokens = bm25s.tokenize(
+            [document(p) for p in self.products], stopwords="en", stemmer=_STEMMER, show_progress=False
+        )
+        self.index = bm25s.BM25(method="lucene", k1=0.9, b=0.4)
+        self.index.index(tokens, show_progress=False)
+        self.vocab = tokens.vocab
+
+    def search(self, keywords: str) -> list[Product]:
+        query = bm25s.tokenize(
+            keywords.lower(), stopwords="en", stemmer=_STEMMER, show_progress=False, return_ids=False
+        )
+        terms = [t for t in query[0] if t in self.vocab]
+        if not terms:
+            return []
+        k = min(SEARCH_RETURN_N, len(self.products))
+        docs, scores = self.index.retrieve([terms], k=k, show_progress=False, n_threads=1)
+        return [self.products[int(d)] for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
