@@ -115,3 +115,15 @@ def test_a_single_adapter_rollout_is_merged_and_leaves_the_base_untouched(tiny_p
     assert all(torch.equal(before[k], after[k]) for k in before)
     with tiny_policy.merged("only"), pytest.raises(ValueError, match="adapter 'only' is merged"):
         tiny_policy.forward([None], input_ids=torch.tensor([[1, 2]]))
+
+
+def test_prefill_in_column_chunks_gives_the_same_episodes(tiny_policy, monkeypatch):
+    """Long observations are prefilled in chunks to bound attention memory; the episodes must not change."""
+    from fedse.agent import rollout as rollout_module
+
+    random_adapter(tiny_policy, "first", seed=1)
+    random_adapter(tiny_policy, "second", seed=2)
+    requests = mixed_requests(adapters=("first", "second"))
+    whole = rollout(tiny_policy, requests, max_batch=4)
+    monkeypatch.setattr(rollout_module, "PREFILL_SCORES", 1)  # every prefill in 16-column chunks
+    assert_same_episodes(rollout(tiny_policy, requests, max_batch=4), whole)

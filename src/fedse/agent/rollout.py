@@ -27,6 +27,9 @@ re-encoded every turn with `generate`. It feeds exactly the same token ids.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +55,7 @@ class Sampling:
 
 GREEDY = Sampling(temperature=0.0)
 MAX_WAIT = 4  # decode steps a row with a queued observation may wait to be prefilled with others
+PREFILL_SCORES = 2**27  # attention scores one prefill forward may hold (512 MB in fp32)
 
 
 @dataclass
@@ -131,13 +135,34 @@ class _Episode:
     finish: str = ""
 
 
+@functools.cache
+def _return_large_buffers_to_the_os() -> None:
+    """Have glibc serve allocations of 4 MB and more with mmap, so that freeing returns them.
+
+    A rollout allocates attention buffers that grow by one key per decode step. With glibc's
+    adaptive threshold those come from the heap, each a little larger than the freed one
+    before it, and the heap fragments: a 30-episode evaluation at 4k tokens reached 12 GB of
+    resident memory (24 GB, killed, in a later round) against 4.9 GB with a fixed threshold.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 4 << 20)
+
+
 class RolloutEngine:
     def __init__(self, policy: Policy, max_batch: int = 32, max_context: int = 4096, progress: str | None = None):
+        _return_large_buffers_to_the_os()
         self.policy = policy
         self.layout = ChatLayout(policy.tokenizer)
         self.stop_ids = self.layout.stop_ids
         self.max_batch = max_batch
         self.max_context = min(max_context, getattr(policy.base.model.config, "max_position_embeddings", max_context))
+        self.query_heads = policy.base.model.config.num_attention_heads
         self.progress = progress
         self.pad_id = policy.tokenizer.pad_token_id or 0
         self._prefixes: dict[tuple[str, str | None], tuple[SlotCache, int]] = {}
@@ -283,7 +308,14 @@ class RolloutEngine:
             e.prompt_tokens += n
             stats.processed_tokens += n
             e.queue, e.waited, e.status = [], 0, "gen"
-        logits = self._forward(cache, [e.request.adapter for e in group], ids, real, last_only=True)
+        # In column chunks: attention materialises (rows x query heads x chunk x keys) scores,
+        # which for 30 rows x a 700-token results page x 4k keys would take gigabytes at once.
+        # Left padding puts every row's last token in the last column, so the last chunk's
+        # logits are the ones to sample from.
+        chunk = max(16, PREFILL_SCORES // (len(group) * self.query_heads * (cache.length + width)))
+        adapters = [e.request.adapter for e in group]
+        for start in range(0, width, chunk):
+            logits = self._forward(cache, adapters, ids[:, start : start + chunk], real[:, start : start + chunk], True)
         for j, e in enumerate(group):
             if self._take(e, logits[j, -1]):
                 self._end_turn(e, stats)

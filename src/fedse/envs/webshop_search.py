@@ -9,6 +9,8 @@ exact document lengths (Lucene quantises them), so rankings can differ on near t
 
 from __future__ import annotations
 
+import logging
+
 import bm25s
 import Stemmer
 
@@ -16,6 +18,7 @@ from fedse.envs.webshop_catalog import Catalog, Product
 
 SEARCH_RETURN_N = 50
 _STEMMER = Stemmer.Stemmer("porter")
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG on import and logs every index build
 
 
 def document(product: Product) -> str:
