@@ -87,6 +87,8 @@ class Page:
     product: Product | None = None
     options: dict[str, str] = field(default_factory=dict)
     sub: str = ""
+    receipt: str = ""
+    """The done page's text."""
 
 
 def parse_react_action(text: str) -> str:
@@ -109,7 +111,6 @@ class WebShopEnv(TextEnv):
         self.shop = shop or (open_shop(str(data_dir)) if data_dir else default_shop())
         self.page = Page()
         self.goal: Goal | None = None
-        self._done_text = ""
 
     @property
     def num_tasks(self) -> int:  # type: ignore[override]
@@ -147,7 +148,7 @@ class WebShopEnv(TextEnv):
                 "reviews": [],  # the 1,000-product setup has no review file
             }[page.sub]
             return SEP.join([head, "< Prev", *body])
-        return self._done_text
+        return page.receipt
 
     def clickables(self) -> dict[str, str]:
         """Clickable text (lower-cased as WebShop compares it) -> what it is: button, product or option name."""
@@ -229,7 +230,7 @@ class WebShopEnv(TextEnv):
         reward = purchase_reward(
             bought, catalog.prices[bought.asin], page.options, goal, catalog.by_asin[goal.asin]
         ).total
-        self._done_text = SEP.join(
+        page.receipt = SEP.join(
             [
                 "Thank you for shopping with us!", "Your code:", "None", "(Paste it in your MTurk interface.)",
                 "Purchased", "asin", bought.asin, "options", str(page.options), "attrs", "None", "category", "None",
