@@ -171,6 +171,7 @@ def run_primitives(world, primitives: list[int], image) -> tuple[object, float, 
 
 PLANNERS = ("layout", "explore", "open_doors")
 """How the expert's bot plans (see `bot_plan`)."""
+_DOOR = 4  # minigrid's object index of doors
 
 
 def _state_key(world, door_states: bool = True) -> tuple:
@@ -187,9 +188,6 @@ def _state_key(world, door_states: bool = True) -> tuple:
         grid.tobytes(),
         _instr_progress(world.instrs),
     )
-
-
-_DOOR = 4  # minigrid's object index of doors
 
 
 def _instr_progress(instr) -> tuple | None:

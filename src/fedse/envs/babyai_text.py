@@ -64,9 +64,8 @@ def _dot(a: Pos, b: Pos) -> int:
     return a[0] * b[0] + a[1] * b[1]
 
 
-def _window_ranges(pos: Pos, f: Pos, r: Pos) -> tuple[range, range]:
+def _window_ranges(top_left: Pos, f: Pos, r: Pos) -> tuple[range, range]:
     """Upstream's planning window: the view, plus one extra line on some sides."""
-    top_left = (pos[0] + f[0] * (_VIEW - 1) - r[0] * (_VIEW // 2), pos[1] + f[1] * (_VIEW - 1) - r[1] * (_VIEW // 2))
     border = (top_left[0] + _VIEW * (r[0] - f[0]), top_left[1] + _VIEW * (r[1] - f[1]))
     ranges = []
     for axis in (0, 1):
@@ -171,7 +170,7 @@ def read_view(env, image) -> View:
         text += "You are not carrying anything."
 
     # --- actions -----------------------------------------------------------------------
-    xs, ys = _window_ranges(pos, f, r)
+    xs, ys = _window_ranges(top_left, f, r)
     blocked = {s.pos for s in seen if any(k in s.name for k in _BLOCKING)}
 
     def path(target: Pos, onto: bool = False) -> Path | None:
