@@ -1,13 +1,16 @@
 """Rollout throughput: the batched engine against AgentGym's naive loop, on the same episodes.
 
-    .venv/bin/python bench/rollout.py --per-env 32 --dtype float32   # the issue's workload (82 episodes)
-    .venv/bin/python bench/rollout.py --per-env 8                    # a quicker look (24 episodes)
+    .venv/bin/python bench/rollout.py --per-env 32 --dtype float32 --max-batch 64   # the issue's workload
+    .venv/bin/python bench/rollout.py --per-env 8 --skip-naive                       # a quick look
 
-Prints, for both ways: episodes/s, generated and processed tokens/s; the ratio engine/naive;
-and the processed-token rate as a fraction of this machine's matmul roof in the model's dtype,
-measured in the same run (0.27 GFLOP per token for SmolLM2-135M, 2 x parameters otherwise).
-Both ways play greedy with the same token ids and the same dtype (`--dtype`, default auto: bf16
-on AMX CPUs), so they take the same actions up to floating-point ties.
+Prints, for each way: episodes/s, generated and processed tokens/s (processed: tokens kept in
+the context; the engine's rejected drafts and padding are not counted), forward passes and
+drafts kept; the ratio engine/naive; and the processed-token rate as a fraction of this
+machine's matmul roof in the model's dtype, measured in the same run (0.27 GFLOP per token
+for SmolLM2-135M, 2 x parameters otherwise). `--without-drafts` adds the engine with
+speculative decoding off, to show what batching alone gives.
+All ways play greedy with the same token ids and the same dtype (`--dtype`, default auto:
+bf16 on AMX CPUs), so they take the same actions up to floating-point ties.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
-from fedse.agent.rollout import RolloutRequest, RolloutStats, Sampling, naive_rollout, rollout
+from fedse.agent.rollout import MAX_DRAFT, RolloutRequest, RolloutStats, Sampling, naive_rollout, rollout
 from fedse.envs import make_env
 
 
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--without-drafts", action="store_true", help="also run the engine without drafts")
     args = parser.parse_args()
 
     torch.set_num_threads(torch.get_num_threads())
@@ -66,22 +70,28 @@ def main() -> None:
     )
 
     results = {}
-    for way in ["engine"] + ([] if args.skip_naive else ["naive"]):
+    ways = ["engine"] + (["no-drafts"] if args.without_drafts else []) + ([] if args.skip_naive else ["naive"])
+    for way in ways:
         stats = RolloutStats()
-        if way == "engine":
-            trajectories = rollout(policy, requests, max_batch=args.max_batch, progress="engine", stats=stats)
+        if way != "naive":
+            max_draft = 0 if way == "no-drafts" else MAX_DRAFT
+            trajectories = rollout(
+                policy, requests, max_batch=args.max_batch, progress=way, stats=stats, max_draft=max_draft
+            )
         else:
             trajectories = naive_rollout(policy, requests, stats=stats)
         results[way] = (stats, trajectories)
         rate = stats.processed_tokens / stats.seconds
         print(
-            f"{way:>6}: {stats.summary()}; {rate * gflop_per_token / roof:.1%} of the matmul roof; "
+            f"{way:>9}: {stats.summary()}; {rate * gflop_per_token / roof:.1%} of the matmul roof; "
             f"success {sum(t.success for t in trajectories)}/{len(trajectories)}"
         )
     if "naive" in results:
-        (e, et), (n, nt) = results["engine"], results["naive"]
-        same = sum(a.outputs == b.outputs for a, b in zip(et, nt, strict=True))
-        print(f"engine/naive: {n.seconds / e.seconds:.1f}x episodes/s; identical episodes: {same}/{len(et)}")
+        n, nt = results["naive"]
+        for way in ways[:-1]:
+            e, et = results[way]
+            same = sum(a.outputs == b.outputs for a, b in zip(et, nt, strict=True))
+            print(f"{way}/naive: {n.seconds / e.seconds:.1f}x episodes/s; identical episodes: {same}/{len(et)}")
 
 
 if __name__ == "__main__":

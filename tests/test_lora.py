@@ -46,7 +46,7 @@ def test_saved_adapter_loads_back_and_in_plain_peft(tiny_policy, tmp_path):
     back = load_adapter(tmp_path / "adapter")
     assert back.hash == adapter.hash and back.spec.rank == 4
 
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    ids = torch.tensor([[5, 6, 7, 8, 9]], device=tiny_policy.device)
     tiny_policy.peft.set_adapter("client")
     ours = tiny_policy.peft(input_ids=ids).logits
     plain = PeftModel.from_pretrained(load_base("tiny-random").model, str(tmp_path / "adapter"))

@@ -117,13 +117,30 @@ def test_a_single_adapter_rollout_is_merged_and_leaves_the_base_untouched(tiny_p
         tiny_policy.forward([None], input_ids=torch.tensor([[1, 2]]))
 
 
-def test_prefill_in_column_chunks_gives_the_same_episodes(tiny_policy, monkeypatch):
-    """Long observations are prefilled in chunks to bound attention memory; the episodes must not change."""
+def test_one_token_blocks_give_the_same_episodes(tiny_policy, monkeypatch):
+    """The attention-memory bound narrows blocks (here to one token: no drafts, prompts token by
+    token); the episodes must not change."""
     from fedse.agent import rollout as rollout_module
 
     random_adapter(tiny_policy, "first", seed=1)
     random_adapter(tiny_policy, "second", seed=2)
     requests = mixed_requests(adapters=("first", "second"))
     whole = rollout(tiny_policy, requests, max_batch=4)
-    monkeypatch.setattr(rollout_module, "PREFILL_SCORES", 1)  # every prefill in 16-column chunks
-    assert_same_episodes(rollout(tiny_policy, requests, max_batch=4), whole)
+    monkeypatch.setattr(rollout_module, "SCORES_PER_PASS", 1)
+    stats = RolloutStats()
+    assert_same_episodes(rollout(tiny_policy, requests, max_batch=4, stats=stats), whole)
+    assert stats.drafted_tokens == 0 and stats.forward_passes > stats.processed_tokens / 4
+
+
+# At temperature 1 the random model's choices are near uniform and no draft would ever be kept.
+@pytest.mark.parametrize("sampling", [SHORT, Sampling(temperature=0.1, max_new_tokens=10)])
+def test_drafts_change_how_many_passes_not_which_tokens(tiny_policy, sampling):
+    """Speculative decoding with prompt-lookup drafts produces the tokens of plain decoding,
+    greedy or sampled (the same generator draws), in fewer forward passes."""
+    requests = mixed_requests(sampling=sampling, max_turns=4)
+    plain_stats, spec_stats = RolloutStats(), RolloutStats()
+    plain = rollout(tiny_policy, requests, max_draft=0, stats=plain_stats)
+    spec = rollout(tiny_policy, requests, stats=spec_stats)
+    assert_same_episodes(spec, plain)
+    assert plain_stats.drafted_tokens == 0
+    assert spec_stats.accepted_tokens > 0 and spec_stats.forward_passes < plain_stats.forward_passes

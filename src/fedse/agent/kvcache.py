@@ -1,17 +1,17 @@
-"""A batched KV cache in which every row (episode) owns an arbitrary set of slots.
+"""A batched KV cache in which row i holds its episode's tokens in slots [0, n_i).
 
-All rows share one time axis of slots. A row's real tokens sit in increasing slot order,
-and the slots it does not own are masked out, so rows of different lengths, with gaps
-between turns, live in one batch. Each forward appends a block of slots to every row;
-`compact` gathers each row's real slots to the right end of a fresh buffer (dropping
-gaps and retired rows, adding new rows), which keeps the cache dense between turns.
+Rows grow at their own pace. A forward writes a block of S slots at each row's own end
+(`begin_block`); afterwards the engine `commit`s how many of them each row keeps. Slots past
+a row's length are free: padding and rejected draft tokens are overwritten by the row's next
+block. So a row never holds gaps, nothing is compacted, and a finished row is reused by
+copying another episode's prefix into it (`set_row`). Position ids are slot indices.
 
-Buffers are preallocated and grow geometrically, so a decode step writes one slot in
-place instead of concatenating the whole cache (HF's DynamicCache copies it every step).
+Buffers (B, H_kv, capacity, D) per layer are preallocated and grow geometrically, so a block
+is written in place instead of concatenating the whole cache (HF's DynamicCache copies it).
 
 `packed_gqa_attention` is the attention function the engine installs: grouped-query
 attention that folds the query groups into the query length instead of repeating the
-key/value heads, so the cache is read once per step, not once per query head.
+key/value heads, so the cache is read once per forward, not once per query head.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def packed_gqa_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA with a boolean (B, 1, S, T) mask; the G query heads of a KV head share its keys."""
+    """SDPA with a (B, 1, S, T) mask; the G query heads of a KV head share its keys."""
     b, hq, s, d = query.shape
     hkv = key.shape[1]
     groups = hq // hkv
@@ -50,163 +50,105 @@ def packed_gqa_attention(
 AttentionInterface.register(ATTENTION_NAME, packed_gqa_attention)
 
 
-class SlotCache(Cache):
-    """Per-layer buffers (B, H_kv, capacity, D), slot ownership `valid` (B, capacity) and
-    each row's next position id. `length` slots are in use."""
+class RowCache(Cache):
+    """Per-layer buffers (B, H_kv, capacity, D) and each row's length (B,)."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype, device, capacity: int = 256):
         super().__init__(layers=[])
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         shape = (batch, kv_heads, capacity, head_dim)
-        # Slots are always written before they are read (masked slots included), so no zeroing.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0
+        # Zeros, not empty: attention reads free slots under a mask, and NaN garbage there
+        # would poison the softmax.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self._block: tuple[torch.Tensor, int] | None = None
 
     @property
     def batch(self) -> int:
-        return self.valid.shape[0]
+        return self.lengths.shape[0]
 
     @property
     def capacity(self) -> int:
-        return self.valid.shape[1]
+        return self.keys[0].shape[2]
 
     # --- HF Cache interface ------------------------------------------------------------
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        return int(self.lengths.max()) if self.batch else 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        start, end = self.length, self.length + key_states.shape[2]
-        self.keys[layer_idx][:, :, start:end] = key_states
-        self.values[layer_idx][:, :, start:end] = value_states
-        if layer_idx == self.num_layers - 1:
-            self.length = end
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        slots, span = self._block
+        rows = torch.arange(self.batch, device=self.device)[:, None]
+        self.keys[layer_idx][rows, :, slots] = key_states.transpose(1, 2)
+        self.values[layer_idx][rows, :, slots] = value_states.transpose(1, 2)
+        return self.keys[layer_idx][:, :, :span], self.values[layer_idx][:, :, :span]
 
     # --- engine interface --------------------------------------------------------------
+
+    def begin_block(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve `width` slots at every row's end.
+
+        Returns the position ids (B, S) and the additive attention mask (B, 1, S, T), T the
+        longest row's end: the token in a row's slot p sees that row's slots 0..p. Padding
+        at a row's block end sees the row too (no attention row is empty), and no real
+        token sees it, since it comes later in the row.
+        """
+        slots = self.lengths[:, None] + torch.arange(width, device=self.device)[None]
+        span = int(self.lengths.max()) + width
+        self._grow(span)
+        self._block = (slots, span)
+        visible = torch.arange(span, device=self.device)[None, None, :] <= slots[:, :, None]
+        # An additive mask, made once here: SDPA would convert a boolean one in every layer
+        # (measured: attention 25 % slower).
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        return slots, mask[:, None]
+
+    def commit(self, lengths: list[int]) -> None:
+        """Set every row's length after a block (real tokens kept; the rest is free again)."""
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        self._block = None
 
     def _grow(self, needed: int) -> None:
         if needed <= self.capacity:
             return
         new_cap = max(needed, int(self.capacity * 1.5) + 64)
-        pad = new_cap - self.capacity
         for buffers in (self.keys, self.values):
-            for i, t in enumerate(buffers):
-                buffers[i] = torch.cat([t, t.new_empty(t.shape[0], t.shape[1], pad, t.shape[3])], dim=2)
-        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, pad)], dim=1)
+            for i, t in enumerate(buffers):  # one layer at a time, to keep the transient small
+                grown = t.new_zeros(t.shape[0], t.shape[1], new_cap, t.shape[3])
+                grown[:, :, : t.shape[2]] = t
+                buffers[i] = grown
 
-    def begin_block(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reserve a block of S slots; `real` (B, S) marks which of them hold real tokens.
-
-        Returns the position ids (B, S) and the boolean attention mask (B, 1, S, length+S):
-        a real token sees its row's earlier real tokens and itself; a padding token sees only
-        itself (so no attention row is empty), and no token ever sees a padding slot.
-        """
-        s = real.shape[1]
-        self._grow(self.length + s)
-        start, end = self.length, self.length + s
-        self.valid[:, start:end] = real
-        pos = self.next_pos[:, None] + real.long().cumsum(1) - 1
-        pos = pos.clamp(min=0)
-        self.next_pos += real.sum(1)
-        causal = torch.ones(s, s, dtype=torch.bool, device=self.device).tril()
-        block = causal[None] & real[:, None, :]
-        block |= torch.eye(s, dtype=torch.bool, device=self.device)[None]
-        past = self.valid[:, None, :start].expand(-1, s, -1)
-        mask = torch.cat([past, block], dim=2)[:, None]
-        return pos, mask
-
-    def compact(self, sources: list[tuple[SlotCache, int]]) -> SlotCache:
-        """A dense new cache whose row i is row `sources[i][1]` of cache `sources[i][0]`.
-
-        Each row's real slots are gathered, in order, to the right end of the new buffer.
-        """
-        by_cache: dict[int, list[int]] = {}
-        for i, (c, _) in enumerate(sources):
-            by_cache.setdefault(id(c), []).append(i)
-        plans = []
-        for idxs in by_cache.values():
-            cache = sources[idxs[0]][0]
-            rows = torch.tensor([sources[i][1] for i in idxs], device=self.device)
-            valid = cache.valid[rows, : cache.length]
-            plans.append((cache, rows, torch.tensor(idxs, device=self.device), valid, valid.sum(1)))
-        width = max((int(p[4].max()) for p in plans if len(p[4])), default=0)
-        out = SlotCache(
-            self.num_layers, len(sources), self.kv_heads, self.head_dim, self.dtype, self.device, capacity=width + 64
-        )
-        out.length = width
-        col = torch.arange(width, device=self.device)[None]
-        heads = torch.arange(self.kv_heads, device=self.device)[None, :, None]
-        for cache, rows, dest, valid, counts in plans:
-            # Slot of each row's k-th real token, right-aligned into `width` columns.
-            order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-            shift = (width - counts)[:, None]  # leading empty columns per row
-            slots = order.gather(1, (col - shift).clamp(min=0, max=max(cache.length - 1, 0)))
-            out.valid[dest, :width] = col >= shift
-            out.next_pos[dest] = cache.next_pos[rows]
-            index = (rows[:, None, None], heads, slots[:, None, :])
-            for layer in range(self.num_layers):
-                out.keys[layer][dest, :, :width] = cache.keys[layer][index]
-                out.values[layer][dest, :, :width] = cache.values[layer][index]
-        return out
-
-    def select(self, rows: list[int], spare: int = 0) -> SlotCache:
-        """A copy of some rows with the same slot layout, with room for `spare` more slots."""
-        index = torch.tensor(rows, device=self.device)
-        out = SlotCache(
-            self.num_layers, len(rows), self.kv_heads, self.head_dim, self.dtype, self.device, self.length + spare
-        )
-        out.length = self.length
-        out.valid[:, : self.length] = self.valid[index, : self.length]
-        out.next_pos = self.next_pos[index].clone()
-        for layer in range(self.num_layers):
-            out.keys[layer][:, :, : self.length] = self.keys[layer][index, :, : self.length]
-            out.values[layer][:, :, : self.length] = self.values[layer][index, :, : self.length]
-        return out
-
-    def write_back(self, part: SlotCache, rows: list[int]) -> None:
-        """Append the slots `part` (made by `select(rows)`) gained since, for those rows only.
-
-        The other rows get the same number of empty slots; `compact` removes such gaps.
-        """
-        start, added = self.length, part.length - self.length
-        self._grow(start + added)
-        index = torch.tensor(rows, device=self.device)
-        self.valid[:, start : start + added] = False
-        self.valid[index, start : start + added] = part.valid[:, start : part.length]
-        self.next_pos[index] = part.next_pos
-        for layer in range(self.num_layers):
-            for mine, theirs in ((self.keys[layer], part.keys[layer]), (self.values[layer], part.values[layer])):
-                mine[:, :, start : start + added] = 0  # masked, but must not hold NaN garbage
-                mine[index, :, start : start + added] = theirs[:, :, start : part.length]
-        self.length = start + added
-
-    def replace_row(self, row: int, source: SlotCache) -> None:
-        """Make `row` hold row 0 of `source` (e.g. a shared prefix), in the last slots in use."""
-        n = source.length
-        if n > self.length:  # grow with empty slots so the source fits before the end
+    def set_row(self, row: int, source: RowCache, source_row: int = 0) -> None:
+        """Make `row` hold a copy of `source`'s row (e.g. a shared prefix)."""
+        n = int(source.lengths[source_row])
+        if source is not self:
             self._grow(n)
-            for buffers in (self.keys, self.values):
-                for t in buffers:
-                    t[:, :, self.length : n] = 0
-            self.valid[:, self.length : n] = False
-            self.length = n
-        start = self.length - n
-        self.valid[row] = False
-        self.valid[row, start : self.length] = source.valid[0, :n]
-        self.next_pos[row] = source.next_pos[0]
-        for layer in range(self.num_layers):
-            self.keys[layer][row, :, start : self.length] = source.keys[layer][0, :, :n]
-            self.values[layer][row, :, start : self.length] = source.values[layer][0, :, :n]
+        for mine, theirs in zip(self.keys + self.values, source.keys + source.values, strict=True):
+            mine[row, :, :n] = theirs[source_row, :, :n]
+        self.lengths[row] = n
 
-    def real_lengths(self) -> torch.Tensor:
-        return self.valid[:, : self.length].sum(1)
+    def pack(self, live: list[int]) -> list[int]:
+        """Drop every row not in `live`, in place: live rows past the new batch size move into
+        the dropped rows' places (only they are copied), then the batch is cut to `len(live)`.
+
+        Returns the old row index now at each new row.
+        """
+        n = len(live)
+        order = list(range(n))
+        kept = set(live)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in live if i >= n]
+        for hole, mover in zip(holes, movers, strict=True):
+            self.set_row(hole, self, mover)
+            order[hole] = mover
+        self.keys = [t[:n] for t in self.keys]
+        self.values = [t[:n] for t in self.values]
+        self.lengths = self.lengths[:n].clone()
+        return order
 
     @classmethod
-    def for_model(cls, config, batch: int, dtype, device, capacity: int = 256) -> SlotCache:
+    def for_model(cls, config, batch: int, dtype, device, capacity: int = 256) -> RowCache:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_hidden_layers, batch, config.num_key_value_heads, head_dim, dtype, device, capacity)

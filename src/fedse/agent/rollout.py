@@ -1,25 +1,31 @@
 """The batched rollout engine: many episodes, one model, every turn's work shared.
 
-How a rollout proceeds:
+Every forward pass carries a block of tokens for each live episode (a row of the batch):
 
-1. Episodes are admitted into a batch of at most `max_batch` rows. An admitted episode's
-   row starts from its environment's shared prefix (system prompt, instruction and the
-   acknowledgement), encoded once per (environment, adapter) and copied, not recomputed.
-   Newly admitted episodes of one environment and adapter are prefilled together.
-2. Each decode step advances every generating row by one token. A row whose turn has
-   ended (its observation queued) waits, and the waiting rows are prefilled together, in
-   one block on a copy of just their cache rows, once enough of them wait (or a row has
-   waited a few steps, or nobody is generating). So observations are encoded in blocks,
-   not token by token, and nobody waits for the slowest row of a turn.
-3. A turn ends at a stop token or `max_new_tokens`; the text goes to `env.step`, and the
-   reply (only the new observation, in the chat template's format) is queued for the row.
-   Episodes end when the environment says done, at `max_turns`, or when the next turn would
-   not fit `max_context`.
+- a row whose turn is under way feeds the token it sampled last, followed by draft tokens
+  looked up in its own context (`PromptLookup`); the model's own choice at each position
+  is taken, and drafts are kept up to the first one the model disagrees with. Speculative
+  decoding with a deterministic draft: the tokens produced are those of plain decoding
+  (greedy or sampled with the same per-episode generator draws), only more come per pass;
+- a row whose turn has ended feeds the next chunk of its queued observation (prefill), so
+  observations are encoded alongside other rows' generation and nobody waits for a turn.
 
-Every row keeps its KV cache for the whole episode (`SlotCache`), so no token is encoded
-twice. Rows may use different adapters in one forward pass; when every request uses the same
-adapter (exploration, evaluation) it is merged into the weights for the rollout instead. Sampling uses one seeded
-generator per episode, so an episode's draws do not depend on its batch neighbours.
+The block width is chosen each pass by a small cost model (`_block_width`): wide enough that
+a pass is not spent re-reading weights and the KV cache for one token per row, narrow enough
+that padding and unlikely drafts do not eat the compute.
+
+Each row keeps its KV cache for the whole episode (`RowCache`), so no kept token is encoded
+twice. A new episode's row starts from its environment's shared prefix (system prompt,
+instruction, acknowledgement), encoded once per (environment, adapter) and copied. A turn
+ends at a stop token or `max_new_tokens`; the text goes to `env.step`, and the reply (only
+the new observation, in the chat template's format) is queued for the row. Episodes end when
+the environment says done, at `max_turns`, or when the next turn would not fit `max_context`.
+Finished rows take the next pending episode, or leave the batch when none is left.
+
+Rows may use different adapters in one forward pass; when every request uses the same
+adapter (exploration, evaluation) it is merged into the weights for the rollout instead.
+Sampling uses one seeded generator per episode, drawn once per produced token, so an
+episode's draws depend neither on its batch neighbours nor on the drafts.
 
 `naive_rollout` is the reference loop (AgentGym's): one episode at a time, the whole history
 re-encoded every turn with `generate`. It feeds exactly the same token ids.
@@ -39,7 +45,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fedse.agent.chat import ChatLayout, Message, episode_messages
-from fedse.agent.kvcache import ATTENTION_NAME, SlotCache
+from fedse.agent.kvcache import ATTENTION_NAME, RowCache
+from fedse.agent.lookup import PromptLookup
 from fedse.agent.policy import Policy
 from fedse.agent.trajectory import Trajectory
 from fedse.envs import TextEnv, make_env
@@ -54,8 +61,10 @@ class Sampling:
 
 
 GREEDY = Sampling(temperature=0.0)
-MAX_WAIT = 4  # decode steps a row with a queued observation may wait to be prefilled with others
-PREFILL_SCORES = 2**27  # attention scores one prefill forward may hold (512 MB in fp32)
+MAX_DRAFT = 15  # draft tokens a row may feed after its sampled token
+PASS_OVERHEAD = 32  # a forward pass's fixed cost (reading the weights), in tokens' worth of compute
+KEYS_PER_TOKEN = 512  # cached keys whose reading costs about as much as computing one token
+SCORES_PER_PASS = 2**27  # attention scores one pass may hold (512 MB in fp32)
 
 
 @dataclass
@@ -78,23 +87,35 @@ class RolloutStats:
     turns: int = 0
     generated_tokens: int = 0
     processed_tokens: int = 0
-    """Tokens run through the model (prompt and generated; padding not counted)."""
+    """Tokens kept in the context (prompt and generated): padding and rejected drafts not counted."""
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    forward_passes: int = 0
     seconds: float = 0.0
 
     def summary(self) -> str:
         s = max(self.seconds, 1e-9)
-        return (
+        text = (
             f"{self.episodes} episodes, {self.turns} turns in {self.seconds:.1f} s: {self.episodes / s:.3f} episodes/s, "
             f"{self.generated_tokens / s:.1f} generated tok/s, {self.processed_tokens / s:.1f} processed tok/s"
         )
+        if self.drafted_tokens:
+            text += f"; drafts accepted {self.accepted_tokens}/{self.drafted_tokens}"
+        if self.forward_passes:
+            text += f"; {self.forward_passes} forward passes"
+        return text
 
 
 # --- sampling ----------------------------------------------------------------------------
 
 
 def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> tuple[int, float]:
-    """One token from a row of logits, and its log-probability under the model (temperature 1)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    """One token from a row of logits, and its log-probability under the model (temperature 1).
+
+    Drawn on the CPU with the episode's CPU generator, whatever device the logits come from,
+    so a seed gives the same draws on any machine."""
+    logits = logits.float().cpu()
+    logprobs = torch.log_softmax(logits, dim=-1)
     if sampling.temperature <= 0:
         token = int(torch.argmax(logprobs))
     else:
@@ -120,13 +141,13 @@ class _Episode:
     queue: list[int]
     generator: torch.Generator
     max_turns: int
+    context: PromptLookup = field(default_factory=PromptLookup)
+    """Every token in this episode's cache row, indexed for drafting."""
     status: str = "prompt"  # prompt (observation queued) -> gen -> prompt ... -> finished
-    waited: int = 0  # decode steps spent waiting for a prefill
     next_token: int | None = None
     gen_ids: list[int] = field(default_factory=list)
     gen_logprobs: list[float] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
-    length: int = 0  # tokens in this episode's cache row
     prompt_tokens: int = 0
     generated_tokens: int = 0
     turns: int = 0
@@ -134,12 +155,16 @@ class _Episode:
     success: bool = False
     finish: str = ""
 
+    @property
+    def length(self) -> int:
+        return len(self.context)
+
 
 @functools.cache
 def _return_large_buffers_to_the_os() -> None:
     """Have glibc serve allocations of 4 MB and more with mmap, so that freeing returns them.
 
-    A rollout allocates attention buffers that grow by one key per decode step. With glibc's
+    A rollout allocates attention buffers whose sizes drift from pass to pass. With glibc's
     adaptive threshold those come from the heap, each a little larger than the freed one
     before it, and the heap fragments: a 30-episode evaluation at 4k tokens reached 12 GB of
     resident memory (24 GB, killed, in a later round) against 4.9 GB with a fixed threshold.
@@ -155,18 +180,27 @@ def _return_large_buffers_to_the_os() -> None:
 
 
 class RolloutEngine:
-    def __init__(self, policy: Policy, max_batch: int = 32, max_context: int = 4096, progress: str | None = None):
+    def __init__(
+        self,
+        policy: Policy,
+        max_batch: int = 32,
+        max_context: int = 4096,
+        progress: str | None = None,
+        max_draft: int = MAX_DRAFT,
+    ):
         _return_large_buffers_to_the_os()
         self.policy = policy
         self.layout = ChatLayout(policy.tokenizer)
         self.stop_ids = self.layout.stop_ids
         self.max_batch = max_batch
         self.max_context = min(max_context, getattr(policy.base.model.config, "max_position_embeddings", max_context))
-        self.query_heads = policy.base.model.config.num_attention_heads
         self.progress = progress
+        self.query_heads = policy.base.model.config.num_attention_heads
+        self.max_draft = max_draft
         self.pad_id = policy.tokenizer.pad_token_id or 0
-        self._prefixes: dict[tuple[str, str | None], tuple[SlotCache, int]] = {}
+        self._prefixes: dict[tuple[str, str | None], tuple[RowCache, list[int]]] = {}
         self._finished: list[_Episode] = []
+        self._drafted = self._accepted = 0  # this run's drafts, for the block width
 
     # --- public --------------------------------------------------------------------------
 
@@ -175,10 +209,11 @@ class RolloutEngine:
         stats = stats if stats is not None else RolloutStats()
         start = time.perf_counter()
         self._prefixes.clear()
+        self._drafted = self._accepted = 0
         pending = deque(self._start(i, r) for i, r in enumerate(requests))
         done: list[_Episode] = []
-        rows: list[_Episode] = []
-        cache: SlotCache | None = None
+        rows: list[_Episode | None] = []
+        cache: RowCache | None = None
         bar = _progress_bar(len(requests), self.progress) if self.progress else None
         adapters = {r.adapter for r in requests}
         # One adapter (by content) for the whole rollout, e.g. every client exploring from the
@@ -186,30 +221,20 @@ class RolloutEngine:
         single = None not in adapters and len({self.policy.hash_of(a) for a in adapters}) == 1
         merged = self.policy.merged(next(iter(adapters))) if single else nullcontext()
         with self.policy.attention(ATTENTION_NAME), merged:
-            while pending or rows:
-                active = [e for e in rows if e.status != "finished"]
-                free = [i for i, e in enumerate(rows) if e.status == "finished"]
-                if pending and not rows:
-                    admitted = [pending.popleft() for _ in range(min(self.max_batch, len(pending)))]
-                    cache, rows = self._admit(cache, rows, admitted, stats)
-                elif pending and free:
-                    for i in free[: len(pending)]:
-                        rows[i] = self._admit_in_place(cache, i, pending.popleft(), stats)
-                elif not active or self._too_sparse(cache, rows, active):
-                    cache, rows = self._compact(cache, rows, [])
-                else:
-                    waiting = [i for i, e in enumerate(rows) if e.status == "prompt"]
-                    generating = len(active) - len(waiting)
-                    if waiting and (
-                        not generating
-                        or len(waiting) >= max(1, len(active) // 8)
-                        or max(rows[i].waited for i in waiting) >= MAX_WAIT
-                    ):
-                        for group in _similar_lengths(waiting, rows):
-                            self._prefill_rows(cache, rows, group, stats)
-                    else:
-                        self._decode_step(cache, rows, stats)
+            while pending or any(rows):
+                if cache is None:
+                    rows = [None] * min(self.max_batch, len(pending))
+                    cache = self._new_cache(len(rows), 256)
+                for i, e in enumerate(rows):
+                    if e is None and pending:
+                        rows[i] = self._admit(cache, i, pending.popleft(), stats)
+                idle = [i for i, e in enumerate(rows) if e is None]
+                if idle and len(idle) >= max(1, len(rows) // 8):  # nothing pending: shrink the batch
+                    order = cache.pack([i for i, e in enumerate(rows) if e is not None])
+                    rows = [rows[i] for i in order]
+                self._forward_block(cache, rows, stats)
                 finished, self._finished = self._finished, []
+                rows = [None if e is not None and e.status == "finished" else e for e in rows]
                 done += finished
                 if bar is not None and finished:
                     bar.update(len(finished))
@@ -220,13 +245,6 @@ class RolloutEngine:
         stats.episodes += len(done)
         stats.seconds += time.perf_counter() - start
         return [self._trajectory(e) for e in sorted(done, key=lambda e: e.index)]
-
-    @staticmethod
-    def _too_sparse(cache: SlotCache, rows: list[_Episode], active: list[_Episode]) -> bool:
-        """Compact when finished rows or empty slots make a large share of the cache."""
-        if len(active) <= 0.75 * len(rows):
-            return True
-        return cache.length > 1.3 * int(cache.real_lengths().max()) + 32
 
     # --- episode lifecycle ---------------------------------------------------------------
 
@@ -248,105 +266,122 @@ class RolloutEngine:
             request.max_turns or env.max_turns,
         )
 
-    def _prefix(self, episode: _Episode, stats: RolloutStats) -> tuple[SlotCache, int]:
-        """The shared prefix cache of an (environment, adapter) pair, computed once per run."""
-        key = (episode.env.instruction, episode.request.adapter)
+    def _admit(self, cache: RowCache, row: int, e: _Episode, stats: RolloutStats) -> _Episode:
+        """Start episode `e` in `row`: its environment's shared prefix is copied in, its first
+        observation queued."""
+        key = (e.env.instruction, e.request.adapter)
         if key not in self._prefixes:
-            ids = self.layout.encode(self.layout.prefix_text(episode.env.instruction))
-            cache = self._new_cache(1, len(ids))
-            self._forward(
-                cache,
-                [episode.request.adapter],
-                torch.tensor([ids]),
-                torch.ones(1, len(ids), dtype=torch.bool),
-                last_only=True,  # only the cache is kept
-            )
+            ids = self.layout.encode(self.layout.prefix_text(e.env.instruction))
+            prefix = self._new_cache(1, len(ids))
+            ids_tensor = torch.tensor([ids], device=self.policy.device)
+            self._forward(prefix, [e.request.adapter], ids_tensor, [])  # only the cache is kept
+            prefix.commit([len(ids)])
             stats.processed_tokens += len(ids)
-            self._prefixes[key] = (cache, len(ids))
-        return self._prefixes[key]
-
-    def _admit(self, cache, rows, new: list[_Episode], stats: RolloutStats):
-        groups: dict[tuple[str, str | None], list[_Episode]] = {}
-        for e in new:
-            groups.setdefault((e.env.instruction, e.request.adapter), []).append(e)
-        sources: list[tuple[SlotCache, int]] = []
-        admitted: list[_Episode] = []
-        for group in groups.values():
-            prefix, length = self._prefix(group[0], stats)
-            group_cache = prefix.compact([(prefix, 0)] * len(group))
-            for e in group:
-                e.length = length
-            self._prefill(group_cache, group, stats)
-            sources += [(group_cache, j) for j in range(len(group))]
-            admitted += group
-        return self._compact(cache, rows, admitted, sources)
-
-    def _admit_in_place(self, cache: SlotCache, row: int, e: _Episode, stats: RolloutStats) -> _Episode:
-        """Put a new episode in a finished row: copy its shared prefix in; its observation waits."""
-        prefix, e.length = self._prefix(e, stats)
-        cache.replace_row(row, prefix)
+            self._prefixes[key] = (prefix, ids)
+        prefix, ids = self._prefixes[key]
+        cache.set_row(row, prefix)
+        e.context.extend(ids)
         return e
 
-    def _compact(self, cache, rows, admitted, extra_sources=()):
-        keep = [i for i, e in enumerate(rows) if e.status != "finished"]
-        sources = [(cache, i) for i in keep] + list(extra_sources)
-        template = cache if cache is not None else (extra_sources[0][0] if extra_sources else None)
-        if template is None or not sources:
-            return None, []
-        return template.compact(sources), [rows[i] for i in keep] + admitted
+    def _forward_block(self, cache: RowCache, rows: list[_Episode | None], stats: RolloutStats) -> None:
+        """One forward pass: each generating row feeds its sampled token and drafts, each
+        prompting row the next chunk of its observation; then every row takes its results."""
+        span = int(cache.lengths.max())
+        max_width = max(1, SCORES_PER_PASS // (len(rows) * self.query_heads * (span + 64)))
+        feeds, firm = self._feeds(rows, max_width)
+        width = self._block_width([len(f) for f in feeds.values()], list(firm.values()), len(rows), span)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, f in feeds.items():
+            feeds[i] = f = f[:width]
+            ids[i, : len(f)] = torch.tensor(f)
+        live = next(e.request.adapter for e in rows if e is not None)
+        adapters = [e.request.adapter if e is not None else live for e in rows]  # empty rows: any live one's
+        # The positions that produce a token: every fed position of a generating row, the last
+        # one of a prompt that is now complete.
+        wanted = [
+            (i, j)
+            for i, f in feeds.items()
+            for j in (
+                range(len(f)) if rows[i].status == "gen" else [len(f) - 1] if len(f) == len(rows[i].queue) else []
+            )
+        ]
+        where = {pos: k for k, pos in enumerate(wanted)}
+        picked = self._forward(cache, adapters, ids.to(self.policy.device), wanted).float()
+        stats.forward_passes += 1
+        logprobs = torch.log_softmax(picked, dim=-1)
+        best = logprobs.argmax(-1)
+        best_logprob = logprobs.gather(1, best[:, None])[:, 0].tolist()  # one transfer, not one per token
+        best = best.tolist()
 
-    def _prefill(self, cache: SlotCache, group: list[_Episode], stats: RolloutStats) -> None:
-        """Feed each episode's whole queue in one block (left-padded), then sample its next token."""
-        width = max(len(e.queue) for e in group)
-        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-        real = torch.zeros(len(group), width, dtype=torch.bool)
-        for j, e in enumerate(group):
-            n = len(e.queue)
-            ids[j, width - n :] = torch.tensor(e.queue)
-            real[j, width - n :] = True
-            e.length += n
-            e.prompt_tokens += n
-            stats.processed_tokens += n
-            e.queue, e.waited, e.status = [], 0, "gen"
-        # In column chunks: attention materialises (rows x query heads x chunk x keys) scores,
-        # which for 30 rows x a 700-token results page x 4k keys would take gigabytes at once.
-        # Left padding puts every row's last token in the last column, so the last chunk's
-        # logits are the ones to sample from.
-        chunk = max(16, PREFILL_SCORES // (len(group) * self.query_heads * (cache.length + width)))
-        adapters = [e.request.adapter for e in group]
-        for start in range(0, width, chunk):
-            logits = self._forward(cache, adapters, ids[:, start : start + chunk], real[:, start : start + chunk], True)
-        for j, e in enumerate(group):
-            if self._take(e, logits[j, -1]):
-                self._end_turn(e, stats)
+        def produce(e: _Episode, i: int, j: int) -> bool:
+            """Choose the token at (row i, position j); True when it ends the turn."""
+            k = where[(i, j)]
+            if e.request.sampling.temperature <= 0:
+                return self._take(e, best[k], best_logprob[k])
+            return self._take(e, *sample_token(picked[k], e.request.sampling, e.generator))
 
-    def _prefill_rows(self, cache: SlotCache, rows: list[_Episode], waiting: list[int], stats: RolloutStats) -> None:
-        """Prefill the waiting rows' observations on a copy of their cache rows, then write back."""
-        group = [rows[i] for i in waiting]
-        part = cache.select(waiting, spare=max(len(e.queue) for e in group))
-        self._prefill(part, group, stats)
-        cache.write_back(part, waiting)
-
-    def _decode_step(self, cache: SlotCache, rows: list[_Episode], stats: RolloutStats) -> None:
-        """One token for every generating row; waiting and finished rows idle."""
-        ids = torch.full((len(rows), 1), self.pad_id, dtype=torch.long)
-        real = torch.zeros(len(rows), 1, dtype=torch.bool)
-        for i, e in enumerate(rows):
-            if e.status == "gen":
-                ids[i, 0] = e.next_token
-                real[i, 0] = True
-                e.length += 1
+        for i, f in feeds.items():
+            e = rows[i]
+            if e.status == "prompt":
+                e.context.extend(f)
+                e.queue = e.queue[len(f) :]
+                e.prompt_tokens += len(f)
+                stats.processed_tokens += len(f)
+                if not e.queue:
+                    e.status = "gen"
+                    if produce(e, i, len(f) - 1):
+                        self._end_turn(e, stats)
+                continue
+            stats.drafted_tokens += len(f) - 1
+            self._drafted += len(f) - 1
+            for j, token in enumerate(f):
+                e.context.extend([token])
                 stats.processed_tokens += 1
-            elif e.status == "prompt":
-                e.waited += 1
-        logits = self._forward(cache, [e.request.adapter for e in rows], ids, real)
-        for i, e in enumerate(rows):
-            if real[i, 0] and self._take(e, logits[i, -1]):
-                self._end_turn(e, stats)
+                ended = produce(e, i, j)
+                if ended:
+                    self._end_turn(e, stats)
+                    break
+                if j + 1 == len(f) or f[j + 1] != e.next_token:
+                    break
+                stats.accepted_tokens += 1
+                self._accepted += 1
+        cache.commit([e.length if e is not None and e.status != "finished" else 0 for e in rows])
 
-    def _take(self, e: _Episode, logits: torch.Tensor) -> bool:
-        """Sample the next token of `e`'s turn; True when the turn has ended."""
-        token, logprob = sample_token(logits, e.request.sampling, e.generator)
+    def _feeds(self, rows: list[_Episode | None], max_width: int) -> tuple[dict[int, list[int]], dict[int, int]]:
+        """What each live row would feed at most: its observation's next chunk, or its sampled
+        token and drafts; and how many of those tokens are surely kept (the rest are drafts)."""
+        feeds: dict[int, list[int]] = {}
+        firm: dict[int, int] = {}
+        for i, e in enumerate(rows):
+            if e is None:
+                continue
+            if e.status == "prompt":
+                feeds[i] = e.queue[:max_width]
+                firm[i] = len(feeds[i])
+            else:
+                room = e.request.sampling.max_new_tokens - len(e.gen_ids) - 1  # tokens a draft could add
+                feeds[i] = [e.next_token, *e.context.draft(e.next_token, min(self.max_draft, room, max_width - 1))]
+                firm[i] = 1
+        return feeds, firm
+
+    def _block_width(self, wants: list[int], firm: list[int], rows: int, span: int) -> int:
+        """The block width with the most expected useful tokens per unit of cost.
+
+        A pass costs rows x width tokens of compute plus a fixed part (weights, and the KV
+        cache every row reads); a row's token counts as useful if it is firm (prompt, or the
+        sampled token), a draft counts at the acceptance rate seen so far in this rollout.
+        """
+        accept = (self._accepted + 1) / (self._drafted + 2)
+        fixed = PASS_OVERHEAD + rows * span / KEYS_PER_TOKEN
+
+        def value(width: int) -> float:
+            useful = sum(min(f, width) + accept * max(0, min(w, width) - f) for w, f in zip(wants, firm, strict=True))
+            return useful / (rows * width + fixed)
+
+        return max(sorted(set(wants)), key=value)
+
+    def _take(self, e: _Episode, token: int, logprob: float) -> bool:
+        """Record the next token of `e`'s turn; True when the turn has ended."""
         e.gen_logprobs.append(logprob)
         e.generated_tokens += 1
         if token in self.stop_ids:
@@ -400,33 +435,24 @@ class RolloutEngine:
 
     # --- model calls ---------------------------------------------------------------------
 
-    def _new_cache(self, batch: int, capacity: int) -> SlotCache:
+    def _new_cache(self, batch: int, capacity: int) -> RowCache:
         model = self.policy.base.model
-        return SlotCache.for_model(model.config, batch, model.dtype, self.policy.device, capacity=capacity)
+        return RowCache.for_model(model.config, batch, model.dtype, self.policy.device, capacity=capacity)
 
-    def _forward(self, cache: SlotCache, adapters, ids, real, last_only: bool = False) -> torch.Tensor:
-        device = self.policy.device
-        pos, mask = cache.begin_block(real.to(device))
-        return self.policy.forward(
-            adapters,
-            input_ids=ids.to(device),
-            attention_mask=mask,
-            position_ids=pos,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-        )
-
-
-def _similar_lengths(waiting: list[int], rows: list[_Episode]) -> list[list[int]]:
-    """Split waiting rows into prefill groups whose queue lengths differ by at most 2x."""
-    groups: list[list[int]] = []
-    for i in sorted(waiting, key=lambda i: len(rows[i].queue)):
-        if groups and len(rows[i].queue) <= 2 * len(rows[groups[-1][0]].queue):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
+    def _forward(self, cache: RowCache, adapters, ids, positions: list[tuple[int, int]]) -> torch.Tensor:
+        """Run a block; the logits (N, V) of the (row, column) `positions` only."""
+        pos, mask = cache.begin_block(ids.shape[1])
+        # The output layer runs on the wanted positions only: it is a fifth of the model's
+        # compute per token, and most prompt positions need no logits.
+        index = torch.tensor(positions, dtype=torch.long, device=ids.device).reshape(-1, 2).unbind(1)
+        head = self.policy.base.model.get_output_embeddings()
+        hook = head.register_forward_pre_hook(lambda _module, args: (args[0][index],), prepend=True)
+        try:
+            return self.policy.forward(
+                adapters, input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
+            )
+        finally:
+            hook.remove()
 
 
 def rollout(
@@ -437,12 +463,14 @@ def rollout(
     max_context: int = 4096,
     progress: str | None = None,
     stats: RolloutStats | None = None,
+    max_draft: int = MAX_DRAFT,
 ) -> list[Trajectory]:
     """Play every request to the end; trajectories come back in request order.
 
     `progress` labels a progress bar (episodes, turns, tokens/s); None shows none.
+    `max_draft=0` turns speculative decoding off.
     """
-    return RolloutEngine(policy, max_batch, max_context, progress).run(requests, stats)
+    return RolloutEngine(policy, max_batch, max_context, progress, max_draft).run(requests, stats)
 
 
 def _progress_bar(total: int, label: str):

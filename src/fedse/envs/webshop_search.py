@@ -10,6 +10,12 @@ exact document lengths (Lucene quantises them), so rankings can differ on near t
 from __future__ import annotations
 
 import logging
+import os
+
+# bm25s imports JAX when it is installed and runs a top-k on import; on a GPU machine that
+# starts JAX's GPU backend, which takes 75 % of the GPU's memory from the model. Searching
+# 1,000 products needs no GPU, so JAX stays on the CPU unless the user chose otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import bm25s
 import Stemmer
@@ -47,5 +53,5 @@ class SearchEngine:
         if not terms:
             return []
         k = min(SEARCH_RETURN_N, len(self.products))
-        docs, scores = self.index.retrieve([terms], k=k, show_progress=False, n_threads=1)
+        docs, scores = self.index.retrieve([terms], k=k, show_progress=False, n_threads=1, backend_selection="numpy")
         return [self.products[int(d)] for d, s in zip(docs[0], scores[0], strict=True) if s > 0]

@@ -213,7 +213,8 @@ class Federation:
         for module, d in delta.items():
             self.base_delta[module] = self.base_delta.get(module, torch.zeros_like(d, dtype=torch.float64)) + d.double()
             weight = self.base_weights[module]
-            weight.data.copy_((self.base_original[module].double() + self.base_delta[module]).to(weight.dtype))
+            total = self.base_original[module].double() + self.base_delta[module].to(weight.device)  # delta on CPU
+            weight.data.copy_(total.to(weight.dtype))
 
     def load_checkpoint(self, round_: int) -> None:
         """Put the policy and server state back to the end of `round_` (adapters, base delta, aggregator)."""
