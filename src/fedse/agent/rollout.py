@@ -231,8 +231,8 @@ class RolloutEngine:
                 for i, e in enumerate(rows):
                     if e is None and pending:
                         rows[i] = self._admit(cache, i, pending.popleft(), stats)
-                idle = [i for i, e in enumerate(rows) if e is None]
-                if idle and len(idle) >= max(1, len(rows) // 8):  # nothing pending: shrink the batch
+                idle = sum(e is None for e in rows)
+                if idle >= max(1, len(rows) // 8):  # nothing pending: shrink the batch
                     order = cache.pack([i for i, e in enumerate(rows) if e is not None])
                     rows = [rows[i] for i in order]
                 self._forward_block(cache, rows, stats)
