@@ -19,6 +19,7 @@ from fedse.agent.rollout import GREEDY, RolloutRequest, rollout
 from fedse.envs import make_env
 from fedse.evolve.sft import TrainConfig, train_adapter
 from fedse.evolve.store import expert_trajectory
+from fedse.process import set_up_process
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--test-ids", default="13-22", help="Maze test ids, e.g. 13-22 or 0-9")
     args = parser.parse_args()
+    set_up_process()
 
     env = make_env("maze")
     train_ids = env.splits["train"]

@@ -24,6 +24,7 @@ from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import MAX_DRAFT, RolloutRequest, RolloutStats, Sampling, naive_rollout, rollout
 from fedse.envs import make_env
+from fedse.process import set_up_process
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--without-drafts", action="store_true", help="also run the engine without drafts")
     args = parser.parse_args()
+    set_up_process()
 
     torch.set_num_threads(torch.get_num_threads())
     policy = Policy(load_base(args.model, dtype=args.dtype))

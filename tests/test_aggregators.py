@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from fedse.agent.lora import Adapter, LoraSpec
-from fedse.fl.aggregators import A_SUFFIX, AGGREGATORS, B_SUFFIX, delta_weights, make_aggregator
+from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, LoraSpec, delta_weights
+from fedse.fl.aggregators import AGGREGATORS, make_aggregator
 from fedse.fl.server import aggregate_round
 from fedse.fl.update import Update
 
@@ -17,7 +17,8 @@ MODULES = {
 }
 
 
-def random_adapter(seed: int, a_from: Adapter | None = None) -> Adapter:
+def random_factors(seed: int, a_from: Adapter | None = None) -> Adapter:
+    """Random A and B for the two modules of MODULES (A copied from `a_from` if given)."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for module, (out, inp) in MODULES.items():
@@ -30,7 +31,7 @@ def random_adapter(seed: int, a_from: Adapter | None = None) -> Adapter:
 
 def updates_for(name: str, current: Adapter, k: int = 3, examples=(10, 20, 30)) -> list[Update]:
     aggregator = make_aggregator(name)
-    clients = [random_adapter(100 + i, a_from=current if aggregator.trains == "B" else None) for i in range(k)]
+    clients = [random_factors(100 + i, a_from=current if aggregator.trains == "B" else None) for i in range(k)]
     return [Update(f"c{i}", aggregator.upload(c.tensors), examples[i % len(examples)]) for i, c in enumerate(clients)]
 
 
@@ -50,7 +51,7 @@ def mean_client_delta(updates, current) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["ffa", "flora", "fedex"])
 def test_exact_aggregators_reproduce_the_mean_update(name):
-    current = random_adapter(0)
+    current = random_factors(0)
     updates = updates_for(name, current)
     result = aggregate_round(make_aggregator(name), current, updates, {})
     want, got = mean_client_delta(updates, current), produced_delta(result, current)
@@ -62,7 +63,7 @@ def test_exact_aggregators_reproduce_the_mean_update(name):
 
 @pytest.mark.parametrize("name", ["fedse", "fedit"])
 def test_factor_averaging_is_inexact_and_the_diagnostic_measures_it(name):
-    current = random_adapter(0)
+    current = random_factors(0)
     updates = updates_for(name, current, examples=(10, 10, 10))
     result = aggregate_round(make_aggregator(name), current, updates, {})
     d = result.diagnostics
@@ -73,7 +74,7 @@ def test_factor_averaging_is_inexact_and_the_diagnostic_measures_it(name):
 
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_one_client_gives_back_that_clients_model(name):
-    current = random_adapter(0)
+    current = random_factors(0)
     [update] = updates_for(name, current, k=1)
     result = aggregate_round(make_aggregator(name), current, [update], {})
     if name == "fedsa":  # only A travels; the new global A is the client's
@@ -86,7 +87,7 @@ def test_one_client_gives_back_that_clients_model(name):
 
 
 def test_fedit_with_equal_examples_equals_fedse():
-    current = random_adapter(0)
+    current = random_factors(0)
     updates = updates_for("fedse", current, examples=(7, 7, 7))
     a = aggregate_round(make_aggregator("fedit"), current, updates, {}).aggregation.adapter
     b = aggregate_round(make_aggregator("fedse"), current, updates, {}).aggregation.adapter
@@ -97,13 +98,13 @@ def test_fedit_with_equal_examples_equals_fedse():
 
 
 def test_fedsa_never_moves_b_and_clients_keep_their_own():
-    current = random_adapter(0)
+    current = random_factors(0)
     fedsa = make_aggregator("fedsa")
     result = aggregate_round(fedsa, current, updates_for("fedsa", current), {})
     for k, v in current.tensors.items():
         if k.endswith(B_SUFFIX):
             assert torch.equal(result.aggregation.adapter.tensors[k], v)
-    local = random_adapter(7)
+    local = random_factors(7)
     start = fedsa.client_start(result.aggregation.adapter, local)
     assert all(torch.equal(start.tensors[k], local.tensors[k]) for k in local.tensors if k.endswith(B_SUFFIX))
     assert all(
@@ -115,7 +116,7 @@ def test_fedsa_never_moves_b_and_clients_keep_their_own():
 
 
 def test_declared_properties_and_bytes():
-    current = random_adapter(0)
+    current = random_factors(0)
     full = current.num_bytes
     assert make_aggregator("fedse").bytes_up(current) == full
     assert make_aggregator("ffa").bytes_up(current) < full and make_aggregator("fedsa").bytes_up(current) < full
@@ -128,7 +129,7 @@ def test_declared_properties_and_bytes():
 
 
 def test_bad_updates_are_rejected_by_name_and_the_round_completes(caplog):
-    current = random_adapter(0)
+    current = random_factors(0)
     good = updates_for("fedse", current, k=2)
     key = sorted(current.tensors)[0]
     nan = Update("nan-client", {**current.tensors, key: torch.full_like(current.tensors[key], float("nan"))}, 5)
@@ -146,7 +147,7 @@ def test_bad_updates_are_rejected_by_name_and_the_round_completes(caplog):
 
 
 def test_no_valid_update_keeps_the_previous_global():
-    current = random_adapter(0)
+    current = random_factors(0)
     key = sorted(current.tensors)[0]
     bad = Update("x", {**current.tensors, key: current.tensors[key].double()}, 1)
     result = aggregate_round(make_aggregator("fedse"), current, [bad], {})
@@ -155,8 +156,8 @@ def test_no_valid_update_keeps_the_previous_global():
 
 
 def test_update_cosine_sees_opposite_clients():
-    current = random_adapter(0)
-    one = random_adapter(1)
+    current = random_factors(0)
+    one = random_factors(1)
     opposite = Adapter(SPEC, {k: (-v if k.endswith(B_SUFFIX) else v) for k, v in one.tensors.items()})
     zero_b = Adapter(
         SPEC, {k: (torch.zeros_like(v) if k.endswith(B_SUFFIX) else v) for k, v in current.tensors.items()}

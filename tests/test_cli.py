@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from fedse.cli import build_parser, cmd_play, main
+from fedse.envs import make_env
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -50,15 +51,21 @@ def test_play_stops_at_the_turn_limit(capsys):
 
 
 def test_play_quits_on_end_of_input(capsys):
+    prompts = []
+
     def eof(prompt):
+        prompts.append(prompt)
         raise EOFError
 
     args = build_parser().parse_args(["play", "wordle"])
     assert cmd_play(args, read=eof) == 0
+    out = capsys.readouterr().out
+    assert prompts == ["[1/8] > "]  # asked once, then stopped at end of input
+    assert "--- wordle task 0" in out and "Out of turns" not in out and "Game over" not in out
 
 
 @pytest.mark.parametrize("env", ["maze", "wordle", "textcraft"])
 def test_experts_command_reports_full_success(env, capsys):
     assert main(["experts", "--envs", env]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
-    assert row[:4] == [env, "test", row[2], "100.0%"]
+    assert row[:4] == [env, "test", str(len(make_env(env).splits["test"])), "100.0%"]

@@ -89,7 +89,13 @@ def test_single_line_parsing_cleans_and_rejects_two_actions():
     assert parse_action_single_line("Action: craft 1 a using 1 b, 2 c.") == "craft 1 a using 1 b, 2 c"
     assert parse_action_single_line("no marker here") == ""
     assert parse_action_single_line("Action: inventory\nAction: inventory") is None
-    assert ONLY_ONE_ACTION.startswith("Error: Only one 'Action'")
+    for name in ("babyai", "textcraft"):  # both answer two actions with AgentGym's message, nothing done
+        env = make_env(name)
+        env.reset(130)
+        result = env.step("Thought: both.\nAction: inventory\nAction: inventory")
+        assert result.observation == "Error: Only one 'Action' is allowed per response. Please adjust your response."
+        assert (result.reward, result.done, result.action) == (0.0, False, "")
+    assert result.observation == ONLY_ONE_ACTION
 
 
 def test_parse_ranges_expands_inclusive_ranges():

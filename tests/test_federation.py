@@ -8,7 +8,9 @@ import torch
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.experiments.config import ConfigError, load_config
-from fedse.experiments.run import Federation, RunExists
+from fedse.experiments.report import round_summary
+from fedse.experiments.run import Federation
+from fedse.experiments.store import RunExists
 from fedse.fl import server
 
 TINY = [
@@ -26,14 +28,14 @@ def tiny_config(*extra):
 
 def run(tmp_path, *extra, name="run"):
     fed = Federation(tiny_config(*extra), tmp_path / name, Policy(load_base("tiny-random")))
-    fed.run(echo=lambda *_: None)
+    fed.run()
     return fed
 
 
 @pytest.mark.parametrize("aggregator", ["fedse", "fedit", "ffa", "fedsa", "flora", "fedex"])
 def test_two_rounds_two_clients_write_the_expected_records(tmp_path, aggregator):
     fed = run(tmp_path, f"fed.aggregator='{aggregator}'")
-    records = [json.loads(line) for line in fed.paths.metrics.read_text().splitlines()]
+    records = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
     events = [(r["event"], r["round"], r.get("client") or r.get("env")) for r in records]
     per_round = lambda r: [("eval", r, "maze"), ("eval", r, "wordle"), ("eval_avg", r, None)]  # noqa: E731
     assert events == [
@@ -43,8 +45,8 @@ def test_two_rounds_two_clients_write_the_expected_records(tmp_path, aggregator)
     ]  # fmt: skip
     client = next(r for r in records if r["event"] == "client")
     assert client["buffer"] >= 2 and client["explored"] == 2 and client["train_tokens"] > 0
-    assert json.loads(fed.paths.state.read_text())["round"] == 2
-    assert (fed.paths.checkpoint(2) / "global" / "adapter_model.safetensors").exists()
+    assert json.loads(fed.store.state.read_text())["round"] == 2
+    assert (fed.store.checkpoint(2) / "global" / "adapter_model.safetensors").exists()
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -61,17 +63,17 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
     monkeypatch.setattr("fedse.experiments.run.aggregate_round", crash_in_round_two)
     crashed = Federation(tiny_config("fed.aggregator='fedex'"), tmp_path / "crashed", Policy(load_base("tiny-random")))
     with pytest.raises(KeyboardInterrupt):
-        crashed.run(echo=lambda *_: None)
-    assert json.loads(crashed.paths.state.read_text())["round"] == 1
+        crashed.run()
+    assert json.loads(crashed.store.state.read_text())["round"] == 1
     monkeypatch.setattr("fedse.experiments.run.aggregate_round", real)
     resumed = Federation(tiny_config("fed.aggregator='fedex'"), tmp_path / "crashed", Policy(load_base("tiny-random")))
-    resumed.run(resume=True, echo=lambda *_: None)
+    resumed.run(resume=True)
     assert resumed.global_adapter.hash == straight.global_adapter.hash
     for module, delta in straight.base_delta.items():
         assert torch.equal(resumed.base_delta[module], delta)
 
     def figures(run):  # every record but wall-clock times (client records hold several)
-        records = [r for r in map(json.loads, run.paths.metrics.read_text().splitlines()) if r["event"] != "client"]
+        records = [r for r in map(json.loads, run.store.metrics.read_text().splitlines()) if r["event"] != "client"]
         return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
     assert figures(resumed) == figures(straight)
@@ -99,7 +101,7 @@ def test_an_existing_run_is_never_overwritten_without_force(tmp_path):
     run(tmp_path, "fed.rounds=1")
     again = Federation(tiny_config("fed.rounds=1"), tmp_path / "run", Policy(load_base("tiny-random")))
     with pytest.raises(RunExists, match="use --resume to continue it or --force to overwrite it"):
-        again.run(echo=lambda *_: None)
+        again.run()
 
 
 def test_config_errors_name_the_key_and_the_choices():
@@ -113,12 +115,11 @@ def test_config_errors_name_the_key_and_the_choices():
 
 
 def test_each_round_prints_a_summary_and_round_zero_is_checkpointed(tmp_path):
-    printed = []
     fed = Federation(tiny_config("fed.rounds=1"), tmp_path / "run", Policy(load_base("tiny-random")))
-    fed.run(echo=printed.append)
+    printed = [round_summary(records, 1, "fedse") for records in fed.rounds()]
     assert [p.splitlines()[0].split(" (")[0] for p in printed] == ["── round 0/1", "── round 1/1"]
     assert "Avg (task-weighted) " in printed[1] and "updates accepted" in printed[1]
-    assert (fed.paths.checkpoint(0) / "global" / "adapter_model.safetensors").exists()
+    assert (fed.store.checkpoint(0) / "global" / "adapter_model.safetensors").exists()
 
 
 def test_eval_of_a_checkpoint_reproduces_the_recorded_evaluation(tmp_path, capsys):
@@ -127,15 +128,15 @@ def test_eval_of_a_checkpoint_reproduces_the_recorded_evaluation(tmp_path, capsy
     fed = run(tmp_path, "fed.aggregator='fedsa'", "fed.rounds=1")
     recorded = {
         r["env"]: r
-        for r in map(json.loads, fed.paths.metrics.read_text().splitlines())
+        for r in map(json.loads, fed.store.metrics.read_text().splitlines())
         if r["event"] == "eval" and r["round"] == 1
     }
-    assert main(["eval", str(fed.paths.root), "--round", "1"]) == 0
-    again = json.loads((fed.paths.root / "evals" / "round_001_tasks_2.json").read_text())
+    assert main(["eval", str(fed.store.root), "--round", "1"]) == 0
+    again = json.loads((fed.store.root / "evals" / "round_001_tasks_2.json").read_text())
     assert {env: {k: r[k] for k in ("successes", "reward")} for env, r in again["eval"].items()} == {
         env: {k: r[k] for k in ("successes", "reward")} for env, r in recorded.items()
     }
-    assert main(["eval", str(fed.paths.root), "--round", "7"]) == 2
+    assert main(["eval", str(fed.store.root), "--round", "7"]) == 2
     assert "no checkpoint for round 7; completed rounds: [0, 1]" in capsys.readouterr().err
 
 
@@ -150,10 +151,10 @@ def test_batched_exploration_equals_each_client_exploring_alone(tmp_path, aggreg
         tmp_path / "run",
         Policy(load_base("tiny-random")),
     )
-    fed.run(echo=lambda *_: None)  # two rounds, so fedsa clients hold different personal adapters
-    together = fed._explore(3, fed.clients)
+    fed.run()  # two rounds, so fedsa clients hold different personal adapters
+    together, _ = fed.explore(3, fed.clients)
     for client in fed.clients:
         fed.policy.load(client, fed.aggregator.client_start(fed.global_adapter, fed.personal.get(client)))
-        alone = rollout(fed.policy, exploration_requests(client, client, 3, fed.settings, fed.config.fed.seed))
+        alone = rollout(fed.policy, exploration_requests(client, client, 3, fed.config.explore, fed.config.fed.seed))
         assert [t.messages for t in alone] == [t.messages for t in together[client]]
         assert [t.adapter for t in alone] == [t.adapter for t in together[client]]

@@ -47,12 +47,25 @@ def test_saved_adapter_loads_back_and_in_plain_peft(tiny_policy, tmp_path):
     assert back.hash == adapter.hash and back.spec.rank == 4
 
     ids = torch.tensor([[5, 6, 7, 8, 9]], device=tiny_policy.device)
-    tiny_policy.peft.set_adapter("client")
-    ours = tiny_policy.peft(input_ids=ids).logits
+    ours = tiny_policy.logits(["client"], ids)
     plain = PeftModel.from_pretrained(load_base("tiny-random").model, str(tmp_path / "adapter"))
     torch.testing.assert_close(plain(input_ids=ids).logits, ours)
-    with tiny_policy.peft.disable_adapter():
-        assert not torch.allclose(tiny_policy.peft(input_ids=ids).logits, ours)
+    assert not torch.allclose(tiny_policy.logits([None], ids), ours)
+
+
+def test_logits_at_kept_positions_equal_the_full_forward(tiny_policy):
+    """The one forward path: logits at the asked (row, position) pairs only, row-major, equal to
+    the full forward's there, for one adapter, the base model and mixed rows alike."""
+    random_adapter(tiny_policy, "first", seed=1)
+    random_adapter(tiny_policy, "second", seed=2)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]], device=tiny_policy.device)
+    keep = torch.tensor([[False, True, False, False, True], [True, False, False, False, False]])
+    for adapters in (["first", "first"], [None, None], ["first", "second"], ["second", None]):
+        full = tiny_policy.logits(adapters, ids)
+        kept = tiny_policy.logits(adapters, ids, keep=keep)
+        assert kept.shape == (3, full.shape[-1])
+        torch.testing.assert_close(kept, torch.stack([full[0, 1], full[0, 4], full[1, 0]]))
+    assert not torch.allclose(tiny_policy.logits(["first"] * 2, ids), tiny_policy.logits(["second"] * 2, ids))
 
 
 def test_loading_a_mismatched_adapter_names_the_problem(tiny_policy):

@@ -1,52 +1,35 @@
 """`fedse report`: markdown tables with Wilson intervals and plots, for one run or several overlaid."""
 
-import json
-
 import pytest
 
 from fedse.cli import main
+from fedse.experiments.config import load_config
+from fedse.experiments.records import AggregateRecord, ClientRecord, EvalAvgRecord, EvalRecord, ExploreRecord
 from fedse.experiments.report import load_run, render_markdown, wilson
+from fedse.experiments.store import RunStore
 
 
 def fake_run(root, name, successes):
-    """A run folder with hand-written records: per round, maze and wordle successes out of 4."""
-    root.mkdir(parents=True)
-    config = {
-        "name": name,
-        "model": {"name": "tiny-random", "lora_rank": 4},
-        "fed": {"clients": ["maze", "wordle"], "rounds": len(successes) - 1, "aggregator": "fedse", "seed": 0},
-        "explore": {"tasks": 2, "temperature": 1.0},
-        "train": {"epochs": 1, "lr": 0.001},
-        "eval": {"tasks": 4},
-    }
-    (root / "config.json").write_text(json.dumps(config))
-    records = []
+    """A run folder built from typed records: per round, maze and wordle successes out of 4."""
+    overrides = ["fed.clients=['maze', 'wordle']", f"fed.rounds={len(successes) - 1}", "model.name='tiny-random'",
+                 "model.lora_rank=4", "explore.tasks=2", "train.epochs=1", "train.lr=0.001", "eval.tasks=4"]  # fmt: skip
+    store = RunStore(root)
+    store.create(load_config(None, [f"name='{name}'", *overrides]).model_dump())
     for round_, (maze, wordle) in enumerate(successes):
         if round_:
+            store.append(ExploreRecord(round_, ["maze", "wordle"], episodes=4, turns=9, processed_tokens=900,
+                                       generated_tokens=100, seconds=3.0))  # fmt: skip
             for client in ("maze", "wordle"):
-                records.append({"event": "client", "round": round_, "client": client, "explored": 2, "explore_success": 0.5,
-                                "kept": 1, "buffer": 2 + round_, "train_examples": 2 + round_, "train_loss": 1.0 / round_,
-                                "explore_tokens": 300, "train_seconds": 4.0})  # fmt: skip
-            records.append({"event": "explore", "round": round_, "clients": ["maze", "wordle"], "episodes": 4,
-                            "turns": 9, "processed_tokens": 900, "generated_tokens": 100, "seconds": 3.0})  # fmt: skip
-            records.append({"event": "aggregate", "round": round_, "accepted": ["maze", "wordle"], "rejected": {},
-                            "bytes_up": [1_000_000, 1_000_000], "bytes_down": 1_000_000, "inexactness": 0.05,
-                            "update_cosine": [[1.0, 0.2], [0.2, 1.0]]})  # fmt: skip
+                store.append(ClientRecord(round_, client, num_examples=2 + round_, explored=2, explore_success=0.5,
+                                          explore_tokens=300, kept=1, added=1, buffer=2 + round_,
+                                          train_examples=2 + round_, train_tokens=1000, train_seconds=4.0,
+                                          truncated=0, train_loss=1.0 / round_))  # fmt: skip
+            store.append(AggregateRecord(round_, ["maze", "wordle"], {}, clients=2, bytes_up=[1_000_000, 1_000_000],
+                                         bytes_down=1_000_000, inexactness=0.05,
+                                         update_cosine=[[1.0, 0.2], [0.2, 1.0]]))  # fmt: skip
         for env, s in (("maze", maze), ("wordle", wordle)):
-            records.append(
-                {
-                    "event": "eval",
-                    "round": round_,
-                    "env": env,
-                    "tasks": 4,
-                    "successes": s,
-                    "success": s / 4,
-                    "reward": s / 4,
-                }
-            )
-        records.append({"event": "eval_avg", "round": round_, "avg_weighted": (maze + wordle) / 8,
-                        "avg_mean": (maze + wordle) / 8, "seconds": 1.0})  # fmt: skip
-    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            store.append(EvalRecord(round_, env, tasks=4, successes=s, success=s / 4, reward=s / 4))
+        store.append(EvalAvgRecord(round_, avg_weighted=(maze + wordle) / 8, avg_mean=(maze + wordle) / 8, seconds=1.0))
     return root
 
 

@@ -87,17 +87,24 @@ def test_trajectory_round_trips_through_json(tiny_policy):
     assert t.messages[0]["content"].startswith("Guess a hidden 5-letter word") and t.adapter is None
 
 
-@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=0.7, top_p=0.9)])
-def test_sample_token_returns_the_model_logprob(sampling):
-    """Sanity of the sampling helpers on a distribution we control."""
+def test_sample_token_is_greedy_at_zero_and_keeps_only_the_top_p_nucleus():
+    """Log-probabilities are the model's (temperature 1, untruncated), whatever the sampling."""
     import torch
 
     from fedse.agent.rollout import sample_token
 
+    gen = torch.Generator().manual_seed(0)
     logits = torch.tensor([0.0, 5.0, 1.0])
-    token, logprob = sample_token(logits, sampling, torch.Generator().manual_seed(0))
-    assert token == 1 or sampling.temperature > 0
-    assert logprob == pytest.approx(float(torch.log_softmax(logits, 0)[token]))
+    token, logprob = sample_token(logits, GREEDY, gen)
+    assert token == 1 and logprob == pytest.approx(float(torch.log_softmax(logits, 0)[1]))
+    # probabilities 0.14, 0.39, 0.47: a 0.7 nucleus holds tokens 2 and 1, never 0
+    logits = torch.tensor([0.0, 1.0, 1.2])
+    draws = [sample_token(logits, Sampling(temperature=1.0, top_p=0.7), gen) for _ in range(200)]
+    assert {t for t, _ in draws} == {1, 2}
+    model_logprobs = torch.log_softmax(logits, 0)
+    assert all(lp == pytest.approx(float(model_logprobs[t])) for t, lp in draws)
+    unrestricted = {sample_token(logits, Sampling(temperature=1.0), gen)[0] for _ in range(200)}
+    assert unrestricted == {0, 1, 2}
 
 
 def test_a_single_adapter_rollout_is_merged_and_leaves_the_base_untouched(tiny_policy):
@@ -114,13 +121,13 @@ def test_a_single_adapter_rollout_is_merged_and_leaves_the_base_untouched(tiny_p
     after = {k: v for k, v in tiny_policy.base.model.state_dict().items() if "lora" not in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
     with tiny_policy.merged("only"), pytest.raises(ValueError, match="adapter 'only' is merged"):
-        tiny_policy.forward([None], input_ids=torch.tensor([[1, 2]]))
+        tiny_policy.logits([None], torch.tensor([[1, 2]]))
 
 
 def test_one_token_blocks_give_the_same_episodes(tiny_policy, monkeypatch):
     """The attention-memory bound narrows blocks (here to one token: no drafts, prompts token by
     token); the episodes must not change."""
-    from fedse.agent import rollout as rollout_module
+    from fedse.agent.rollout import block as rollout_module
 
     random_adapter(tiny_policy, "first", seed=1)
     random_adapter(tiny_policy, "second", seed=2)

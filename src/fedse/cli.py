@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from fedse.envs import TextEnv, list_envs, make_env
+from fedse.envs import list_envs, make_env, replay
 from fedse.errors import UserError
-
-
-def replay(env: TextEnv, task_id: int, outputs: list[str]) -> tuple[bool, int]:
-    """Play `outputs` on task `task_id`; returns (success, turns used)."""
-    env.reset(task_id)
-    for turn, output in enumerate(outputs, start=1):
-        result = env.step(output)
-        if result.done:
-            return result.success, turn
-    return False, len(outputs)
+from fedse.process import set_up_process
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
@@ -87,15 +77,14 @@ def _quiet_libraries() -> None:
 
 def _run_config(root: Path):
     from fedse.experiments.config import RunConfig
+    from fedse.experiments.store import RunStore
 
-    if not (root / "config.json").exists():
-        raise UserError(f"{root} is not a run directory (no config.json); start one with `fedse run`")
-    return RunConfig.model_validate(json.loads((root / "config.json").read_text()))
+    return RunConfig.model_validate(RunStore(root).read_config())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedse.experiments.config import load_config
-    from fedse.experiments.report import write_report
+    from fedse.experiments.report import round_summary, write_report
     from fedse.experiments.run import Federation
 
     _quiet_libraries()
@@ -112,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{config.fed.rounds} rounds, aggregator {config.fed.aggregator}, model {config.model.name} -> {root}"
     )
     start = time.perf_counter()
-    Federation(config, root, progress=True).run(resume=bool(args.resume), force=args.force)
+    for records in Federation(config, root, progress=True).rounds(resume=bool(args.resume), force=args.force):
+        print(round_summary(records, config.fed.rounds, config.fed.aggregator))
     report = write_report([root])
     print(
         f"done in {(time.perf_counter() - start) / 60:.1f} min: report {report}, plots beside it, metrics {root / 'metrics.jsonl'}"
@@ -182,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_up_process()
     try:
         return args.run(args)
     except (UserError, FileExistsError, FileNotFoundError) as error:

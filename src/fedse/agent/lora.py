@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+"""How PEFT names a module's two factors: `<module>.lora_A.weight` (r x in), `<module>.lora_B.weight` (out x r)."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,54 @@ class Adapter:
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return tensor_bytes(self.tensors)
+
+    @property
+    def scale(self) -> float:
+        """LoRA's s = alpha / r: the weight update is s · B A."""
+        return self.spec.alpha / self.spec.rank
 
     def clone(self) -> Adapter:
         return Adapter(self.spec, {k: v.detach().clone() for k, v in self.tensors.items()})
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes the tensors occupy (and take on the wire)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def lora_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The adapted modules' name prefixes, in sorted order."""
+    return sorted(k[: -len(A_SUFFIX)] for k in tensors if k.endswith(A_SUFFIX))
+
+
+def factor_keys(tensors: dict[str, torch.Tensor], factors: str) -> list[str]:
+    """The tensor names of the given factors ('A', 'B' or 'AB'), in the order of `tensors`."""
+    suffixes = tuple(s for f, s in (("A", A_SUFFIX), ("B", B_SUFFIX)) if f in factors)
+    return [k for k in tensors if k.endswith(suffixes)]
+
+
+def delta_weights(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """ΔW = s · B A for every adapted module (float64)."""
+    return {m: scale * tensors[m + B_SUFFIX].double() @ tensors[m + A_SUFFIX].double() for m in lora_modules(tensors)}
+
+
+def mean_delta(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """mean_k ΔW_k per module, for dense updates from `delta_weights` (the exact FedAvg of the products)."""
+    return {m: sum(d[m] for d in deltas) / len(deltas) for m in deltas[0]}
+
+
+def fresh_adapter(like: Adapter, seed: int) -> Adapter:
+    """PEFT's LoRA init with a seeded generator: A ~ kaiming-uniform(a=√5), B = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for k, v in like.tensors.items():
+        if k.endswith(A_SUFFIX):
+            bound = 1 / math.sqrt(v.shape[1])  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
+            tensors[k] = (torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).to(v.dtype)
+        else:
+            tensors[k] = torch.zeros_like(v)
+    return Adapter(like.spec, tensors)
 
 
 def save_adapter(adapter: Adapter, directory: str | Path, base_model: str | None = None) -> Path:

@@ -115,19 +115,6 @@ def resolve(name: str) -> str:
     return str(target)
 
 
-def _flat_head_input(module: torch.nn.Module, args: tuple) -> tuple:
-    """Feed the LM head a contiguous 2-D input. On CPU in bf16, `linear` on a 3-D input such as
-    HF's `logits_to_keep` slice ([B, 1, H], strided) falls back to a batched matmul that copies
-    the whole head weight once per row (measured: 0.5 s per call at 8 rows, 70 ms at 1)."""
-    x = args[0]
-    module._fedse_lead_shape = x.shape[:-1]
-    return (x.reshape(-1, x.shape[-1]), *args[1:])
-
-
-def _unflatten_head_output(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output.view(*module._fedse_lead_shape, output.shape[-1])
-
-
 def load_base(
     name: str = DEFAULT_MODEL, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto"
 ) -> BaseModel:
@@ -147,9 +134,6 @@ def load_base(
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device)).to(device)
     model.eval().requires_grad_(False)
-    head = model.get_output_embeddings()
-    head.register_forward_pre_hook(_flat_head_input)
-    head.register_forward_hook(_unflatten_head_output)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(name, model, tokenizer)

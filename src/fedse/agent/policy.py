@@ -1,42 +1,88 @@
 """A policy: one frozen base model with any number of named LoRA adapters attached (PEFT).
 
-Rows of one forward pass may each use a different adapter (PEFT's mixed-adapter batches);
-`None` means the bare base model.
+`Policy` is the only owner of the model's internals: PEFT, the Hugging Face model object,
+its attention implementation, its base weights. Everything else in fedse goes through the
+operations here:
+
+- `logits(adapters, input_ids, keep=...)`: one forward in which row i uses adapter
+  `adapters[i]` (`None`: the bare base model), with the output layer run only at the
+  positions asked for (a fifth of a small model's compute per token; most prompt positions
+  need no logits). The rollout engine, the reference loop, training and the tiny test model
+  all take this one path;
+- `training(name, factors)`: the context in which adapter `name`'s factors are trainable;
+- `merged(name)`: adapter `name` folded into the base weights for fast rollouts;
+- `set_base_delta(delta)`: base = original + delta, for aggregators that mutate the base.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import DynamicCache
 
+from fedse.agent.kvcache import RowCache
 from fedse.agent.lora import Adapter, LoraSpec, adapter_hash
 from fedse.agent.model import BaseModel
 
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
+DEFAULT_ATTENTION = "sdpa"
 
 
 class Policy:
     def __init__(self, base: BaseModel) -> None:
         self.base = base
         self.tokenizer = base.tokenizer
-        self.peft: PeftModel | None = None
         self.specs: dict[str, LoraSpec] = {}
         self.hashes: dict[str, str] = {}
+        self._peft: PeftModel | None = None
         self._merged: str | None = None
+        self._training: str | None = None
+        self._base_original: dict[str, torch.Tensor] = {}
+        self._hf.set_attn_implementation(DEFAULT_ATTENTION)
+
+    # --- what callers may know about the model ----------------------------------------------
 
     @property
-    def model(self) -> torch.nn.Module:
-        return self.peft if self.peft is not None else self.base.model
+    def _hf(self) -> torch.nn.Module:
+        return self.base.model
 
     @property
     def device(self) -> torch.device:
         return self.base.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self._hf.dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position encoding is configured for (None: unknown)."""
+        return getattr(self._hf.config, "max_position_embeddings", None)
+
+    @property
+    def query_heads(self) -> int:
+        return self._hf.config.num_attention_heads
+
+    @property
     def adapter_names(self) -> list[str]:
         return list(self.specs)
+
+    def new_cache(self, batch: int, capacity: int) -> RowCache:
+        """An empty per-row KV cache sized for this model (see `fedse.agent.kvcache`)."""
+        return RowCache.for_model(self._hf.config, batch, self.dtype, self.device, capacity=capacity)
+
+    def generation_cache(self):
+        """An empty cache of the model's own kind, for token-by-token generation without the engine."""
+        return DynamicCache(config=self._hf.config)
+
+    def trainable_parameters(self) -> int:
+        """How many parameters currently require gradients (0 outside `training`)."""
+        return sum(p.numel() for p in self._hf.parameters() if p.requires_grad)
+
+    # --- adapters ----------------------------------------------------------------------------
 
     def _ensure_slot(self, name: str, spec: LoraSpec) -> None:
         if name == BASE:
@@ -45,14 +91,17 @@ class Policy:
             if self.specs[name] != spec:
                 raise ValueError(f"adapter {name!r} exists with {self.specs[name]}, cannot load one with {spec}")
             return
-        if self.peft is None:
-            self.peft = get_peft_model(self.base.model, spec.peft_config(), adapter_name=name)
+        if self._peft is None:
+            self._peft = get_peft_model(self._hf, spec.peft_config(), adapter_name=name)
         else:
-            self.peft.add_adapter(name, spec.peft_config())
-        self.peft.eval()
-        for p in self.peft.parameters():
-            p.requires_grad_(False)
+            self._peft.add_adapter(name, spec.peft_config())
+        self._peft.eval()
+        self._freeze()
         self.specs[name] = spec
+
+    def _freeze(self) -> None:
+        for p in self._peft.parameters():
+            p.requires_grad_(False)
 
     def new_adapter(self, name: str, spec: LoraSpec, seed: int = 0) -> Adapter:
         """A freshly initialised adapter (PEFT's init: B = 0, so it starts as the base model)."""
@@ -68,95 +117,151 @@ class Policy:
     def load(self, name: str, adapter: Adapter) -> None:
         """Attach `adapter` under `name`, replacing its tensors if the slot exists."""
         self._ensure_slot(name, adapter.spec)
-        expected = set(get_peft_model_state_dict(self.peft, adapter_name=name))
+        expected = set(get_peft_model_state_dict(self._peft, adapter_name=name))
         if set(adapter.tensors) != expected:
             missing, extra = sorted(expected - set(adapter.tensors)), sorted(set(adapter.tensors) - expected)
             raise ValueError(f"adapter {name!r} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
         # LoRA factors keep their own precision (fp32) even on a bf16 base; loading casts into them.
         tensors = {k: v.to(self.device) for k, v in adapter.tensors.items()}
-        set_peft_model_state_dict(self.peft, tensors, adapter_name=name)
+        set_peft_model_state_dict(self._peft, tensors, adapter_name=name)
         self.hashes[name] = adapter_hash(adapter.tensors)
 
     def get(self, name: str) -> Adapter:
         """The adapter's current tensors (copied to CPU)."""
         if name not in self.specs:
             raise KeyError(f"no adapter named {name!r}; loaded: {self.adapter_names}")
-        state = get_peft_model_state_dict(self.peft, adapter_name=name)
+        state = get_peft_model_state_dict(self._peft, adapter_name=name)
         return Adapter(self.specs[name], {k: v.detach().to("cpu").clone() for k, v in state.items()})
 
     def hash_of(self, name: str | None) -> str | None:
         return None if name is None else self.hashes[name]
 
-    def rehash(self, name: str) -> str:
-        """Record the hash of adapter `name` after its tensors changed in place (training)."""
-        self.hashes[name] = self.get(name).hash
-        return self.hashes[name]
-
-    def activate(self, name: str) -> None:
+    def _activate(self, name: str) -> None:
         """Make `name` the active adapter, all parameters frozen (PEFT's set_adapter unfreezes it)."""
-        if self.peft.active_adapter != name:
-            self.peft.set_adapter(name)
-            for p in self.peft.parameters():
-                p.requires_grad_(False)
+        if self._peft.active_adapter != name:
+            self._peft.set_adapter(name)
+            self._freeze()
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def logits(
+        self, adapters: list[str | None], input_ids: torch.Tensor, *, keep: torch.Tensor | None = None, **inputs
+    ) -> torch.Tensor:
+        """Logits of one forward pass in which row i uses adapter `adapters[i]`.
+
+        `keep`: a boolean (B, S) mask of the positions whose logits are wanted; the result is
+        then (number kept, V), in row-major order. Without it, (B, S, V). Other keyword
+        arguments (attention_mask, position_ids, cache, use_cache) go to the model as they are.
+        """
+        if keep is not None:
+            # A 2-D boolean mask makes the model gather the kept hidden states into one
+            # contiguous (N, H) matrix before its output layer. On CPU in bf16 a strided 3-D
+            # input there takes a batched-matmul path that copies the whole head weight per
+            # row (measured: 0.5 s per call at 8 rows, 70 ms at 1).
+            inputs["logits_to_keep"] = keep
+        inputs["input_ids"] = input_ids
+        names = set(adapters)
+        if self._merged is not None:
+            same = {n for n in names if n is not None and self.hashes.get(n) == self.hashes[self._merged]}
+            if same != names:
+                raise ValueError(f"adapter {self._merged!r} is merged; cannot run rows with {sorted(map(str, names))}")
+            return self._peft(**inputs).logits
+        if self._peft is None:
+            return self._hf(**inputs).logits
+        if names == {None}:
+            with self._peft.disable_adapter():
+                return self._peft(**inputs).logits
+        if len(names) == 1:
+            if self._training is None:
+                self._activate(next(iter(names)))
+            elif names != {self._training}:
+                raise ValueError(f"adapter {self._training!r} is training; cannot run rows with {sorted(names)}")
+            return self._peft(**inputs).logits
+        return self._peft(**inputs, adapter_names=[a or BASE for a in adapters]).logits
 
     @contextmanager
-    def attention(self, implementation: str):
-        config = self.base.model.config
-        previous = config._attn_implementation
-        config._attn_implementation = implementation
+    def attention(self, implementation: str) -> Iterator[None]:
+        """Run the model with another registered attention function (e.g. the rollout engine's)."""
+        self._hf.set_attn_implementation(implementation)
         try:
             yield
         finally:
-            config._attn_implementation = previous
+            self._hf.set_attn_implementation(DEFAULT_ATTENTION)
 
     @contextmanager
-    def merged(self, name: str):
+    def merged(self, name: str) -> Iterator[None]:
         """Fold adapter `name` into the base weights for the duration of the context.
 
         W' = W + (alpha/r) B A per adapted module. It removes LoRA's two extra matmuls and
         module calls per layer from every decode step. The original weight tensors are put
         back on exit (not un-merged by subtraction), so the base is restored bit for bit.
-        Inside, `forward` accepts only rows of `name` or of adapters with the same tensors (hash).
+        Inside, `logits` accepts only rows of `name` or of adapters with the same tensors (hash).
         """
         originals = []
         self._merged = name
         try:
-            for module in self.peft.modules():
+            for module in self._peft.modules():
                 if hasattr(module, "get_delta_weight") and name in getattr(module, "lora_A", {}):
                     weight = module.base_layer.weight
                     originals.append((weight, weight.data))
                     weight.data = weight.data + module.get_delta_weight(name).to(weight.dtype)
-            with self.peft.disable_adapter():
+            with self._peft.disable_adapter():
                 yield
         finally:
             self._merged = None
             for weight, data in originals:
                 weight.data = data
 
-    def forward(self, adapters: list[str | None], **inputs) -> torch.Tensor:
-        """Logits of one forward pass in which row i uses adapter `adapters[i]`."""
-        names = set(adapters)
-        if self._merged is not None:
-            same = {n for n in names if n is not None and self.hashes.get(n) == self.hashes[self._merged]}
-            if same != names:
-                raise ValueError(f"adapter {self._merged!r} is merged; cannot run rows with {sorted(map(str, names))}")
-            return self.peft(**inputs).logits
-        if self.peft is None or names == {None}:
-            if self.peft is None:
-                return self.base.model(**inputs).logits
-            with self.peft.disable_adapter():
-                return self.peft(**inputs).logits
-        if len(names) == 1:
-            self.activate(next(iter(names)))
-            return self.peft(**inputs).logits
-        return self.peft(**inputs, adapter_names=[a or BASE for a in adapters]).logits
+    # --- training and base mutation ------------------------------------------------------------
 
+    @contextmanager
+    def training(self, name: str, factors: str = "AB") -> Iterator[list[torch.nn.Parameter]]:
+        """Adapter `name` active in train mode with its `factors` ('AB', or 'B' for a frozen A)
+        trainable; yields those parameters. On exit everything is frozen again, in eval mode,
+        and the adapter's hash is updated to its trained tensors."""
+        self._activate(name)
+        wanted = tuple(f"lora_{f}.{name}." for f in factors)
+        params = []
+        for pname, p in self._peft.named_parameters():
+            p.requires_grad_(any(w in pname + "." for w in wanted))
+            if p.requires_grad:
+                params.append(p)
+        if not params:
+            self._freeze()
+            raise ValueError(f"adapter {name!r} has no trainable LoRA factors {factors!r}")
+        self._training = name
+        self._peft.train()
+        try:
+            yield params
+        finally:
+            self._training = None
+            self._peft.eval()
+            self._freeze()
+            self.hashes[name] = self.get(name).hash
 
-def module_weights(policy: Policy) -> dict[str, torch.nn.Parameter]:
-    """The frozen base weight of every LoRA-adapted module, by the module's adapter-key prefix."""
-    out = {}
-    for name, module in policy.peft.named_modules():
-        base = getattr(module, "base_layer", None)
-        if base is not None and hasattr(base, "weight") and hasattr(module, "lora_A"):
-            out[name] = base.weight
-    return out
+    def _base_weights(self) -> dict[str, torch.nn.Parameter]:
+        """The frozen base weight of every LoRA-adapted module, by the module's adapter-key prefix."""
+        out = {}
+        for name, module in self._peft.named_modules():
+            base = getattr(module, "base_layer", None)
+            if base is not None and hasattr(base, "weight") and hasattr(module, "lora_A"):
+                out[name] = base.weight
+        return out
+
+    def set_base_delta(self, delta: dict[str, torch.Tensor]) -> None:
+        """Make each named module's base weight its original value plus `delta[module]`.
+
+        Recomputed from the original (kept on first use), never accumulated in the model's
+        dtype, so a resumed run that applies the same total gets the same weights bit for bit.
+        Module names are the adapter tensors' prefixes (`fedse.agent.lora.lora_modules`).
+        """
+        weights = self._base_weights()
+        unknown = sorted(set(delta) - set(weights))
+        if unknown:
+            raise ValueError(f"base delta for modules this model does not adapt: {unknown[:3]}")
+        for module, d in delta.items():
+            weight = weights[module]
+            if module not in self._base_original:
+                self._base_original[module] = weight.detach().clone()
+            total = self._base_original[module].double() + d.double().to(weight.device)
+            weight.data.copy_(total.to(weight.dtype))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedse.envs.babyai import BabyAIEnv
-from fedse.envs.base import ACK, EnvError, StepResult, TextEnv
+from fedse.envs.base import ACK, EnvError, StepResult, TextEnv, replay
 from fedse.envs.maze import MazeEnv
 from fedse.envs.textcraft import TextCraftEnv
 from fedse.envs.webshop import WebShopEnv
@@ -38,4 +38,4 @@ def make_env(name: str, **options) -> TextEnv:
     return _REGISTRY[name](**options)
 
 
-__all__ = ["ACK", "EnvError", "StepResult", "TextEnv", "list_envs", "make_env"]
+__all__ = ["ACK", "EnvError", "StepResult", "TextEnv", "list_envs", "make_env", "replay"]

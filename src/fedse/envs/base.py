@@ -106,6 +106,16 @@ class TextEnv(ABC):
         """
 
 
+def replay(env: TextEnv, task_id: int, outputs: list[str]) -> tuple[bool, int]:
+    """Play `outputs` on task `task_id` from its start; returns (success, turns used)."""
+    env.reset(task_id)
+    for turn, output in enumerate(outputs, start=1):
+        result = env.step(output)
+        if result.done:
+            return result.success, turn
+    return False, len(outputs)
+
+
 # --- AgentGym client-side action extraction (environments.md §2.2) -------------------
 
 

@@ -6,31 +6,33 @@ capacity limit by default (the paper). Options: `cap` keeps only the newest N en
 `history=False` trains on the current round's additions only (the "w/o history" ablation).
 
 On disk: one JSON line per entry, `{"round": t, "trajectory": {...}}`, seeds at round 0. The file
-is appended to and fsynced; rewrites (cap, truncation) go through a temporary file and a rename,
+is appended to and fsynced; rewrites (cap, truncation) replace it atomically (`fedse.files`),
 so a crash leaves either the old or the new buffer, never half of one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from fedse.agent.trajectory import Trajectory
+from fedse.files import append_lines, read_lines, write_lines
+from fedse.sections import Section
 
 
-@dataclass(frozen=True)
-class BufferConfig:
-    cap: int | None = None
-    dedup: str = "none"
+class BufferConfig(Section):
+    """The `[buffer]` section of a run configuration."""
+
+    expert_seeds: int | None = Field(None, ge=0)
+    """Expert demonstrations that seed each buffer (None: one per train id, like AgentTraj)."""
+    cap: int | None = Field(None, ge=1)
+    """Keep only the newest N entries (None: unbounded, the paper)."""
+    dedup: Literal["none", "exact"] = "none"
     history: bool = True
-
-    def __post_init__(self) -> None:
-        if self.dedup not in ("none", "exact"):
-            raise ValueError(f"unknown dedup policy {self.dedup!r}; choose none or exact")
-        if self.cap is not None and self.cap < 1:
-            raise ValueError(f"buffer cap must be at least 1, got {self.cap}")
+    """False: train on the current round's additions only (the "w/o history" ablation)."""
 
 
 def _key(t: Trajectory) -> tuple:
@@ -38,15 +40,13 @@ def _key(t: Trajectory) -> tuple:
 
 
 class ExperienceBuffer:
-    def __init__(self, path: str | Path, config: BufferConfig = BufferConfig()) -> None:
+    def __init__(self, path: str | Path, config: BufferConfig | None = None) -> None:
         self.path = Path(path)
-        self.config = config
+        self.config = config or BufferConfig()
         self.entries: list[tuple[int, Trajectory]] = []
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self.entries.append((record["round"], Trajectory(**record["trajectory"])))
+        for line in read_lines(self.path):
+            record = json.loads(line)
+            self.entries.append((record["round"], Trajectory(**record["trajectory"])))
         self._keys = {_key(t) for _, t in self.entries}
 
     def __len__(self) -> int:
@@ -65,11 +65,7 @@ class ExperienceBuffer:
             self.entries = self.entries[-self.config.cap :]
             self._rewrite()
         elif new:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.writelines(self._line(r, t) for r, t in new)
-                f.flush()
-                os.fsync(f.fileno())
+            append_lines(self.path, (self._line(r, t) for r, t in new))
         return len(new)
 
     def training_set(self, round_: int) -> list[Trajectory]:
@@ -93,13 +89,7 @@ class ExperienceBuffer:
 
     @staticmethod
     def _line(round_: int, t: Trajectory) -> str:
-        return json.dumps({"round": round_, "trajectory": json.loads(t.to_json())}, ensure_ascii=False) + "\n"
+        return json.dumps({"round": round_, "trajectory": json.loads(t.to_json())}, ensure_ascii=False)
 
     def _rewrite(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(self._line(r, t) for r, t in self.entries)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        write_lines(self.path, (self._line(r, t) for r, t in self.entries))

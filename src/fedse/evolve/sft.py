@@ -21,27 +21,29 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 
 from fedse.agent.chat import ChatLayout
 from fedse.agent.policy import Policy
 from fedse.agent.trajectory import Trajectory
+from fedse.progress import progress_bar
+from fedse.sections import Section
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 2
-    lr: float = 5e-5
-    batch_tokens: int = 2048
+class TrainConfig(Section):
+    """The `[train]` section of a run configuration: local SFT hyper-parameters (defaults: the paper's)."""
+
+    epochs: int = Field(2, ge=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_tokens: int = Field(2048, ge=64)
     """Padded tokens per optimizer step."""
-    max_length: int = 2048
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    fedprox_mu: float = 0.0
-    seed: int = 0
-    train_factors: str = "AB"
-    """'AB', or 'B' to keep A frozen (FFA-LoRA)."""
+    max_length: int = Field(2048, ge=64)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    """Max gradient norm (0: no clipping)."""
+    fedprox_mu: float = Field(0.0, ge=0)
 
 
 @dataclass
@@ -105,109 +107,103 @@ def length_batches(lengths: list[int], batch_tokens: int, rng: random.Random) ->
     return batches
 
 
-def _trainable(policy: Policy, name: str, factors: str) -> list[torch.nn.Parameter]:
-    wanted = tuple(f"lora_{f}.{name}." for f in factors)
-    params = []
-    for pname, p in policy.peft.named_parameters():
-        p.requires_grad_(any(w in pname + "." for w in wanted))
-        if p.requires_grad:
-            params.append(p)
-    if not params:
-        raise ValueError(f"adapter {name!r} has no trainable LoRA factors {factors!r}")
-    return params
+def _padded_batch(examples: list[tuple[list[int], list[int]]], batch: list[int], pad: int, device) -> tuple:
+    """(ids, attention, loss mask) tensors (B, width) for the examples of one batch."""
+    width = max(len(examples[i][0]) for i in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    attention = torch.zeros(len(batch), width, dtype=torch.long)
+    target_mask = torch.zeros(len(batch), width, dtype=torch.bool)
+    for j, i in enumerate(batch):
+        seq, mask = examples[i]
+        ids[j, : len(seq)] = torch.tensor(seq)
+        attention[j, : len(seq)] = 1
+        target_mask[j, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
+    return ids.to(device), attention.to(device), target_mask.to(device)
+
+
+def batch_loss(policy: Policy, name: str | None, ids, attention, target_mask) -> tuple[torch.Tensor, int]:
+    """Mean NLL of the agent tokens of a padded batch, and how many there are.
+
+    Position t predicts token t+1, so the logits are needed where the *next* token is an
+    agent token, and only there."""
+    predict = torch.zeros_like(target_mask)
+    predict[:, :-1] = target_mask[:, 1:]
+    logits = policy.logits([name] * ids.shape[0], ids, keep=predict, attention_mask=attention).float()
+    targets = ids[:, 1:][target_mask[:, 1:]]
+    return torch.nn.functional.cross_entropy(logits, targets), int(predict.sum())
+
+
+def _step(policy: Policy, name: str, tensors: tuple, optimizer, config: TrainConfig, anchor) -> tuple[float, int]:
+    """One optimizer step on one padded batch (plus FedProx's pull towards `anchor`, if any);
+    returns the batch's mean agent-token loss and its number of agent tokens."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss, n = batch_loss(policy, name, *tensors)
+    total = loss
+    if anchor is not None:
+        prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+        total = loss + config.fedprox_mu / 2 * prox
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    return float(loss.detach()), n
 
 
 def train_adapter(
-    policy: Policy, name: str, trajectories: list[Trajectory], config: TrainConfig, progress: str | None = None
+    policy: Policy,
+    name: str,
+    trajectories: list[Trajectory],
+    config: TrainConfig,
+    *,
+    seed: int = 0,
+    factors: str = "AB",
+    progress: str | None = None,
 ) -> TrainReport:
     """Fine-tune adapter `name` of `policy` in place on `trajectories`; returns what happened.
 
-    `progress` labels a progress bar (steps, loss, tokens/s); None shows none.
+    `factors`: which LoRA factors train ('AB', or 'B' for FFA-LoRA's frozen A). `seed` fixes
+    the batch order. `progress` labels a progress bar (steps, loss, tokens/s); None shows none.
     """
     report = TrainReport(examples=len(trajectories))
     if not trajectories:
         return report
     start = time.perf_counter()
-    layout = ChatLayout(policy.tokenizer)
-    examples, report.truncated = encode_examples(layout, trajectories, config.max_length)
-    rng = random.Random(config.seed)
+    examples, report.truncated = encode_examples(ChatLayout(policy.tokenizer), trajectories, config.max_length)
+    rng = random.Random(seed)
     epochs_batches = [
         length_batches([len(e[0]) for e in examples], config.batch_tokens, rng) for _ in range(config.epochs)
     ]
     total_steps = sum(len(b) for b in epochs_batches)
-
-    policy.activate(name)
-    params = _trainable(policy, name, config.train_factors)
-    anchor = [p.detach().clone() for p in params] if config.fedprox_mu > 0 else None
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
-    )
-    model = policy.peft.get_base_model()
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
     pad = policy.tokenizer.pad_token_id or 0
-    device = policy.device
-    torch.manual_seed(config.seed)
-    policy.peft.train()
-    bar = _progress_bar(total_steps, progress) if progress else None
-    try:
-        for batches in epochs_batches:
-            loss_sum, loss_count = 0.0, 0
-            for batch in batches:
-                width = max(len(examples[i][0]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attention = torch.zeros(len(batch), width, dtype=torch.long)
-                target_mask = torch.zeros(len(batch), width, dtype=torch.bool)
-                for j, i in enumerate(batch):
-                    seq, mask = examples[i]
-                    ids[j, : len(seq)] = torch.tensor(seq)
-                    attention[j, : len(seq)] = 1
-                    target_mask[j, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
-                ids, attention, target_mask = ids.to(device), attention.to(device), target_mask.to(device)
-                hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
-                # position t predicts token t+1: loss where the *next* token is an agent token
-                predict = target_mask[:, 1:]
-                logits = head(hidden[:, :-1][predict]).float()
-                targets = ids[:, 1:][predict]
-                loss = torch.nn.functional.cross_entropy(logits, targets)
-                total = loss
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    total = loss + config.fedprox_mu / 2 * prox
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                schedule.step()
-                n = int(predict.sum())
-                loss_sum += float(loss.detach()) * n
-                loss_count += n
-                report.steps += 1
-                report.tokens += int(attention.sum())
-                report.loss_tokens += n
-                if bar is not None:
+    bar = progress_bar(total_steps, progress, unit="step")
+    with policy.training(name, factors) as params:
+        anchor = [p.detach().clone() for p in params] if config.fedprox_mu > 0 else None
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        )
+        torch.manual_seed(seed)
+        try:
+            for batches in epochs_batches:
+                loss_sum, loss_count = 0.0, 0
+                for batch in batches:
+                    tensors = _padded_batch(examples, batch, pad, policy.device)
+                    loss, n = _step(policy, name, tensors, optimizer, config, anchor)
+                    schedule.step()
+                    loss_sum += loss * n
+                    loss_count += n
+                    report.steps += 1
+                    report.tokens += int(tensors[1].sum())
+                    report.loss_tokens += n
                     bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{loss_sum / max(loss_count, 1):.3f}",
-                        tok_s=f"{report.tokens / (time.perf_counter() - start):.0f}",
-                    )
-            report.epoch_losses.append(loss_sum / max(loss_count, 1))
-    finally:
-        if bar is not None:
+                    rate = report.tokens / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.3f}", tok_s=f"{rate:.0f}")
+                report.epoch_losses.append(loss_sum / max(loss_count, 1))
+        finally:
             bar.close()
-        policy.peft.eval()
-        for p in policy.peft.parameters():
-            p.requires_grad_(False)
-        policy.rehash(name)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _progress_bar(total: int, label: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=label, unit="step", dynamic_ncols=True, leave=False)
 
 
 @torch.no_grad()
@@ -215,11 +211,10 @@ def mean_loss(policy: Policy, name: str | None, trajectories: list[Trajectory], 
     """Mean NLL per agent token of `trajectories` under adapter `name` (None: the base model)."""
     layout = ChatLayout(policy.tokenizer)
     examples, _ = encode_examples(layout, trajectories, max_length)
+    pad = policy.tokenizer.pad_token_id or 0
     total, count = 0.0, 0
-    for ids, mask in examples:
-        x = torch.tensor([ids], device=policy.device)
-        logits = policy.forward([name], input_ids=x).float()[0, :-1]
-        predict = torch.tensor(mask[1:], dtype=torch.bool, device=policy.device)
-        total += float(torch.nn.functional.cross_entropy(logits[predict], x[0, 1:][predict], reduction="sum"))
-        count += int(predict.sum())
+    for i in range(len(examples)):
+        loss, n = batch_loss(policy, name, *_padded_batch(examples, [i], pad, policy.device))
+        total += float(loss) * n
+        count += n
     return total / max(count, 1)

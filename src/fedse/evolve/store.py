@@ -10,13 +10,13 @@ ours; it is kept as it is.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from fedse.agent.chat import episode_messages
 from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
+from fedse.files import append_lines, read_lines
 
 ITEM_PREFIX = {
     "babyai": "babyai_",
@@ -29,27 +29,16 @@ ITEM_PREFIX = {
 
 def append_jsonl(path: Path, trajectories: Iterable[Trajectory]) -> int:
     """Append and fsync; returns how many were written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("a", encoding="utf-8") as f:
-        for t in trajectories:
-            f.write(t.to_json() + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    return n
+    return append_lines(path, (t.to_json() for t in trajectories))
 
 
 def read_jsonl(path: Path) -> list[Trajectory]:
-    if not path.exists():
-        return []
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(Trajectory.from_json(line))
-            except (json.JSONDecodeError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: not a trajectory record ({error})") from None
+    for number, line in enumerate(read_lines(path), start=1):
+        try:
+            out.append(Trajectory.from_json(line))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a trajectory record ({error})") from None
     return out
 
 

@@ -11,15 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from fedse.envs import list_envs
 from fedse.errors import UserError
+from fedse.evolve.buffer import BufferConfig
+from fedse.evolve.sft import TrainConfig
 from fedse.fl.aggregators import AGGREGATORS
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from fedse.fl.client import ExploreConfig
+from fedse.sections import Section
 
 
 class ModelSection(Section):
@@ -57,31 +57,6 @@ class FedSection(Section):
         return v
 
 
-class ExploreSection(Section):
-    tasks: int | None = Field(32, ge=0)
-    """Train tasks each client plays per round (None: its whole train split)."""
-    temperature: float = Field(1.0, ge=0)
-    max_new_tokens: int = Field(96, ge=1)
-    max_batch: int = Field(32, ge=1)
-    filter: str = "success"
-
-
-class BufferSection(Section):
-    expert_seeds: int | None = Field(None, ge=0)
-    """Expert demonstrations that seed each buffer (None: one per train id, like AgentTraj)."""
-    cap: int | None = Field(None, ge=1)
-    dedup: Literal["none", "exact"] = "none"
-    history: bool = True
-
-
-class TrainSection(Section):
-    epochs: int = Field(2, ge=0)
-    lr: float = Field(5e-5, gt=0)
-    batch_tokens: int = Field(2048, ge=64)
-    max_length: int = Field(2048, ge=64)
-    fedprox_mu: float = Field(0.0, ge=0)
-
-
 class EvalSection(Section):
     tasks: int | None = Field(None, ge=1)
     """Test tasks per environment, spread evenly over the AgentEval test split (None: all of it)."""
@@ -89,12 +64,15 @@ class EvalSection(Section):
 
 
 class RunConfig(Section):
+    """A whole run. Each section is owned by the layer that consumes it, with its defaults there:
+    [explore] by `fedse.fl.client`, [buffer] by `fedse.evolve.buffer`, [train] by `fedse.evolve.sft`."""
+
     name: str = "run"
     model: ModelSection = ModelSection()
     fed: FedSection = FedSection()
-    explore: ExploreSection = ExploreSection()
-    buffer: BufferSection = BufferSection()
-    train: TrainSection = TrainSection()
+    explore: ExploreConfig = ExploreConfig()
+    buffer: BufferConfig = BufferConfig()
+    train: TrainConfig = TrainConfig()
     eval: EvalSection = EvalSection()
 
 

@@ -8,12 +8,11 @@ Several runs are overlaid in the same plots, one line per run.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedse.errors import UserError
+from fedse.experiments.records import AggregateRecord, ClientRecord, RoundRecords, RunRecords
+from fedse.experiments.store import RunStore
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -32,55 +31,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-EVENTS = ("eval", "eval_avg", "explore", "client", "aggregate")
-
-
-@dataclass
-class RunRecords:
-    """One run's configuration and metrics, grouped by event."""
-
-    name: str
-    root: Path
-    config: dict
-    eval: list[dict] = field(default_factory=list)
-    eval_avg: list[dict] = field(default_factory=list)
-    explore: list[dict] = field(default_factory=list)
-    client: list[dict] = field(default_factory=list)
-    aggregate: list[dict] = field(default_factory=list)
-
-    @property
-    def envs(self) -> list[str]:
-        return list(dict.fromkeys(r["env"] for r in self.eval))
-
-    @property
-    def clients(self) -> list[str]:
-        return list(dict.fromkeys(r["client"] for r in self.client))
-
-    @property
-    def rounds(self) -> list[int]:
-        return sorted({r["round"] for r in self.eval_avg})
-
-    def eval_at(self, round_: int, env: str) -> dict | None:
-        return next((r for r in self.eval if r["round"] == round_ and r["env"] == env), None)
-
-    def pooled(self, round_: int) -> tuple[int, int]:
-        """(successes, tasks) over every env at `round_` (the numerator and denominator of Avg)."""
-        rows = [r for r in self.eval if r["round"] == round_]
-        return sum(r["successes"] for r in rows), sum(r["tasks"] for r in rows)
-
-
 def load_run(root: str | Path) -> RunRecords:
-    root = Path(root)
-    if not (root / "config.json").exists() or not (root / "metrics.jsonl").exists():
-        raise UserError(f"{root} is not a run directory (it needs config.json and metrics.jsonl; see `fedse run`)")
-    config = json.loads((root / "config.json").read_text())
-    run = RunRecords(name=config.get("name", root.name), root=root, config=config)
-    for line in (root / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if record.get("event") in EVENTS:
-                getattr(run, record["event"]).append(record)
-    return run
+    return RunStore(root).load()
 
 
 # --- markdown ----------------------------------------------------------------------------------
@@ -98,15 +50,14 @@ def _success_table(run: RunRecords) -> list[str]:
         "|---:|" + "---|" * len(envs) + "---|---:|",
     ]
     for avg in run.eval_avg:
-        round_ = avg["round"]
-        cells = []
-        for env in envs:
-            r = run.eval_at(round_, env)
-            cells.append(_rate(r["successes"], r["tasks"]) if r else "–")
-        lines.append(
-            f"| {round_} | " + " | ".join(cells) + f" | {_rate(*run.pooled(round_))} | {avg['avg_mean']:.1%} |"
-        )
+        this = run.round(avg.round)
+        cells = [_rate(r.successes, r.tasks) if (r := this.eval_of(env)) else "–" for env in envs]
+        lines.append(f"| {avg.round} | " + " | ".join(cells) + f" | {_rate(*this.pooled())} | {avg.avg_mean:.1%} |")
     return lines
+
+
+def _loss(loss: float | None) -> str:
+    return "–" if loss is None else f"{loss:.3f}"
 
 
 def _client_table(run: RunRecords) -> list[str]:
@@ -115,10 +66,9 @@ def _client_table(run: RunRecords) -> list[str]:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in run.client:
-        loss = f"{r['train_loss']:.3f}" if "train_loss" in r else "–"
         lines.append(
-            f"| {r['round']} | {r['client']} | {r['explored']} | {r['explore_success']:.0%} | {r['kept']} | {r['buffer']} "
-            f"| {r['train_examples']} | {loss} | {r.get('explore_tokens', '–')} | {r['train_seconds']:.0f} |"
+            f"| {r.round} | {r.client} | {r.explored} | {r.explore_success:.0%} | {r.kept} | {r.buffer} "
+            f"| {r.train_examples} | {_loss(r.train_loss)} | {r.explore_tokens} | {r.train_seconds:.0f} |"
         )
     return lines
 
@@ -134,19 +84,19 @@ def _aggregate_table(run: RunRecords) -> list[str]:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in run.aggregate:
-        inexact = f"{r['inexactness']:.4f}" if r.get("inexactness") is not None else "–"
-        cosine = f"{_mean_off_diagonal(r['update_cosine']):.3f}" if r.get("update_cosine") else "–"
+        inexact = f"{r.inexactness:.4f}" if r.inexactness is not None else "–"
+        cosine = f"{_mean_off_diagonal(r.update_cosine):.3f}" if r.update_cosine else "–"
         lines.append(
-            f"| {r['round']} | {len(r['accepted'])} | {inexact} | {cosine} "
-            f"| {sum(r['bytes_up']) / 1e6:.1f} | {r['bytes_down'] / 1e6:.1f} |"
+            f"| {r.round} | {len(r.accepted)} | {inexact} | {cosine} "
+            f"| {sum(r.bytes_up) / 1e6:.1f} | {r.bytes_down / 1e6:.1f} |"
         )
     return lines
 
 
 def _timing(run: RunRecords) -> str:
-    rollout = sum(r["seconds"] for r in run.explore)
-    train = sum(r["train_seconds"] for r in run.client)
-    evaluation = sum(r.get("seconds", 0.0) for r in run.eval_avg)
+    rollout = sum(r.seconds for r in run.explore)
+    train = sum(r.train_seconds for r in run.client)
+    evaluation = sum(r.seconds for r in run.eval_avg)
     return (
         f"Time spent: exploration rollouts {rollout / 60:.1f} min, local training {train / 60:.1f} min, "
         f"evaluation {evaluation / 60:.1f} min (the embedded runtime plays all clients' exploration in one batched "
@@ -177,12 +127,12 @@ def render_markdown(runs: list[RunRecords], plots: list[str]) -> str:
         "",
     ]
     for run in runs:
-        first, last = (run.eval_avg[0], run.eval_avg[-1]) if run.eval_avg else (None, None)
         out += [f"## {run.name}", ""]
-        if first and last:
+        if run.eval_avg:
+            first, last = run.eval_avg[0], run.eval_avg[-1]
             out += [
-                f"Avg test success: round {first['round']} {first['avg_weighted']:.1%} → "
-                f"round {last['round']} {last['avg_weighted']:.1%}.",
+                f"Avg test success: round {first.round} {first.avg_weighted:.1%} → "
+                f"round {last.round} {last.avg_weighted:.1%}.",
                 "",
             ]
         out += ["### Test success per round", "", *_success_table(run), ""]
@@ -193,46 +143,49 @@ def render_markdown(runs: list[RunRecords], plots: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def round_summary(run: RunRecords, round_: int, seconds: float) -> str:
+def _client_columns(c: ClientRecord) -> str:
+    return (
+        f" {c.explored:>8} {c.explore_success:>5.0%} {c.kept:>5} {c.buffer:>6} {_loss(c.train_loss):>7}"
+        f" {c.train_seconds:>5.0f}s"
+    )
+
+
+def _aggregate_line(agg: AggregateRecord, aggregator: str) -> str:
+    parts = [f"{len(agg.accepted)} updates accepted"]
+    if agg.rejected:
+        parts.append(f"rejected {agg.rejected}")
+    if agg.inexactness is not None:
+        parts.append(f"inexactness {agg.inexactness:.4f}")
+    if agg.update_cosine:
+        parts.append(f"mean update cosine {_mean_off_diagonal(agg.update_cosine):.3f}")
+    parts.append(f"{sum(agg.bytes_up) / 1e6:.1f} MB up, {agg.bytes_down / 1e6:.1f} MB down per client")
+    return f"aggregate ({aggregator}): " + ", ".join(parts)
+
+
+def round_summary(records: RoundRecords, planned: int, aggregator: str) -> str:
     """The one-screen summary printed after each round, from that round's records."""
-    planned = run.config["fed"]["rounds"]
-    lines = [f"── round {round_}/{planned} ({seconds:.0f} s) " + "─" * 40]
-    clients = {r["client"]: r for r in run.client if r["round"] == round_}
+    took = f" ({records.seconds:.0f} s)" if records.seconds is not None else ""
+    lines = [f"── round {records.round}/{planned}{took} " + "─" * 40]
+    clients = {r.client: r for r in records.clients}
     header = f"{'env / client':<12} {'test success':<22}"
     if clients:
         header += f" {'explored':>8} {'ok':>5} {'kept':>5} {'buffer':>6} {'loss':>7} {'train':>6}"
     lines.append(header)
-    for env in dict.fromkeys([*run.envs, *clients]):
-        r = run.eval_at(round_, env)
-        c = clients.get(env)
-        line = f"{env:<12} {_rate(r['successes'], r['tasks']) if r else '–':<22}"
-        if c:
-            loss = f"{c['train_loss']:.3f}" if "train_loss" in c else "–"
-            line += (
-                f" {c['explored']:>8} {c['explore_success']:>5.0%} {c['kept']:>5} {c['buffer']:>6} {loss:>7}"
-                f" {c['train_seconds']:>5.0f}s"
-            )
+    for env in dict.fromkeys([*(r.env for r in records.evals), *clients]):
+        r = records.eval_of(env)
+        line = f"{env:<12} {_rate(r.successes, r.tasks) if r else '–':<22}"
+        if env in clients:
+            line += _client_columns(clients[env])
         lines.append(line)
-    explore = next((e for e in run.explore if e["round"] == round_), None)
-    if explore:
+    if (explore := records.explore) is not None:
         lines.append(
-            f"explore: {explore['episodes']} episodes, {explore['turns']} turns in one batch, {explore['seconds']:.0f} s "
-            f"({explore['processed_tokens'] / max(explore['seconds'], 1e-9):.0f} tok/s)"
+            f"explore: {explore.episodes} episodes, {explore.turns} turns in one batch, {explore.seconds:.0f} s "
+            f"({explore.processed_tokens / max(explore.seconds, 1e-9):.0f} tok/s)"
         )
-    avg = next((a for a in run.eval_avg if a["round"] == round_), None)
-    if avg:
-        lines.append(f"Avg (task-weighted) {_rate(*run.pooled(round_))}; mean over envs {avg['avg_mean']:.1%}")
-    agg = next((a for a in run.aggregate if a["round"] == round_), None)
-    if agg:
-        parts = [f"{len(agg['accepted'])} updates accepted"]
-        if agg["rejected"]:
-            parts.append(f"rejected {agg['rejected']}")
-        if agg.get("inexactness") is not None:
-            parts.append(f"inexactness {agg['inexactness']:.4f}")
-        if agg.get("update_cosine"):
-            parts.append(f"mean update cosine {_mean_off_diagonal(agg['update_cosine']):.3f}")
-        parts.append(f"{sum(agg['bytes_up']) / 1e6:.1f} MB up, {agg['bytes_down'] / 1e6:.1f} MB down per client")
-        lines.append(f"aggregate ({run.config['fed']['aggregator']}): " + ", ".join(parts))
+    if records.eval_avg is not None:
+        lines.append(f"Avg (task-weighted) {_rate(*records.pooled())}; mean over envs {records.eval_avg.avg_mean:.1%}")
+    if records.aggregate is not None:
+        lines.append(_aggregate_line(records.aggregate, aggregator))
     return "\n".join(lines)
 
 
@@ -265,13 +218,14 @@ def _plot_success(runs: list[RunRecords], path: Path) -> None:
         for run in runs:
             xs, counts = [], []
             for round_ in run.rounds:
+                this = run.round(round_)
                 if panel in envs:
-                    r = run.eval_at(round_, panel)
+                    r = this.eval_of(panel)
                     if r is None:
                         continue
-                    counts.append((r["successes"], r["tasks"]))
+                    counts.append((r.successes, r.tasks))
                 else:
-                    counts.append(run.pooled(round_))
+                    counts.append(this.pooled())
                 xs.append(round_)
             if not xs:
                 continue
@@ -295,9 +249,9 @@ def _plot_clients(runs: list[RunRecords], path: Path) -> None:
     for ax, (key, title) in zip(axes, fields):
         for run in runs:
             for client in run.clients:
-                rows = [r for r in run.client if r["client"] == client and key in r]
+                rows = [r for r in run.client if r.client == client and getattr(r, key) is not None]
                 label = client if len(runs) == 1 else f"{run.name}/{client}"
-                ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+                ax.plot([r.round for r in rows], [getattr(r, key) for r in rows], marker="o", label=label)
         ax.set_title(title)
         ax.set_ylim(bottom=0)
         _round_axis(ax)
@@ -308,27 +262,27 @@ def _plot_clients(runs: list[RunRecords], path: Path) -> None:
 def _plot_aggregation(runs: list[RunRecords], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    with_cos = [run for run in runs if run.aggregate and run.aggregate[-1].get("update_cosine")]
+    with_cos = [run for run in runs if run.aggregate and run.aggregate[-1].update_cosine]
     fig, axes = plt.subplots(1, 1 + len(with_cos), figsize=(4 + 3.6 * len(with_cos), 3.4), squeeze=False)
     ax = axes[0][0]
     for run in runs:
-        rows = [r for r in run.aggregate if r.get("inexactness") is not None]
-        ax.plot([r["round"] for r in rows], [r["inexactness"] for r in rows], marker="o", label=run.name)
+        rows = [r for r in run.aggregate if r.inexactness is not None]
+        ax.plot([r.round for r in rows], [r.inexactness for r in rows], marker="o", label=run.name)
     ax.set_title("inexactness ‖B̄Ā − mean BA‖ / ‖mean BA‖")
     _round_axis(ax)
     ax.legend(fontsize=8)
     for ax, run in zip(axes[0][1:], with_cos):
         last = run.aggregate[-1]
-        names = last.get("accepted") or run.clients
-        image = ax.imshow(last["update_cosine"], vmin=-1, vmax=1, cmap="RdBu_r")
+        names = last.accepted or run.clients
+        image = ax.imshow(last.update_cosine, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_xticks(range(len(names)), names, rotation=45, fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
-        for i, row in enumerate(last["update_cosine"]):
+        for i, row in enumerate(last.update_cosine):
             for j, v in enumerate(row):
                 ax.text(
                     j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if abs(v) > 0.5 else "black"
                 )
-        ax.set_title(f"{run.name}: update cosine, round {last['round']}", fontsize=9)
+        ax.set_title(f"{run.name}: update cosine, round {last.round}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
     _save(fig, path)
 
@@ -338,11 +292,11 @@ def _plot_communication(runs: list[RunRecords], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for run in runs:
-        rounds = [r["round"] for r in run.aggregate]
-        ax.plot(rounds, [sum(r["bytes_up"]) / 1e6 for r in run.aggregate], marker="o", label=f"{run.name} up (all)")
+        rounds = [r.round for r in run.aggregate]
+        ax.plot(rounds, [sum(r.bytes_up) / 1e6 for r in run.aggregate], marker="o", label=f"{run.name} up (all)")
         ax.plot(
             rounds,
-            [r["bytes_down"] * len(r["accepted"]) / 1e6 for r in run.aggregate],
+            [r.bytes_down * len(r.accepted) / 1e6 for r in run.aggregate],
             marker="s",
             linestyle="--",
             label=f"{run.name} down (all)",

@@ -12,30 +12,23 @@ Every aggregator is a pure function of tensors: `aggregate(global, updates, stat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from fedse.agent.lora import Adapter
+from fedse.agent.lora import (
+    A_SUFFIX,
+    B_SUFFIX,
+    Adapter,
+    delta_weights,
+    factor_keys,
+    fresh_adapter,
+    lora_modules,
+    mean_delta,
+    tensor_bytes,
+)
 from fedse.fl.update import Update
-
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-
-
-def lora_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The adapted modules' name prefixes, in sorted order."""
-    return sorted(k[: -len(A_SUFFIX)] for k in tensors if k.endswith(A_SUFFIX))
-
-
-def scale_of(adapter: Adapter) -> float:
-    return adapter.spec.alpha / adapter.spec.rank
-
-
-def delta_weights(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """ΔW = s · B A for every adapted module."""
-    return {m: scale * tensors[m + B_SUFFIX].double() @ tensors[m + A_SUFFIX].double() for m in lora_modules(tensors)}
 
 
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -65,8 +58,7 @@ class Aggregator:
 
     def upload(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The part of a client's adapter that crosses to the server."""
-        suffixes = [s for f, s in (("A", A_SUFFIX), ("B", B_SUFFIX)) if f in self.uploads]
-        return {k: v for k, v in tensors.items() if k.endswith(tuple(suffixes))}
+        return {k: tensors[k] for k in factor_keys(tensors, self.uploads)}
 
     def client_start(self, received: Adapter, local: Adapter | None) -> Adapter:
         """The adapter a client starts its round from (non-personalized: the global one)."""
@@ -74,7 +66,7 @@ class Aggregator:
 
     def bytes_up(self, adapter: Adapter) -> int:
         """Bytes one client uploads per round."""
-        return sum(t.numel() * t.element_size() for t in self.upload(adapter.tensors).values())
+        return tensor_bytes(self.upload(adapter.tensors))
 
     def bytes_down(self, adapter: Adapter, num_clients: int) -> int:
         """Bytes the server sends each client per round."""
@@ -127,7 +119,7 @@ class FFALoRA(Aggregator):
     uploads = trains = "B"
 
     def aggregate(self, current, updates, state):
-        keys = [k for k in current.tensors if k.endswith(B_SUFFIX)]
+        keys = factor_keys(current.tensors, "B")
         return Aggregation(self._average(current, updates, [1.0] * len(updates), keys), state=state)
 
 
@@ -140,7 +132,7 @@ class FedSALoRA(Aggregator):
     uploads = "A"
 
     def aggregate(self, current, updates, state):
-        keys = [k for k in current.tensors if k.endswith(A_SUFFIX)]
+        keys = factor_keys(current.tensors, "A")
         return Aggregation(self._average(current, updates, [1.0] * len(updates), keys), state=state)
 
     def client_start(self, received, local):
@@ -162,9 +154,7 @@ class FLoRA(Aggregator):
     mutates_base = True
 
     def aggregate(self, current, updates, state):
-        scale = scale_of(current)
-        deltas = [delta_weights(u.tensors, scale) for u in updates]
-        base_delta = {m: sum(d[m] for d in deltas) / len(deltas) for m in deltas[0]}
+        base_delta = mean_delta([delta_weights(u.tensors, current.scale) for u in updates])
         round_ = state.get("round", 0) + 1
         return Aggregation(fresh_adapter(current, seed=round_), base_delta, {**state, "round": round_})
 
@@ -184,11 +174,9 @@ class FedExLoRA(Aggregator):
 
     def aggregate(self, current, updates, state):
         averaged = self._average(current, updates, [1.0] * len(updates), current.tensors)
-        scale = scale_of(current)
-        deltas = [delta_weights(u.tensors, scale) for u in updates]
-        mean_delta = {m: sum(d[m] for d in deltas) / len(deltas) for m in deltas[0]}
-        product = delta_weights(averaged.tensors, scale)
-        return Aggregation(averaged, {m: mean_delta[m] - product[m] for m in mean_delta}, state)
+        mean = mean_delta([delta_weights(u.tensors, current.scale) for u in updates])
+        product = delta_weights(averaged.tensors, current.scale)
+        return Aggregation(averaged, {m: mean[m] - product[m] for m in mean}, state)
 
     def bytes_down(self, adapter, num_clients):
         dense = sum(
@@ -196,19 +184,6 @@ class FedExLoRA(Aggregator):
             for m in lora_modules(adapter.tensors)
         )
         return adapter.num_bytes + dense * 4
-
-
-def fresh_adapter(like: Adapter, seed: int) -> Adapter:
-    """PEFT's LoRA init with a seeded generator: A ~ kaiming-uniform(a=√5), B = 0."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for k, v in like.tensors.items():
-        if k.endswith(A_SUFFIX):
-            bound = 1 / math.sqrt(v.shape[1])  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
-            tensors[k] = (torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).to(v.dtype)
-        else:
-            tensors[k] = torch.zeros_like(v)
-    return Adapter(like.spec, tensors)
 
 
 AGGREGATORS: dict[str, type[Aggregator]] = {

@@ -12,8 +12,8 @@ scalar metrics); the trained adapter itself stays with the client for personaliz
 from __future__ import annotations
 
 import random
-import zlib
-from dataclasses import dataclass, field, replace
+
+from pydantic import Field, field_validator
 
 from fedse.agent.lora import Adapter
 from fedse.agent.policy import Policy
@@ -25,20 +25,30 @@ from fedse.evolve.filters import make_filter
 from fedse.evolve.sft import TrainConfig, train_adapter
 from fedse.fl.aggregators import Aggregator
 from fedse.fl.update import Update
+from fedse.sections import Section
+from fedse.seeds import derived_seed
 
 
-@dataclass(frozen=True)
-class ClientSettings:
-    explore_tasks: int | None = 32
-    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0))
-    max_batch: int = 32
+class ExploreConfig(Section):
+    """The `[explore]` section of a run configuration: how a client explores each round."""
+
+    tasks: int | None = Field(32, ge=0)
+    """Train tasks each client plays per round (None: its whole train split)."""
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = Field(96, ge=1)
+    max_batch: int = Field(32, ge=1)
     filter: str = "success"
-    train: TrainConfig = field(default_factory=TrainConfig)
+    """success (the paper), none, or reward_threshold:<x> (`fedse.evolve.filters.make_filter`)."""
 
+    @field_validator("filter")
+    @classmethod
+    def _known_filter(cls, v: str) -> str:
+        make_filter(v)
+        return v
 
-def derived_seed(*parts: object) -> int:
-    """A stable seed from any parts (Python's hash() of strings changes between processes)."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 
 
 def exploration_tasks(env_name: str, count: int | None, seed: int) -> list[int]:
@@ -54,13 +64,14 @@ def exploration_tasks(env_name: str, count: int | None, seed: int) -> list[int]:
 
 
 def exploration_requests(
-    client: str, env_name: str, round_: int, settings: ClientSettings, seed: int = 0
+    client: str, env_name: str, round_: int, explore: ExploreConfig, seed: int = 0
 ) -> list[RolloutRequest]:
     """The episodes `client` plays in round `round_`, with adapter slot `client` and per-episode seeds."""
     round_seed = derived_seed(seed, round_, client)
-    tasks = exploration_tasks(env_name, settings.explore_tasks, round_seed)
+    tasks = exploration_tasks(env_name, explore.tasks, round_seed)
+    sampling = explore.sampling
     return [
-        RolloutRequest(env_name, task, adapter=client, sampling=settings.sampling, seed=derived_seed(round_seed, i))
+        RolloutRequest(env_name, task, adapter=client, sampling=sampling, seed=derived_seed(round_seed, i))
         for i, task in enumerate(tasks)
     ]
 
@@ -71,19 +82,27 @@ def learn(
     explored: list[Trajectory],
     buffer: ExperienceBuffer,
     round_: int,
-    settings: ClientSettings,
+    explore: ExploreConfig,
+    train: TrainConfig,
     aggregator: Aggregator,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[Update, Adapter]:
     """Filter the explored episodes, grow the buffer, train adapter slot `client` on it (Algorithm 1,
     lines 4-6); returns the update for the server and the trained adapter."""
-    keep = make_filter(settings.filter)
+    keep = make_filter(explore.filter)
     kept = [t for t in explored if keep.keep(t)]
     added = buffer.add(kept, round_)
     data = buffer.training_set(round_)
-    train = replace(settings.train, train_factors=aggregator.trains, seed=derived_seed(seed, round_, client))
-    report = train_adapter(policy, client, data, train, progress=f"{client}: train" if progress else None)
+    report = train_adapter(
+        policy,
+        client,
+        data,
+        train,
+        seed=derived_seed(seed, round_, client),
+        factors=aggregator.trains,
+        progress=f"{client}: train" if progress else None,
+    )
     trained = policy.get(client)
     metrics = {
         "explored": len(explored),

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedse.agent.lora import Adapter
-from fedse.fl.aggregators import Aggregation, Aggregator, delta_weights, scale_of
+from fedse.agent.lora import Adapter, delta_weights, mean_delta
+from fedse.fl.aggregators import Aggregation, Aggregator
 from fedse.fl.update import Update, update_problems
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _flat(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Update], result: Aggregation) -> dict:
-    scale = scale_of(current)
+    scale = current.scale
     out: dict = {
         "clients": len(updates),
         "bytes_up": [aggregator.bytes_up(current)] * len(updates),
@@ -77,8 +77,9 @@ def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Up
     if "B" not in aggregator.uploads:
         return out
     before = _flat(delta_weights(current.tensors, scale))
-    client = torch.stack([_flat(delta_weights(u.tensors, scale)) for u in updates])
-    mean = client.mean(0)
+    deltas = [delta_weights(u.tensors, scale) for u in updates]
+    client = torch.stack([_flat(d) for d in deltas])
+    mean = _flat(mean_delta(deltas))
     norm = float(mean.norm()) or 1.0
     avg_a = {k: torch.stack([u.tensors[k].double() for u in updates]).mean(0) for k in current.tensors}
     out["inexactness"] = float((mean - _flat(delta_weights(avg_a, scale))).norm()) / norm

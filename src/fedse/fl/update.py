@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedse.agent.lora import tensor_bytes
+
 
 @dataclass
 class Update:
@@ -24,7 +26,7 @@ class Update:
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return tensor_bytes(self.tensors)
 
 
 def update_problems(update: Update, expected: dict[str, torch.Tensor]) -> list[str]:

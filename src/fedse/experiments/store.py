@@ -1,0 +1,165 @@
+"""The run folder: its paths, its records, its checkpoints, and how a crashed run resumes.
+
+    runs/<name>/
+      config.json                the resolved configuration
+      metrics.jsonl              one record per event (`fedse.experiments.records`)
+      clients/<c>/buffer.jsonl   each client's experience buffer (private to the client)
+      checkpoints/round_NNN/     global adapter (PEFT format), base delta, aggregator state, personal adapters
+      state.json                 the last completed round and its global adapter's hash
+      evals/                     re-evaluations of checkpoints (`fedse eval`)
+
+A checkpoint is written into a temporary folder, fsynced and renamed, and only then is
+state.json replaced: a crash at any point leaves the previous round complete. Every file is
+written through `fedse.files` (atomic replaces, fsynced appends).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedse.agent.lora import Adapter, load_adapter, save_adapter
+from fedse.errors import UserError
+from fedse.experiments.records import Record, RunRecords, parse_record
+from fedse.files import append_lines, atomic_write_json, fsync_tree, read_lines, write_lines
+
+GLOBAL = "global"
+
+
+class RunExists(FileExistsError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    """The server's state at the end of a round."""
+
+    global_adapter: Adapter
+    base_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Cumulative dense ΔW per module, folded into the base (mutating aggregators)."""
+    aggregator_state: dict = field(default_factory=dict)
+    personal: dict[str, Adapter] = field(default_factory=dict)
+    """Each client's own adapter (personalised aggregators)."""
+
+
+class RunStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # --- paths -------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    def buffer(self, client: str) -> Path:
+        return self.root / "clients" / client / "buffer.jsonl"
+
+    def checkpoint(self, round_: int) -> Path:
+        return self.root / "checkpoints" / f"round_{round_:03d}"
+
+    def evaluation(self, round_: int, tasks: int | None) -> Path:
+        return self.root / "evals" / f"round_{round_:03d}_tasks_{tasks or 'all'}.json"
+
+    # --- creating and reading ----------------------------------------------------------------
+
+    def create(self, config: dict, force: bool = False) -> None:
+        """A new, empty run folder holding `config`; an existing non-empty one only with `force`."""
+        if self.root.exists() and any(self.root.iterdir()):
+            if not force:
+                raise RunExists(f"{self.root} already exists; use --resume to continue it or --force to overwrite it")
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.config_path, config)
+
+    def read_config(self) -> dict:
+        if not self.config_path.exists():
+            raise UserError(f"{self.root} is not a run directory (no config.json); start one with `fedse run`")
+        return json.loads(self.config_path.read_text())
+
+    def append(self, *records: Record) -> None:
+        append_lines(self.metrics, (r.to_json() for r in records))
+
+    def records(self) -> list[Record]:
+        out = []
+        for number, line in enumerate(read_lines(self.metrics), start=1):
+            record = parse_record(line, where=f"{self.metrics}:{number}")
+            if record is not None:
+                out.append(record)
+        return out
+
+    def load(self) -> RunRecords:
+        """The configuration and every record of this run."""
+        if not self.config_path.exists() or not self.metrics.exists():
+            raise UserError(
+                f"{self.root} is not a run directory (it needs config.json and metrics.jsonl; see `fedse run`)"
+            )
+        config = json.loads(self.config_path.read_text())
+        run = RunRecords(name=config.get("name", self.root.name), root=self.root, config=config)
+        for record in self.records():
+            run.add(record)
+        return run
+
+    # --- rounds and checkpoints --------------------------------------------------------------
+
+    def last_round(self) -> int | None:
+        """The last completed round (None: none completed yet)."""
+        if not self.state.exists():
+            return None
+        return json.loads(self.state.read_text())["round"]
+
+    def completed_rounds(self) -> list[int]:
+        return sorted(int(p.name.split("_")[1]) for p in (self.root / "checkpoints").glob("round_[0-9][0-9][0-9]"))
+
+    def save_checkpoint(self, round_: int, checkpoint: Checkpoint, base_model: str) -> None:
+        """Write round `round_`'s checkpoint atomically, then mark the round completed."""
+        final = self.checkpoint(round_)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(checkpoint.global_adapter, tmp / GLOBAL, base_model=base_model)
+        if checkpoint.base_delta:
+            tensors = {k: v.contiguous() for k, v in checkpoint.base_delta.items()}
+            save_file(tensors, str(tmp / "base_delta.safetensors"))
+        (tmp / "aggregator.json").write_text(json.dumps(checkpoint.aggregator_state))
+        for client, adapter in checkpoint.personal.items():
+            save_adapter(adapter, tmp / "clients" / client)
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        atomic_write_json(self.state, {"round": round_, "global_adapter": checkpoint.global_adapter.hash})
+
+    def load_checkpoint(self, round_: int, clients: list[str]) -> Checkpoint:
+        ckpt = self.checkpoint(round_)
+        if not ckpt.exists():
+            raise UserError(
+                f"{self.root} has no checkpoint for round {round_}; completed rounds: {self.completed_rounds() or 'none'}"
+            )
+        delta_file = ckpt / "base_delta.safetensors"
+        return Checkpoint(
+            global_adapter=load_adapter(ckpt / GLOBAL),
+            base_delta=load_file(str(delta_file)) if delta_file.exists() else {},
+            aggregator_state=json.loads((ckpt / "aggregator.json").read_text()),
+            personal={c: load_adapter(ckpt / "clients" / c) for c in clients if (ckpt / "clients" / c).exists()},
+        )
+
+    def trim_records(self, last_round: int) -> None:
+        """Drop the records of rounds after `last_round` (an unfinished round), atomically."""
+        if not self.metrics.exists():
+            return
+        lines = read_lines(self.metrics)
+        kept = [line for line in lines if json.loads(line)["round"] <= last_round]
+        if len(kept) != len(lines):
+            write_lines(self.metrics, kept)
