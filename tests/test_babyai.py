@@ -202,8 +202,6 @@ def test_a_late_success_does_not_end_the_episode_and_the_score_accumulates():
 
 
 def test_minigrid_sampling_messages_do_not_reach_stdout(capsys):
-    from fedse.envs.babyai import level_and_seed, make_level
-
     task_ids = (6, 46, 86, 126)  # GoToImpUnlock rejects layouts while sampling these seeds
     for task_id in task_ids:  # positive control: minigrid alone prints them
         level, seed = level_and_seed(task_id)

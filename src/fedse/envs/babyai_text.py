@@ -1,8 +1,10 @@
 """AgentGym's text layer over a minigrid BabyAI state (environments.md §3.3–§3.5).
 
-`read_view(env)` turns the agent's 7x7 egocentric view into the description the agent
+`read_view(env, image)` turns the agent's 7x7 egocentric view into the description the agent
 reads and the dictionary of actions it may take next, each action mapped to the
-minigrid primitives it runs (a macro-action such as "go to red ball 1" is a BFS path).
+minigrid primitives it runs (a macro-action such as "go to red ball 1" is a BFS path). It
+is three steps: `scan` reads the view, `describe` writes its text, `list_actions` plans the
+actions.
 Everything here reproduces AgentGym's wrapper (itself adapted from AgentBoard),
 including its quirks, because the strings and paths are what a trained agent sees:
 
@@ -117,18 +119,36 @@ def _position_text(front: int, right: int) -> str:
     return f"{front} steps in front of you and {abs(right)} steps to your {side}. "
 
 
-def read_view(env, image) -> View:
-    """Describe what the agent of a minigrid env (unwrapped) sees and list its actions.
+@dataclass(frozen=True)
+class Scan:
+    """What the agent's 7x7 egocentric view holds, in upstream's scan order."""
 
-    `image` is the egocentric image of the observation minigrid last returned. It can be
-    stale (levels that start the agent carrying an object remove it from the grid after
-    rendering the first observation); AgentGym reads that image, so we do too.
-    """
+    pos: Pos
+    direction: int
+    forward: Pos
+    right: Pos
+    top_left: Pos
+    """The grid cell at the far left corner of the view."""
+    seen: list[Seen]
+    """Listed objects (walls included), stably sorted by Manhattan distance."""
+    barriers: list[Seen]
+    """Boxes and walls on the facing ray, nearest first."""
+    carrying: object | None
+    """minigrid's carried object (with .type and .color), or None."""
+
+    def rel(self, cell: Pos) -> Pos:
+        return (cell[0] - self.pos[0], cell[1] - self.pos[1])
+
+
+def scan(env, image) -> Scan:
+    """Read the view of a minigrid env (unwrapped) from `image`, the egocentric image of the
+    observation minigrid last returned. It can be stale (levels that start the agent carrying
+    an object remove it from the grid after rendering the first observation); AgentGym reads
+    that image, so we do too."""
     pos = (int(env.agent_pos[0]), int(env.agent_pos[1]))
     d = int(env.agent_dir)
     f, r = DIR_TO_VEC[d], DIR_TO_VEC[(d + 1) % 4]
     top_left = (pos[0] + f[0] * (_VIEW - 1) - r[0] * (_VIEW // 2), pos[1] + f[1] * (_VIEW - 1) - r[1] * (_VIEW // 2))
-
     seen: list[Seen] = []
     barriers: list[Seen] = []
     for vj in range(_VIEW):
@@ -147,55 +167,85 @@ def read_view(env, image) -> View:
                 barriers.append(Seen(kind, cell, _dot(f, rel)))
     seen.sort(key=lambda s: s.distance)
     barriers.sort(key=lambda s: s.distance)
-    carrying = env.carrying
+    return Scan(pos, d, f, r, top_left, seen, barriers, env.carrying)
 
-    # --- description -----------------------------------------------------------------
-    if seen:
+
+def describe(view: Scan) -> str:
+    """The text AgentGym's wrapper writes for a view: objects, walls, what is ahead, what is carried."""
+    if view.seen:
         text = "In front of you in this room, you can see several objects: "
         counts: dict[str, int] = {}
-        for obj in seen:
+        for obj in view.seen:
             if "wall" in obj.name:
                 continue
-            rel = (obj.pos[0] - pos[0], obj.pos[1] - pos[1])
+            rel = view.rel(obj.pos)
             counts[obj.name] = counts.get(obj.name, 0) + 1
-            text += f"There is a {obj.name} {counts[obj.name]} {_position_text(_dot(f, rel), _dot(r, rel))} "
+            text += f"There is a {obj.name} {counts[obj.name]} {_position_text(_dot(view.forward, rel), _dot(view.right, rel))} "
     else:
         text = "You cannot see any objects within sight."
     text += "The room has walls around you. "
-    if barriers:
-        text += f"You are facing a {barriers[0].name} {barriers[0].distance} steps away. "
-    if carrying is not None:
-        text += f"You are carrying a {carrying.color} {carrying.type}."
+    if view.barriers:
+        text += f"You are facing a {view.barriers[0].name} {view.barriers[0].distance} steps away. "
+    if view.carrying is not None:
+        text += f"You are carrying a {view.carrying.color} {view.carrying.type}."
     else:
         text += "You are not carrying anything."
+    return text
 
-    # --- actions -----------------------------------------------------------------------
-    xs, ys = _window_ranges(top_left, f, r)
-    blocked = {s.pos for s in seen if any(k in s.name for k in _BLOCKING)}
+
+def list_actions(view: Scan) -> tuple[dict[str, Path], dict[str, str]]:
+    """The actions available now, in upstream's order, each with its primitives; and the error
+    messages of actions that are named but not available."""
+    xs, ys = _window_ranges(view.top_left, view.forward, view.right)
+    blocked = {s.pos for s in view.seen if any(k in s.name for k in _BLOCKING)}
 
     def path(target: Pos, onto: bool = False) -> Path | None:
-        return find_path(pos, d, target, blocked, xs, ys, onto=onto)
+        return find_path(view.pos, view.direction, target, blocked, xs, ys, onto=onto)
 
     actions: dict[str, Path] = {"turn left": [TURN_LEFT], "turn right": [TURN_RIGHT]}
     errors: dict[str, str] = {}
-    if not barriers or barriers[0].distance > 1:
+    if not view.barriers or view.barriers[0].distance > 1:
         actions["move forward"] = [FORWARD]
     else:
         errors["move forward"] = "There is a barrier in front of you, you can't move forward."
+    _hands(actions, errors, view, path)
+    _doors(actions, errors, view, path)
+    for obj in view.seen:
+        if "goal" in obj.name:
+            route = path(obj.pos, onto=True)
+            if route is not None:
+                actions["go to goal"] = route
+            else:
+                errors["go to goal"] = "You cannot go to the goal, as there is no path leading to it."
+    _numbered(actions, errors, "go to", view.seen, path, suffix=[], skip=("wall", "goal"))
+    actions["check available actions"] = []
+    return actions, errors
 
-    if carrying is None:
-        _numbered(actions, errors, "pickup", seen, path, suffix=[PICKUP], skip=("wall", "door", "goal"))
-    if carrying is not None:
-        ahead = (pos[0] + f[0], pos[1] + f[1])
-        if any(s.pos == ahead and any(k in s.name for k in _NO_DROP) for s in seen):
-            errors["drop"] = "You cannot drop the object, as there is already an object in front of you."
-        else:
-            actions["drop"] = [DROP]
-    else:
+
+def read_view(env, image) -> View:
+    """Describe what the agent of a minigrid env (unwrapped) sees and list its actions (see `scan`)."""
+    view = scan(env, image)
+    return View(describe(view), *list_actions(view))
+
+
+def _hands(actions, errors, view: Scan, path) -> None:
+    """Pickup (hands empty) and drop (something carried, free cell ahead)."""
+    if view.carrying is None:
+        _numbered(actions, errors, "pickup", view.seen, path, suffix=[PICKUP], skip=("wall", "door", "goal"))
         errors["drop"] = "You cannot drop the object, as you are not carrying anything."
+        return
+    ahead = (view.pos[0] + view.forward[0], view.pos[1] + view.forward[1])
+    if any(s.pos == ahead and any(k in s.name for k in _NO_DROP) for s in view.seen):
+        errors["drop"] = "You cannot drop the object, as there is already an object in front of you."
+    else:
+        actions["drop"] = [DROP]
 
+
+def _doors(actions, errors, view: Scan, path) -> None:
+    """Go through open doors, toggle and go through closed ones and locked ones with the right key."""
+    carrying = view.carrying
     doors: dict[str, int] = {}
-    for obj in seen:
+    for obj in view.seen:
         if "door" in obj.name:
             doors[obj.name] = doors.get(obj.name, 0) + 1
         label = f"{obj.name} {doors.get(obj.name, 0)}"
@@ -222,17 +272,6 @@ def read_view(env, image) -> View:
                 )
             else:
                 _toggle_through(actions, errors, obj, label, doors, path)
-
-    for obj in seen:
-        if "goal" in obj.name:
-            route = path(obj.pos, onto=True)
-            if route is not None:
-                actions["go to goal"] = route
-            else:
-                errors["go to goal"] = "You cannot go to the goal, as there is no path leading to it."
-    _numbered(actions, errors, "go to", seen, path, suffix=[], skip=("wall", "goal"))
-    actions["check available actions"] = []
-    return View(text, actions, errors)
 
 
 def _toggle_through(actions, errors, obj: Seen, label: str, doors: dict[str, int], path) -> None:
