@@ -18,8 +18,9 @@ import statistics
 import time
 
 from fedse.envs.webshop import WebShopEnv, open_shop
-from fedse.envs.webshop_catalog import goals, synthetic_catalog
-from fedse.envs.webshop_search import SearchEngine
+from fedse.envs.webshop.catalog import goals
+from fedse.envs.webshop.search import SearchEngine
+from fedse.envs.webshop.synthetic import synthetic_catalog
 
 
 def main() -> None:

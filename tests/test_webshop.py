@@ -1,14 +1,17 @@
 """WebShop: catalog and goals, search, pages and clickables, invalid actions, reward, expert, real-data loader."""
 
 import json
+import logging
 
 import pytest
 
 from fedse.envs import EnvError, make_env
-from fedse.envs.webshop import INVALID, Shop, WebShopEnv, open_shop, parse_react_action
-from fedse.envs.webshop_catalog import Catalog, Goal, Product, goals, load_catalog, synthetic_catalog
-from fedse.envs.webshop_reward import normalize_color, purchase_reward, token_set_ratio
-from fedse.envs.webshop_search import SearchEngine
+from fedse.envs.webshop import Shop, WebShopEnv, open_shop
+from fedse.envs.webshop.catalog import Catalog, Goal, Product, goals, load_catalog
+from fedse.envs.webshop.env import INVALID, parse_react_action
+from fedse.envs.webshop.reward import normalize_color, purchase_reward, token_set_ratio
+from fedse.envs.webshop.search import SearchEngine
+from fedse.envs.webshop.synthetic import synthetic_catalog
 from fedse.errors import UserError
 
 
@@ -275,3 +278,21 @@ def test_task_ids_beyond_the_goal_list_are_refused():
     env = make_env("webshop")
     with pytest.raises(EnvError, match=r"webshop: unknown task id 8007; valid ids are 0\.\.8006"):
         env.reset(8007)
+
+
+def test_importing_the_search_module_changes_no_process_state():
+    """bm25s's import-time side effects (JAX backend, DEBUG logging) are tamed where an index is built."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, os\n"
+        "os.environ.pop('JAX_PLATFORMS', None)\n"
+        "import fedse.envs.webshop.search as search\n"
+        "before = ('JAX_PLATFORMS' in os.environ, 'bm25s' in logging.root.manager.loggerDict)\n"
+        "from fedse.envs.webshop.synthetic import synthetic_catalog\n"
+        "search.SearchEngine(synthetic_catalog(50))\n"
+        "print(before, os.environ.get('JAX_PLATFORMS'), logging.getLogger('bm25s').level)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.split() == ["(False,", "False)", "cpu", str(logging.WARNING)]

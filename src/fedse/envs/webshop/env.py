@@ -6,10 +6,10 @@ clickables, and actions are `search[keywords]` (from any page) and `click[value]
 a product id or an option value on the current page, compared lower-cased). Anything else
 leaves the page unchanged with reward 0. Model output is parsed as AgentGym's ReAct client
 does: the text after the last "Action:"; a reply with no action gets "Invalid Action.".
-The episode ends at "Buy Now" with WebShop's reward (`fedse.envs.webshop_reward`); success
+The episode ends at "Buy Now" with WebShop's reward (`fedse.envs.webshop.reward`); success
 means reward 1 (the right product, with the right options, under the budget).
 
-Catalog: the synthetic one of `fedse.envs.webshop_catalog` (1,000 products, 8,007 goals), or
+Catalog: the synthetic one of `fedse.envs.webshop.synthetic` (1,000 products, 8,007 goals), or
 the real `items_shuffle_1000.json` + `items_ins_v2_1000.json` when `FEDSE_WEBSHOP_DATA`
 names the folder holding them. Task id k plays goal k of the seeded, shuffled goal list.
 The splits are AgentGym's id lists (200 test, 3,930 train ids, all below 6,910), so they
@@ -25,9 +25,10 @@ from functools import cache
 from pathlib import Path
 
 from fedse.envs.base import StepResult, TextEnv
-from fedse.envs.webshop_catalog import Catalog, Goal, Product, goals, load_catalog, synthetic_catalog
-from fedse.envs.webshop_reward import purchase_reward
-from fedse.envs.webshop_search import SearchEngine
+from fedse.envs.webshop.catalog import Catalog, Goal, Product, goals, load_catalog
+from fedse.envs.webshop.reward import purchase_reward
+from fedse.envs.webshop.search import SearchEngine
+from fedse.envs.webshop.synthetic import synthetic_catalog
 
 DATA_ENV_VAR = "FEDSE_WEBSHOP_DATA"
 REAL_FILES = ("items_shuffle_1000.json", "items_ins_v2_1000.json")

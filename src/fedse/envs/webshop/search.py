@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import cache
 
-# bm25s imports JAX when it is installed and runs a top-k on import; on a GPU machine that
-# starts JAX's GPU backend, which takes 75 % of the GPU's memory from the model. Searching
-# 1,000 products needs no GPU, so JAX stays on the CPU unless the user chose otherwise.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import bm25s
-import Stemmer
-
-from fedse.envs.webshop_catalog import Catalog, Product
+from fedse.envs.webshop.catalog import Catalog, Product
 
 SEARCH_RETURN_N = 50
-_STEMMER = Stemmer.Stemmer("porter")
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG on import and logs every index build
+
+
+@cache
+def _bm25s():
+    """Import bm25s (and build the stemmer) the first time an index is built, with its side effects tamed.
+
+    bm25s imports JAX when it is installed and runs a top-k on import; on a GPU machine that
+    starts JAX's GPU backend, which takes 75 % of the GPU's memory from the model. Searching
+    1,000 products needs no GPU, so JAX stays on the CPU unless the user chose otherwise.
+    bm25s also sets its logger to DEBUG on import and logs every index build.
+    """
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import bm25s
+    import Stemmer
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s, Stemmer.Stemmer("porter")
 
 
 def document(product: Product) -> str:
@@ -37,17 +45,19 @@ class SearchEngine:
     """Keyword search returning up to 50 products, best first; products with no matching term are left out."""
 
     def __init__(self, catalog: Catalog) -> None:
+        bm25s, self._stemmer = _bm25s()
         self.products = catalog.products
         tokens = bm25s.tokenize(
-            [document(p) for p in self.products], stopwords="en", stemmer=_STEMMER, show_progress=False
+            [document(p) for p in self.products], stopwords="en", stemmer=self._stemmer, show_progress=False
         )
         self.index = bm25s.BM25(method="lucene", k1=0.9, b=0.4)
         self.index.index(tokens, show_progress=False)
         self.vocab = tokens.vocab
 
     def search(self, keywords: str) -> list[Product]:
+        bm25s, _ = _bm25s()
         query = bm25s.tokenize(
-            keywords.lower(), stopwords="en", stemmer=_STEMMER, show_progress=False, return_ids=False
+            keywords.lower(), stopwords="en", stemmer=self._stemmer, show_progress=False, return_ids=False
         )
         terms = [t for t in query[0] if t in self.vocab]
         if not terms:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from rapidfuzz import fuzz
 from rapidfuzz.utils import default_process
 
-from fedse.envs.webshop_catalog import Goal, Product
+from fedse.envs.webshop.catalog import Goal, Product
 
 # WebShop's normalize.py colour list (the first one found inside an option string wins).
 COLOR_SET = (
