@@ -60,11 +60,11 @@ def main() -> None:
     params = sum(p.numel() for p in policy.base.model.parameters())
     gflop_per_token = 0.27 if args.model == "smollm2-135m" else 2 * params / 1e9
     fp32_roof = matmul_gflops()
-    dtype = policy.base.model.dtype
+    dtype = policy.dtype
     roof = fp32_roof if dtype == torch.float32 else matmul_gflops(dtype=dtype)
     print(
         f"{len(requests)} episodes ({args.per_env} per env: {', '.join(args.envs)}), greedy, "
-        f"max {args.max_new_tokens} new tokens per turn, {policy.base.model.dtype}, max batch {args.max_batch}; "
+        f"max {args.max_new_tokens} new tokens per turn, {policy.dtype}, max batch {args.max_batch}; "
         f"matmul fp32 {fp32_roof:.0f} GFLOP/s"
         + (f", {str(dtype).removeprefix('torch.')} {roof:.0f} GFLOP/s" if roof != fp32_roof else "")
         + "; "

@@ -101,7 +101,7 @@ def test_a_bf16_base_keeps_fp32_adapters_rolls_out_and_trains():
     from fedse.evolve.store import expert_trajectory
 
     policy = Policy(load_base("tiny-random", dtype="bfloat16"))
-    assert policy.base.model.dtype == torch.bfloat16
+    assert policy.dtype == torch.bfloat16
     adapter = policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
     assert {t.dtype for t in adapter.tensors.values()} == {torch.float32}
     policy.load("copy", adapter)
