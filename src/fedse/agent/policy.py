@@ -41,7 +41,8 @@ class Policy:
         self._merged: str | None = None
         self._training: str | None = None
         self._base_original: dict[str, torch.Tensor] = {}
-        self._hf.set_attn_implementation(DEFAULT_ATTENTION)
+        # The attention the model was loaded with, put back after the engine's (read, never written).
+        self._attention = self._hf.config._attn_implementation or DEFAULT_ATTENTION
 
     # --- what callers may know about the model ----------------------------------------------
 
@@ -186,7 +187,7 @@ class Policy:
         try:
             yield
         finally:
-            self._hf.set_attn_implementation(DEFAULT_ATTENTION)
+            self._hf.set_attn_implementation(self._attention)
 
     @contextmanager
     def merged(self, name: str) -> Iterator[None]:

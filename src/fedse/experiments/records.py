@@ -34,6 +34,7 @@ class RecordError(UserError):
 @dataclass(frozen=True)
 class Record:
     event: ClassVar[str]
+    round: int
 
     def to_json(self) -> str:
         return json.dumps({"event": self.event, "schema": SCHEMA_VERSION, **asdict(self)})
@@ -44,7 +45,6 @@ class EvalRecord(Record):
     """Greedy test success of the global (or personal) adapter on one environment."""
 
     event: ClassVar[str] = "eval"
-    round: int
     env: str
     tasks: int
     successes: int
@@ -58,7 +58,6 @@ class EvalAvgRecord(Record):
     """Fed-SE's Avg (weighted by test tasks per environment) and the plain mean over environments."""
 
     event: ClassVar[str] = "eval_avg"
-    round: int
     avg_weighted: float
     avg_mean: float
     seconds: float
@@ -69,7 +68,6 @@ class ExploreRecord(Record):
     """One round's exploration rollout over every sampled client."""
 
     event: ClassVar[str] = "explore"
-    round: int
     clients: list[str]
     episodes: int
     turns: int
@@ -83,7 +81,6 @@ class ClientRecord(Record):
     """What one client reported for one round (its update's scalar metrics)."""
 
     event: ClassVar[str] = "client"
-    round: int
     client: str
     num_examples: int
     explored: int
@@ -114,7 +111,6 @@ class AggregateRecord(Record):
     """The server's round: which updates it took, and the diagnostics of `fedse.fl.server`."""
 
     event: ClassVar[str] = "aggregate"
-    round: int
     accepted: list[str]
     rejected: dict[str, list[str]]
     clients: int
