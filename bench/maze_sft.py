@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--test-ids", default="13-22", help="Maze test ids, e.g. 13-22 or 0-9")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = parser.parse_args()
     set_up_process()
 
@@ -37,14 +38,14 @@ def main() -> None:
     lo, hi = map(int, args.test_ids.split("-"))
     requests = [RolloutRequest("maze", i, adapter="client", sampling=GREEDY) for i in range(lo, hi + 1)]
 
-    policy = Policy(load_base())
+    policy = Policy(load_base(dtype=args.dtype))
     policy.new_adapter("client", LoraSpec(), seed=0)
     before = rollout(policy, requests)
     report = train_adapter(policy, "client", demos, TrainConfig(epochs=args.epochs, lr=args.lr))
     after = rollout(policy, requests)
     rate = lambda ts: sum(t.success for t in ts) / len(ts)  # noqa: E731
     print(
-        f"trained on {len(demos)} Maze expert trajectories, {args.epochs} epoch(s), lr {args.lr}: "
+        f"trained on {len(demos)} Maze expert trajectories, {args.epochs} epoch(s), lr {args.lr}, {policy.dtype}: "
         f"loss {report.epoch_losses}, {report.tokens} tokens in {report.seconds:.1f} s "
         f"= {report.tokens_per_s:.0f} training tok/s"
     )

@@ -69,3 +69,12 @@ def test_experts_command_reports_full_success(env, capsys):
     assert main(["experts", "--envs", env]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row[:4] == [env, "test", str(len(make_env(env).splits["test"])), "100.0%"]
+
+
+def test_info_says_which_dtype_and_why(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDSE_CACHE", str(tmp_path))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    dtype_line = next(line for line in out.splitlines() if line.startswith("dtype"))
+    assert dtype_line.split()[1] in ("bfloat16", "float32") and "measured" in dtype_line
+    assert (tmp_path / "dtype").is_dir()  # the decision is kept for the next load

@@ -1,4 +1,4 @@
-"""`fedse` command line: environments (envs, play, experts) and federated runs (run, eval, report)."""
+"""`fedse` command line: the machine (info), environments (envs, play, experts) and federated runs (run, eval, report)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,32 @@ def cmd_experts(args: argparse.Namespace) -> int:
             f" {mean_turns:>10.2f} {time.perf_counter() - start:>6.2f}"
         )
     return 0 if all_solved else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """The machine as fedse sees it: CPU, threads, torch, and the base model's dtype with the reason."""
+    import os
+
+    import torch
+
+    from fedse.agent.dtype import bf16_flags, choose_dtype, cpu_model
+    from fedse.agent.model import cache_dir
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in bf16_flags().items())
+    print(f"cpu        {cpu_model()} ({os.cpu_count()} logical cores; {flags})")
+    print(
+        f"torch      {torch.__version__}, {torch.get_num_threads()} threads, kernels {torch.backends.cpu.get_cpu_capability()}"
+    )
+    print(f"device     {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    choice = choose_dtype(device, 576, 1536, cache_dir())  # SmolLM2-135M's hidden and MLP sizes
+    print(f'dtype      {choice.dtype} for model.dtype = "auto": {choice.reason}')
+    if choice.fp32_ms is not None:
+        print(
+            f"           micro-benchmark: fp32 {choice.fp32_ms:.2f} ms, bf16 {choice.bf16_ms:.2f} ms per round of linears"
+        )
+    print(f"cache      {cache_dir()}")
+    return 0
 
 
 def _quiet_libraries() -> None:
@@ -142,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedse", description="Federated self-evolution of LLM agents.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("envs", help="list the environments and their splits").set_defaults(run=cmd_envs)
+    sub.add_parser("info", help="the machine, threads and the dtype fedse runs the model in, and why").set_defaults(
+        run=cmd_info
+    )
     play = sub.add_parser("play", help="play an environment in the terminal")
     play.add_argument("env", help=f"one of: {', '.join(list_envs())}")
     play.add_argument("--task", type=int, help="task id (default: the first test id)")

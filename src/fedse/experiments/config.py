@@ -25,8 +25,9 @@ from fedse.sections import Section
 class ModelSection(Section):
     name: str = "smollm2-135m"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bf16 on CUDA and AMX CPUs, else fp32 (fedse.agent.model.default_dtype); fp32 always for
-    aggregators that merge updates into the base weights (a bf16 base would round them away)."""
+    """auto: bf16 on CUDA and on CPUs measured to run it faster (fedse.agent.dtype; `fedse info` says which),
+    else fp32; fp32 always for aggregators that merge updates into the base weights (a bf16 base would
+    round them away)."""
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     target_modules: str = "all-linear"
