@@ -86,14 +86,23 @@ def factor_keys(tensors: dict[str, torch.Tensor], factors: str) -> list[str]:
     return [k for k in tensors if k.endswith(suffixes)]
 
 
+def delta_weight(tensors: dict[str, torch.Tensor], module: str, scale: float) -> torch.Tensor:
+    """ΔW = s · B A of one adapted module (float64, dense: out x in)."""
+    return scale * tensors[module + B_SUFFIX].double() @ tensors[module + A_SUFFIX].double()
+
+
 def delta_weights(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """ΔW = s · B A for every adapted module (float64)."""
-    return {m: scale * tensors[m + B_SUFFIX].double() @ tensors[m + A_SUFFIX].double() for m in lora_modules(tensors)}
+    """ΔW = s · B A for every adapted module (float64). Dense: as large as the adapted base weights
+    in float64, so loop over `delta_weight` instead where only per-module figures are needed."""
+    return {m: delta_weight(tensors, m, scale) for m in lora_modules(tensors)}
 
 
-def mean_delta(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """mean_k ΔW_k per module, for dense updates from `delta_weights` (the exact FedAvg of the products)."""
-    return {m: sum(d[m] for d in deltas) / len(deltas) for m in deltas[0]}
+def mean_delta(tensor_sets: list[dict[str, torch.Tensor]], scale: float) -> dict[str, torch.Tensor]:
+    """mean_k s · B_k A_k per module (the exact FedAvg of the products), built one module at a
+    time, so that no client's whole dense update is held at once."""
+    return {
+        m: sum(delta_weight(t, m, scale) for t in tensor_sets) / len(tensor_sets) for m in lora_modules(tensor_sets[0])
+    }
 
 
 def fresh_adapter(like: Adapter, seed: int) -> Adapter:

@@ -21,7 +21,7 @@ from fedse.agent.lora import (
     A_SUFFIX,
     B_SUFFIX,
     Adapter,
-    delta_weights,
+    delta_weight,
     factor_keys,
     fresh_adapter,
     lora_modules,
@@ -154,7 +154,7 @@ class FLoRA(Aggregator):
     mutates_base = True
 
     def aggregate(self, current, updates, state):
-        base_delta = mean_delta([delta_weights(u.tensors, current.scale) for u in updates])
+        base_delta = mean_delta([u.tensors for u in updates], current.scale)
         round_ = state.get("round", 0) + 1
         return Aggregation(fresh_adapter(current, seed=round_), base_delta, {**state, "round": round_})
 
@@ -174,9 +174,9 @@ class FedExLoRA(Aggregator):
 
     def aggregate(self, current, updates, state):
         averaged = self._average(current, updates, [1.0] * len(updates), current.tensors)
-        mean = mean_delta([delta_weights(u.tensors, current.scale) for u in updates])
-        product = delta_weights(averaged.tensors, current.scale)
-        return Aggregation(averaged, {m: mean[m] - product[m] for m in mean}, state)
+        mean = mean_delta([u.tensors for u in updates], current.scale)
+        residual = {m: mean[m] - delta_weight(averaged.tensors, m, current.scale) for m in mean}
+        return Aggregation(averaged, residual, state)
 
     def bytes_down(self, adapter, num_clients):
         dense = sum(

@@ -15,11 +15,12 @@ For personalized rules where B_k stays on the client (fedsa) the product-based f
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from fedse.agent.lora import Adapter, delta_weights, mean_delta
+from fedse.agent.lora import Adapter, delta_weight, lora_modules
 from fedse.fl.aggregators import Aggregation, Aggregator
 from fedse.fl.update import Update, update_problems
 
@@ -59,12 +60,13 @@ def aggregate_round(aggregator: Aggregator, current: Adapter, updates: list[Upda
     return RoundResult(aggregation, [u.client for u in valid], rejected, diagnostics)
 
 
-def _flat(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([deltas[m].flatten() for m in sorted(deltas)])
-
-
 def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Update], result: Aggregation) -> dict:
-    scale = current.scale
+    """The figures of the module docstring, accumulated one adapted module at a time.
+
+    Dense ΔW are float64 and as large as the adapted base weights (850 MB a client for
+    SmolLM2-135M): holding every client's at once took a 5-client demo's server step to
+    23 GB of resident memory. Per module, at most K + 4 dense matrices of that module live.
+    """
     out: dict = {
         "clients": len(updates),
         "bytes_up": [aggregator.bytes_up(current)] * len(updates),
@@ -76,19 +78,27 @@ def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Up
     }
     if "B" not in aggregator.uploads:
         return out
-    before = _flat(delta_weights(current.tensors, scale))
-    deltas = [delta_weights(u.tensors, scale) for u in updates]
-    client = torch.stack([_flat(d) for d in deltas])
-    mean = _flat(mean_delta(deltas))
-    norm = float(mean.norm()) or 1.0
-    avg_a = {k: torch.stack([u.tensors[k].double() for u in updates]).mean(0) for k in current.tensors}
-    out["inexactness"] = float((mean - _flat(delta_weights(avg_a, scale))).norm()) / norm
-    produced = delta_weights(result.adapter.tensors, scale)
-    for module, extra in result.base_delta.items():
-        produced[module] = produced[module] + extra.double()
-    out["gap"] = float((mean - _flat(produced)).norm()) / norm
-    moves = client - before
-    out["update_norm"] = [float(x) for x in moves.norm(dim=1)]
-    unit = moves / moves.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    out["update_cosine"] = (unit @ unit.T).tolist()
+    scale = current.scale
+    avg = {k: torch.stack([u.tensors[k].double() for u in updates]).mean(0) for k in current.tensors}
+    mean_sq = inexact_sq = gap_sq = 0.0
+    gram = torch.zeros(len(updates), len(updates), dtype=torch.float64)
+    for module in lora_modules(current.tensors):
+        before = delta_weight(current.tensors, module, scale).flatten()
+        client = torch.stack([delta_weight(u.tensors, module, scale).flatten() for u in updates])
+        mean = sum(client.unbind(0)) / len(updates)  # mean_delta's order of summation
+        produced = delta_weight(result.adapter.tensors, module, scale).flatten()
+        if module in result.base_delta:
+            produced = produced + result.base_delta[module].double().flatten()
+        mean_sq += float(mean @ mean)
+        inexact_sq += float((mean - delta_weight(avg, module, scale).flatten()).square().sum())
+        gap_sq += float((mean - produced).square().sum())
+        moves = client - before
+        gram += moves @ moves.T
+    norm = math.sqrt(mean_sq) or 1.0
+    out["inexactness"] = math.sqrt(inexact_sq) / norm
+    out["gap"] = math.sqrt(gap_sq) / norm
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    out["update_norm"] = [float(x) for x in norms]
+    unit = norms.clamp_min(1e-30)
+    out["update_cosine"] = (gram / unit[:, None] / unit[None, :]).tolist()
     return out
