@@ -16,7 +16,6 @@ bf16 on AMX CPUs), so they take the same actions up to floating-point ties.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -25,15 +24,7 @@ from fedse.agent.policy import Policy
 from fedse.agent.rollout import MAX_DRAFT, RolloutRequest, RolloutStats, Sampling, naive_rollout, rollout
 from fedse.envs import make_env
 from fedse.process import set_up_process
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+from roof import matmul_gflops
 
 
 def main() -> None:

@@ -34,15 +34,7 @@ from fedse.envs import list_envs, make_env
 from fedse.evolve.sft import TrainConfig, encode_examples, train_adapter
 from fedse.evolve.store import expert_trajectory
 from fedse.process import set_up_process
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+from roof import matmul_gflops
 
 
 def plain_loop(base, examples, lr: float) -> tuple[int, int, float]:
@@ -82,7 +74,7 @@ def main() -> None:
     hidden, vocab = 576, len(policy.tokenizer)
     params = sum(p.numel() for p in policy.base.model.parameters())
     body = params - vocab * hidden  # the embedding is tied to the output layer
-    roof = matmul_gflops(dtype)
+    roof = matmul_gflops(dtype=dtype)
     print(
         f"{len(demos)} expert episodes ({args.per_env} per env: {', '.join(args.envs)}), "
         f"{sum(len(ids) for ids, _ in examples)} tokens, {dtype}; matmul roof {roof:.0f} GFLOP/s"
