@@ -128,7 +128,7 @@ def load_base(
     config = AutoConfig.from_pretrained(source)
     hidden = config.hidden_size
     chosen = resolve_dtype(dtype, device, hidden, getattr(config, "intermediate_size", None) or 4 * hidden)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=chosen).to(device)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=chosen).to(device)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -133,10 +133,11 @@ def batch_loss(policy: Policy, name: str | None, ids, attention, target_mask) ->
     return torch.nn.functional.cross_entropy(logits, targets), int(predict.sum())
 
 
-def _step(policy: Policy, name: str, tensors: tuple, optimizer, config: TrainConfig, anchor) -> tuple[float, int]:
+def _step(
+    policy: Policy, name: str, tensors: tuple, params: list, optimizer, config: TrainConfig, anchor
+) -> tuple[float, int]:
     """One optimizer step on one padded batch (plus FedProx's pull towards `anchor`, if any);
     returns the batch's mean agent-token loss and its number of agent tokens."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     loss, n = batch_loss(policy, name, *tensors)
     total = loss
     if anchor is not None:
@@ -189,7 +190,7 @@ def train_adapter(
                 loss_sum, loss_count = 0.0, 0
                 for batch in batches:
                     tensors = _padded_batch(examples, batch, pad, policy.device)
-                    loss, n = _step(policy, name, tensors, optimizer, config, anchor)
+                    loss, n = _step(policy, name, tensors, params, optimizer, config, anchor)
                     schedule.step()
                     loss_sum += loss * n
                     loss_count += n

@@ -130,8 +130,8 @@ class BlockRunner:
 
     @staticmethod
     def _wanted(rows: Rows, feeds: dict[int, list[int]]) -> list[tuple[int, int]]:
-        """The positions that produce a token, in row-major order: every fed position of a
-        generating row, the last one of a prompt that is now complete."""
+        """The positions that produce a token, in row-major order (feeds are keyed by ascending
+        row): every fed position of a generating row, the last one of a prompt now complete."""
         wanted = []
         for i, f in feeds.items():
             e = rows[i]
@@ -139,7 +139,7 @@ class BlockRunner:
                 wanted += [(i, j) for j in range(len(f))]
             elif len(f) == len(e.queue):
                 wanted.append((i, len(f) - 1))
-        return sorted(wanted)
+        return wanted
 
     def forward(
         self, cache: RowCache, rows: Rows, feeds: dict[int, list[int]], width: int, wanted: list[tuple[int, int]]
