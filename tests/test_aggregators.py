@@ -196,3 +196,19 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
     grown_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grown_mb < 400
+
+
+@pytest.mark.parametrize("name", ["fedse", "fedit", "ffa", "fedsa"])
+def test_server_lr_moves_every_uploaded_tensor_lr_times_as_far(name):
+    current = random_factors(0)
+    updates = updates_for(name, current)
+    plain = aggregate_round(make_aggregator(name), current, updates, {}).aggregation.adapter
+    stepped = aggregate_round(make_aggregator(name), current, updates, {}, server_lr=5.0).aggregation.adapter
+    for k, old in current.tensors.items():
+        torch.testing.assert_close(stepped.tensors[k], old + 5.0 * (plain.tensors[k] - old), rtol=1e-5, atol=1e-5)
+
+
+def test_server_lr_is_refused_for_rules_that_fold_updates_into_the_base():
+    current = random_factors(0)
+    with pytest.raises(ValueError, match="frozen"):
+        aggregate_round(make_aggregator("flora"), current, updates_for("flora", current), {}, server_lr=2.0)

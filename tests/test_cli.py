@@ -78,3 +78,23 @@ def test_info_says_which_dtype_and_why(capsys, monkeypatch, tmp_path):
     dtype_line = next(line for line in out.splitlines() if line.startswith("dtype"))
     assert dtype_line.split()[1] in ("bfloat16", "float32") and "measured" in dtype_line
     assert (tmp_path / "dtype").is_dir()  # the decision is kept for the next load
+
+
+def test_threads_come_from_the_flag_or_the_environment_and_bad_counts_are_one_line_errors(monkeypatch, capsys):
+    from fedse.process import thread_count
+
+    monkeypatch.delenv("FEDSE_THREADS", raising=False)
+    assert thread_count() is None
+    monkeypatch.setenv("FEDSE_THREADS", "1")
+    assert thread_count() == 1 and thread_count(3) == 3
+    monkeypatch.setenv("FEDSE_THREADS", "two")
+    assert main(["envs"]) == 2
+    assert "FEDSE_THREADS / --threads must be a positive whole number of threads, got 'two'" in capsys.readouterr().err
+    monkeypatch.delenv("FEDSE_THREADS")
+    assert main(["--threads", "0", "envs"]) == 2
+
+
+def test_threads_flag_sets_torch_threads():
+    done = run_cli("--threads", "1", "info")
+    assert done.returncode == 0, done.stderr
+    assert "1 threads" in done.stdout

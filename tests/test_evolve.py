@@ -100,6 +100,37 @@ def test_local_sft_lowers_the_buffer_loss(tiny_policy):
     assert tiny_policy.trainable_parameters() == 0
 
 
+def test_bf16_lora_compute_gives_the_loss_and_gradients_of_the_fp32_lora_path():
+    from fedse.agent.lora import Adapter
+    from fedse.agent.model import load_base
+    from fedse.agent.policy import Policy
+    from fedse.evolve.sft import _padded_batch, batch_loss
+
+    policy = Policy(load_base("tiny-random", dtype="bfloat16"))
+    start = policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    policy.load(
+        "client", Adapter(start.spec, {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in start.tensors.items()})
+    )
+    examples, _ = encode_examples(ChatLayout(policy.tokenizer), experts(ids=(13, 16)), 4096)
+    tensors = _padded_batch(examples, [0, 1], policy.tokenizer.pad_token_id or 0, policy.device)
+
+    def loss_and_grad(in_base_dtype):
+        with policy.training("client", lora_in_base_dtype=in_base_dtype) as params:
+            loss, _ = batch_loss(policy, "client", *tensors)
+            loss.backward()
+            assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+            grad = torch.cat([p.grad.flatten() for p in params])
+            for p in params:
+                p.grad = None
+        return float(loss.detach()), grad
+
+    (fast, fast_grad), (reference, reference_grad) = loss_and_grad(True), loss_and_grad(False)
+    assert fast == pytest.approx(reference, rel=1e-2)
+    assert float((fast_grad - reference_grad).norm() / reference_grad.norm()) < 0.05
+    assert float(torch.nn.functional.cosine_similarity(fast_grad, reference_grad, dim=0)) > 0.998
+
+
 def test_only_agent_tokens_carry_loss(tiny_policy):
     buffer = experts(ids=(13,))
     layout = ChatLayout(tiny_policy.tokenizer)

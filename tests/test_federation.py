@@ -83,9 +83,9 @@ def test_only_adapter_tensors_and_scalar_metrics_reach_the_server(tmp_path, monk
     seen = []
     real = server.aggregate_round
 
-    def spy(aggregator, current, updates, state):
+    def spy(aggregator, current, updates, state, server_lr):
         seen.extend(updates)
-        return real(aggregator, current, updates, state)
+        return real(aggregator, current, updates, state, server_lr)
 
     monkeypatch.setattr("fedse.experiments.run.aggregate_round", spy)
     fed = run(tmp_path, "fed.rounds=1")
@@ -111,6 +111,10 @@ def test_config_errors_name_the_key_and_the_choices():
         load_config(None, ["fed.aggregator=fedavg"])
     with pytest.raises(ConfigError, match="bad value for 'train.lr'"):
         load_config(None, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="server_lr must be 1.0 with flora"):
+        load_config(None, ["fed.aggregator=flora", "fed.server_lr=5"])
+    with pytest.raises(ConfigError, match="bad value for 'fed.server_lr'"):
+        load_config(None, ["fed.server_lr=inf"])
     assert load_config(None, ["fed.rounds=3"]).fed.rounds == 3
 
 
@@ -158,3 +162,13 @@ def test_batched_exploration_equals_each_client_exploring_alone(tmp_path, aggreg
         alone = rollout(fed.policy, exploration_requests(client, client, 3, fed.config.explore, fed.config.fed.seed))
         assert [t.messages for t in alone] == [t.messages for t in together[client]]
         assert [t.adapter for t in alone] == [t.adapter for t in together[client]]
+
+
+def test_rounds_before_first_round_train_on_the_seeds_without_exploring(tmp_path):
+    fed = run(tmp_path, "explore.first_round=2", "fed.server_lr=2.0")
+    records = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
+    explores = {r["round"]: r["episodes"] for r in records if r["event"] == "explore"}
+    assert explores == {1: 0, 2: 4}
+    first = [r for r in records if r["event"] == "client" and r["round"] == 1]
+    assert [(r["explored"], r["buffer"], r["train_examples"]) for r in first] == [(0, 2, 2), (0, 2, 2)]
+    assert "explore: none this round" in round_summary(fed.store.load().round(1), 2, "fedse")

@@ -81,7 +81,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in bf16_flags().items())
     print(f"cpu        {cpu_model()} ({os.cpu_count()} logical cores; {flags})")
     print(
-        f"torch      {torch.__version__}, {torch.get_num_threads()} threads, kernels {torch.backends.cpu.get_cpu_capability()}"
+        f"torch      {torch.__version__}, {torch.get_num_threads()} threads "
+        f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), kernels {torch.backends.cpu.get_cpu_capability()}"
     )
     print(f"device     {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     choice = choose_dtype(device, 576, 1536, cache_dir())  # SmolLM2-135M's hidden and MLP sizes
@@ -166,6 +167,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedse", description="Federated self-evolution of LLM agents.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: $FEDSE_THREADS, else one per core); 1 on a machine shared with other busy work",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("envs", help="list the environments and their splits").set_defaults(run=cmd_envs)
     sub.add_parser("info", help="the machine, threads and the dtype fedse runs the model in, and why").set_defaults(
@@ -201,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    set_up_process()
     try:
+        set_up_process(args.threads)
         return args.run(args)
     except (UserError, FileExistsError, FileNotFoundError) as error:
         print(f"fedse: error: {error}", file=sys.stderr)

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedse.envs import list_envs
 from fedse.errors import UserError
@@ -40,7 +40,17 @@ class FedSection(Section):
     aggregator: str = "fedse"
     clients_per_round: float = Field(1.0, gt=0)
     """A fraction (<= 1) or a count (> 1) of clients sampled each round; 1.0 = all."""
+    server_lr: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """The server step: global ← global + server_lr · (aggregate − global) (`fedse.fl.server.server_step`).
+    1.0 is the paper's plain aggregate; about the number of clients passes each client's nearly
+    orthogonal update at full strength. Not for flora/fedex (they fold updates into the base)."""
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _server_lr_fits(self) -> FedSection:
+        if self.server_lr != 1.0 and AGGREGATORS[self.aggregator].mutates_base:
+            raise ValueError(f"server_lr must be 1.0 with {self.aggregator} (it folds updates into the base model)")
+        return self
 
     @field_validator("aggregator")
     @classmethod

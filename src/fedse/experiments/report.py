@@ -46,13 +46,20 @@ def _rate(successes: int, n: int) -> str:
 def _success_table(run: RunRecords) -> list[str]:
     envs = run.envs
     lines = [
-        "| round | " + " | ".join(envs) + " | Avg (task-weighted) | mean over envs |",
-        "|---:|" + "---|" * len(envs) + "---|---:|",
+        "| round | " + " | ".join(envs) + " | Avg (task-weighted) | mean over envs "
+        "| exploration successes added | explore / train / eval s |",
+        "|---:|" + "---|" * len(envs) + "---|---:|---|---|",
     ]
     for avg in run.eval_avg:
         this = run.round(avg.round)
         cells = [_rate(r.successes, r.tasks) if (r := this.eval_of(env)) else "–" for env in envs]
-        lines.append(f"| {avg.round} | " + " | ".join(cells) + f" | {_rate(*this.pooled())} | {avg.avg_mean:.1%} |")
+        added = ", ".join(f"{c.client} {c.added}" for c in this.clients if c.added) or ("none" if this.clients else "–")
+        explore = this.explore.seconds if this.explore else 0.0
+        train = sum(c.train_seconds for c in this.clients)
+        lines.append(
+            f"| {avg.round} | " + " | ".join(cells) + f" | {_rate(*this.pooled())} | {avg.avg_mean:.1%} "
+            f"| {added} | {explore:.0f} / {train:.0f} / {avg.seconds:.0f} |"
+        )
     return lines
 
 
@@ -111,7 +118,8 @@ def _setup(run: RunRecords) -> str:
         f"`{run.root}`: model `{c['model']['name']}` with LoRA r={c['model']['lora_rank']}, "
         f"clients {', '.join(fed['clients'])}, aggregator `{fed['aggregator']}`, {fed['rounds']} rounds planned, "
         f"seed {fed['seed']}; per round each client explores {explore['tasks']} train tasks at temperature "
-        f"{explore['temperature']} and trains {train['epochs']} epochs at lr {train['lr']:g}; "
+        f"{explore['temperature']} (from round {explore.get('first_round', 1)}) and trains {train['epochs']} epochs "
+        f"at lr {train['lr']:g}; server lr {fed.get('server_lr', 1.0):g}; "
         f"evaluation: {ev['tasks'] or 'all'} test tasks per env, greedy."
     )
 
@@ -177,7 +185,9 @@ def round_summary(records: RoundRecords, planned: int, aggregator: str) -> str:
         if env in clients:
             line += _client_columns(clients[env])
         lines.append(line)
-    if (explore := records.explore) is not None:
+    if (explore := records.explore) is not None and not explore.episodes:
+        lines.append("explore: none this round (before explore.first_round: training on the buffer as it is)")
+    elif explore is not None:
         lines.append(
             f"explore: {explore.episodes} episodes, {explore.turns} turns in one batch, {explore.seconds:.0f} s "
             f"({explore.processed_tokens / max(explore.seconds, 1e-9):.0f} tok/s)"

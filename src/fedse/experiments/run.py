@@ -160,9 +160,12 @@ class Federation:
         exactly the trajectories it would get exploring alone (the engine's batch-invariance,
         pinned in tests/test_rollout.py); batching only fills the CPU better.
         """
+        for client in clients:  # the adapter each client starts from, in its own slot
+            self.policy.load(client, self.aggregator.client_start(self.global_adapter, self.personal.get(client)))
+        if round_ < self.config.explore.first_round:
+            return {client: [] for client in clients}, ExploreRecord(round_, clients, 0, 0, 0, 0, 0.0)
         requests = {}
         for client in clients:
-            self.policy.load(client, self.aggregator.client_start(self.global_adapter, self.personal.get(client)))
             requests[client] = exploration_requests(client, client, round_, self.config.explore, self.config.fed.seed)
         stats = RolloutStats()
         label = f"explore ({len(clients)} clients)" if self.progress else None
@@ -192,7 +195,9 @@ class Federation:
 
     def aggregate(self, round_: int, updates: list[Update], trained: dict[str, Adapter]) -> AggregateRecord:
         """The server's step: validate and aggregate, then install the new global state."""
-        result = aggregate_round(self.aggregator, self.global_adapter, updates, self.aggregator_state)
+        result = aggregate_round(
+            self.aggregator, self.global_adapter, updates, self.aggregator_state, self.config.fed.server_lr
+        )
         self.global_adapter, self.aggregator_state = result.aggregation.adapter, result.aggregation.state
         self.policy.load(GLOBAL, self.global_adapter)
         if result.aggregation.base_delta:

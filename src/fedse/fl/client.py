@@ -37,6 +37,11 @@ class ExploreConfig(Section):
     temperature: float = Field(1.0, ge=0)
     max_new_tokens: int = Field(96, ge=1)
     max_batch: int = Field(32, ge=1)
+    first_round: int = Field(1, ge=1)
+    """The first round that explores; earlier rounds train on the buffer (the expert seeds) only.
+    1: round 1 explores with the fresh adapter, i.e. the raw base model (one reading of the paper);
+    2: it explores first with the adapter federated-trained on the seeds (the other reading: the
+    paper leaves open whether φ_0 is fresh or trained on D_expert)."""
     filter: str = "success"
     """success (the paper), none, or reward_threshold:<x> (`fedse.evolve.filters.make_filter`)."""
 

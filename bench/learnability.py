@@ -1,0 +1,134 @@
+"""Learnability of the embedded model: where can self-evolution start?
+
+    .venv/bin/python bench/learnability.py --envs babyai maze --demos 12 48 --epochs 2
+    .venv/bin/python bench/learnability.py --demos 12 --federate 1 5       # what a round passes on
+
+For each environment and each N in `--demos`: a fresh adapter (the federation's init) trained
+with fedse's trainer on N expert demonstrations of the train split (the same draw a client's
+buffer is seeded with), then
+
+- test: greedy success on `--test` test tasks, spread over the test split as evaluation does;
+- explore: success at temperature 1.0 on `--explore` train tasks, each with its own seed, as a
+  client explores. Self-evolution can start only where this is above 0: the filter keeps
+  successes, and nothing else grows the buffer beyond the experts.
+
+`--federate LR...` also puts the per-env adapters of the largest N through one Fed-SE server
+step (the unweighted mean of A and of B, over the environments studied) moved by each server
+learning rate given (1: the paper's plain mean), and evaluates the result on every env. Each
+client's update reaches that model at about 1/K of its strength under the plain mean; this
+shows what that costs and whether a larger server step recovers it.
+
+Prints one markdown row per (env, N) and per server step, with 95 % Wilson intervals, the
+training tokens and seconds. Test tasks and exploration tasks are the same for every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fedse.agent.lora import LoraSpec
+from fedse.agent.model import load_base
+from fedse.agent.policy import Policy
+from fedse.agent.rollout import RolloutRequest, Sampling, rollout
+from fedse.evolve.sft import TrainConfig, train_adapter
+from fedse.evolve.store import expert_trajectory
+from fedse.experiments.evaluation import evaluation_tasks
+from fedse.experiments.report import wilson
+from fedse.fl.aggregators import FedSE
+from fedse.fl.client import ExploreConfig, exploration_requests, exploration_tasks
+from fedse.fl.server import server_step
+from fedse.fl.update import Update
+from fedse.process import set_up_process
+from fedse.seeds import derived_seed
+
+
+def rate(successes: int, n: int) -> str:
+    low, high = wilson(successes, n)
+    return f"{successes}/{n} [{100 * low:.0f}, {100 * high:.0f}] %"
+
+
+def successes(policy: Policy, requests: list[RolloutRequest], max_batch: int) -> dict[str, int]:
+    """Successes per env of `requests` played in one batched rollout."""
+    out: dict[str, int] = {}
+    for t in rollout(policy, requests, max_batch=max_batch):
+        out[t.env] = out.get(t.env, 0) + int(t.success)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--envs", nargs="*", default=["babyai", "maze", "wordle", "textcraft", "webshop"])
+    parser.add_argument("--demos", nargs="*", type=int, default=[12, 48])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--max-length", type=int, default=1536)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--test", type=int, default=15, help="test tasks per env")
+    parser.add_argument("--explore", type=int, default=15, help="train tasks per env played at temperature 1.0")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--federate", nargs="*", type=float, default=[], help="server learning rates to try")
+    args = parser.parse_args()
+    set_up_process()
+
+    policy = Policy(load_base(args.model, dtype=args.dtype))
+    spec = LoraSpec(args.rank, 2 * args.rank)
+    train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, max_length=args.max_length)
+    greedy = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens)
+    explore = ExploreConfig(tasks=args.explore, temperature=1.0, max_new_tokens=args.max_new_tokens)
+    print(
+        f"{args.model} in {policy.dtype}, LoRA r {args.rank}, lr {args.lr}, {args.epochs} epochs, "
+        f"batch {args.batch_tokens} tokens; {args.test} test and {args.explore} exploration tasks per env; "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print("| env | N demos | train tokens | train s | tok/s | test success | explore success (T 1.0) |")
+    print("|---|---|---|---|---|---|---|")
+    init = policy.new_adapter("init", spec, seed=0)
+    trained = {}
+    for env in args.envs:
+        seeds = exploration_tasks(env, max(args.demos), derived_seed("experts", env))
+        demos = [expert_trajectory(env, i) for i in seeds]
+        tests = [RolloutRequest(env, i, adapter=env, sampling=greedy) for i in evaluation_tasks(env, args.test)]
+        explores = exploration_requests(env, env, 1, explore)
+        for n in args.demos:
+            policy.load(env, init)
+            report = train_adapter(policy, env, demos[:n], train, seed=0)
+            test = successes(policy, tests, args.max_batch).get(env, 0)
+            found = successes(policy, explores, args.max_batch).get(env, 0)
+            print(
+                f"| {env} | {n} | {report.tokens} | {report.seconds:.0f} | {report.tokens_per_s:.0f} "
+                f"| {rate(test, len(tests))} | {rate(found, len(explores))} |",
+                flush=True,
+            )
+        trained[env] = policy.get(env)
+
+    if args.federate:
+        print(f"\nOne Fed-SE server step over {len(trained)} clients trained on {max(args.demos)} demos each:\n")
+        print("| server lr | " + " | ".join(args.envs) + " | Avg | seconds |")
+        print("|---|" + "---|" * (len(args.envs) + 2))
+        aggregator = FedSE()
+        updates = [Update(env, a.tensors, 1, {}) for env, a in trained.items()]
+        mean = aggregator.aggregate(init, updates, {})
+        for lr in args.federate:
+            start = time.perf_counter()
+            policy.load("global", server_step(init, mean, lr).adapter)
+            requests = [
+                RolloutRequest(env, i, adapter="global", sampling=greedy)
+                for env in args.envs
+                for i in evaluation_tasks(env, args.test)
+            ]
+            found = successes(policy, requests, args.max_batch)
+            cells = [rate(found.get(env, 0), args.test) for env in args.envs]
+            total = sum(found.values())
+            cells.append(rate(total, args.test * len(args.envs)))
+            print(f"| {lr:g} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
