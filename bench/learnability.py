@@ -87,8 +87,8 @@ def main() -> None:
         f"batch {args.batch_tokens} tokens; {args.test} test and {args.explore} exploration tasks per env; "
         f"{torch.get_num_threads()} threads\n"
     )
-    print("| env | N demos | train tokens | train s | tok/s | test success | explore success (T 1.0) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| env | N demos | train tokens | train s | tok/s | test success | explore success (T 1.0) | rollouts s |")
+    print("|---|---|---|---|---|---|---|---|")
     init = policy.new_adapter("init", spec, seed=0)
     trained = {}
     for env in args.envs:
@@ -99,11 +99,12 @@ def main() -> None:
         for n in args.demos:
             policy.load(env, init)
             report = train_adapter(policy, env, demos[:n], train, seed=0)
+            start = time.perf_counter()
             test = successes(policy, tests, args.max_batch).get(env, 0)
             found = successes(policy, explores, args.max_batch).get(env, 0)
             print(
                 f"| {env} | {n} | {report.tokens} | {report.seconds:.0f} | {report.tokens_per_s:.0f} "
-                f"| {rate(test, len(tests))} | {rate(found, len(explores))} |",
+                f"| {rate(test, len(tests))} | {rate(found, len(explores))} | {time.perf_counter() - start:.0f} |",
                 flush=True,
             )
         trained[env] = policy.get(env)

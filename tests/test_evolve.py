@@ -131,6 +131,33 @@ def test_bf16_lora_compute_gives_the_loss_and_gradients_of_the_fp32_lora_path():
     assert float(torch.nn.functional.cosine_similarity(fast_grad, reference_grad, dim=0)) > 0.998
 
 
+def test_bf16_lora_compute_trains_like_the_fp32_lora_path_over_many_steps():
+    """Steps must see the factors the optimizer just changed (autocast's cast cache would not)."""
+    from fedse.agent.model import load_base
+    from fedse.agent.policy import Policy
+
+    policy = Policy(load_base("tiny-random", dtype="bfloat16"))
+    start = policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    buffer = experts(ids=(13, 16, 18))
+    config = TrainConfig(epochs=3, lr=5e-3, batch_tokens=4096)
+    trained = {}
+    for fast in (True, False):
+        policy.load("client", start)
+        original = policy.training
+        policy.training = lambda name, factors="AB", fast=fast: original(name, factors, lora_in_base_dtype=fast)
+        try:
+            report = train_adapter(policy, "client", buffer, config)
+        finally:
+            policy.training = original
+        trained[fast] = (policy.get("client"), report.epoch_losses)
+    (fast, fast_losses), (reference, reference_losses) = trained[True], trained[False]
+    assert fast_losses[-1] < fast_losses[0]
+    assert fast_losses == pytest.approx(reference_losses, rel=0.02)
+    moved = {k: reference.tensors[k] - start.tensors[k] for k in start.tensors}
+    gap = sum(float((fast.tensors[k] - reference.tensors[k]).norm() ** 2) for k in moved) ** 0.5
+    assert gap < 0.05 * sum(float(m.norm() ** 2) for m in moved.values()) ** 0.5
+
+
 def test_only_agent_tokens_carry_loss(tiny_policy):
     buffer = experts(ids=(13,))
     layout = ChatLayout(tiny_policy.tokenizer)

@@ -164,11 +164,16 @@ def test_batched_exploration_equals_each_client_exploring_alone(tmp_path, aggreg
         assert [t.adapter for t in alone] == [t.adapter for t in together[client]]
 
 
-def test_rounds_before_first_round_train_on_the_seeds_without_exploring(tmp_path):
-    fed = run(tmp_path, "explore.first_round=2", "fed.server_lr=2.0")
+def test_rounds_before_first_round_train_on_the_seeds_and_eval_every_skips_rounds(tmp_path):
+    fed = run(tmp_path, "explore.first_round=2", "fed.server_lr=2.0", "fed.rounds=3", "eval.every=2")
     records = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
     explores = {r["round"]: r["episodes"] for r in records if r["event"] == "explore"}
-    assert explores == {1: 0, 2: 4}
+    assert explores == {1: 0, 2: 4, 3: 4}
+    assert [r["round"] for r in records if r["event"] == "eval_avg"] == [0, 2, 3]  # the last round always
     first = [r for r in records if r["event"] == "client" and r["round"] == 1]
     assert [(r["explored"], r["buffer"], r["train_examples"]) for r in first] == [(0, 2, 2), (0, 2, 2)]
-    assert "explore: none this round" in round_summary(fed.store.load().round(1), 2, "fedse")
+    assert "explore: none this round" in round_summary(fed.store.load().round(1), 3, "fedse")
+    from fedse.experiments.report import render_markdown
+
+    table = [line for line in render_markdown([fed.store.load()], []).splitlines() if line.startswith("| 1 |")][0]
+    assert "| – |" in table  # round 1 is in the table without an evaluation

@@ -230,7 +230,10 @@ class Policy:
         if not active or self.dtype == torch.float32:
             yield
             return
-        with disable_input_dtype_casting(self._peft), torch.autocast(self.device.type, dtype=self.dtype):
+        # No cast cache: autocast keeps the bf16 copy of a parameter until the context exits,
+        # which here spans many optimizer steps; a cached copy would freeze the factors' forward.
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
+        with disable_input_dtype_casting(self._peft), autocast:
             yield
 
     @contextmanager

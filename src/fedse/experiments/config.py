@@ -42,8 +42,8 @@ class FedSection(Section):
     """A fraction (<= 1) or a count (> 1) of clients sampled each round; 1.0 = all."""
     server_lr: float = Field(1.0, gt=0, allow_inf_nan=False)
     """The server step: global ← global + server_lr · (aggregate − global) (`fedse.fl.server.server_step`).
-    1.0 is the paper's plain aggregate; about the number of clients passes each client's nearly
-    orthogonal update at full strength. Not for flora/fedex (they fold updates into the base)."""
+    1.0 is the paper's plain aggregate (and measured best in the demo's setting: see server_step).
+    Not for flora/fedex (they fold updates into the base)."""
     seed: int = 0
 
     @model_validator(mode="after")
@@ -72,6 +72,8 @@ class EvalSection(Section):
     tasks: int | None = Field(None, ge=1)
     """Test tasks per environment, spread evenly over the AgentEval test split (None: all of it)."""
     max_new_tokens: int = Field(96, ge=1)
+    every: int = Field(1, ge=1)
+    """Evaluate after every N-th round; round 0 and the last round always."""
 
 
 class RunConfig(Section):

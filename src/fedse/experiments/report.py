@@ -50,15 +50,19 @@ def _success_table(run: RunRecords) -> list[str]:
         "| exploration successes added | explore / train / eval s |",
         "|---:|" + "---|" * len(envs) + "---|---:|---|---|",
     ]
-    for avg in run.eval_avg:
-        this = run.round(avg.round)
+    for round_ in sorted({r.round for r in [*run.eval_avg, *run.explore, *run.aggregate]}):
+        this = run.round(round_)
         cells = [_rate(r.successes, r.tasks) if (r := this.eval_of(env)) else "–" for env in envs]
+        avg = this.eval_avg
         added = ", ".join(f"{c.client} {c.added}" for c in this.clients if c.added) or ("none" if this.clients else "–")
         explore = this.explore.seconds if this.explore else 0.0
         train = sum(c.train_seconds for c in this.clients)
+        pooled, mean, seconds = (
+            ("–", "–", 0.0) if avg is None else (_rate(*this.pooled()), f"{avg.avg_mean:.1%}", avg.seconds)
+        )
         lines.append(
-            f"| {avg.round} | " + " | ".join(cells) + f" | {_rate(*this.pooled())} | {avg.avg_mean:.1%} "
-            f"| {added} | {explore:.0f} / {train:.0f} / {avg.seconds:.0f} |"
+            f"| {round_} | " + " | ".join(cells) + f" | {pooled} | {mean} "
+            f"| {added} | {explore:.0f} / {train:.0f} / {seconds:.0f} |"
         )
     return lines
 

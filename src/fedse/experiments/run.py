@@ -147,7 +147,9 @@ class Federation:
             self.store.append(client_records[-1])
         aggregate_record = self.aggregate(round_, updates, trained)
         self.store.append(aggregate_record)
-        evals, eval_avg = self.evaluate_round(round_)
+        evals, eval_avg = [], None
+        if round_ % self.config.eval.every == 0 or round_ == self.config.fed.rounds:
+            evals, eval_avg = self.evaluate_round(round_)
         self._checkpoint(round_)
         return RoundRecords(
             round_, evals, eval_avg, explore_record, client_records, aggregate_record, time.perf_counter() - start

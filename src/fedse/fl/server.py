@@ -40,10 +40,13 @@ def server_step(current: Adapter, aggregation: Aggregation, lr: float) -> Aggreg
     θ ← θ + lr · (θ_agg − θ). FedAvg with a server learning rate (Reddi et al., ICLR 2021,
     "Adaptive Federated Optimization"); lr 1 is the rule itself.
 
-    Why: clients of different environments send nearly orthogonal updates (measured pairwise
-    cosines 0.01–0.05), so the plain mean passes each one at about 1/K of its strength; lr ≈ K
-    passes each at about full strength. Only for rules that keep the model in the adapter
-    (base-mutating ones fold a dense delta the step would have to scale too).
+    The idea: clients of different environments send nearly orthogonal updates, so the plain
+    mean passes each at about 1/K of its strength, and lr ≈ K would pass each at full strength.
+    Measured against it (3-client demo, BabyAI/Maze/WebShop, after one round): the NLL of each
+    client's seed demonstrations is lowest at lr 1 (0.92 / 0.25 / 1.27) and rises at 1.5, 2 and
+    3 (2.23 / 0.69 / 2.46 at 3, worse than the untrained 1.33 / 0.58 / 1.91): the updates share
+    a component (mean pairwise cosine 0.09) that the step multiplies. Only for rules that keep
+    the model in the adapter (base-mutating ones fold a dense delta the step would scale too).
     """
     if lr == 1.0:
         return aggregation
