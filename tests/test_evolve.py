@@ -1,5 +1,6 @@
 """One client's self-evolution: filters, the experience buffer, AgentTraj interop and LoRA SFT."""
 
+import functools
 import logging
 
 import pytest
@@ -143,12 +144,9 @@ def test_bf16_lora_compute_trains_like_the_fp32_lora_path_over_many_steps():
     trained = {}
     for fast in (True, False):
         policy.load("client", start)
-        original = policy.training
-        policy.training = lambda name, factors="AB", fast=fast: original(name, factors, lora_in_base_dtype=fast)
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(policy, "training", functools.partial(Policy.training, policy, lora_in_base_dtype=fast))
             report = train_adapter(policy, "client", buffer, config)
-        finally:
-            policy.training = original
         trained[fast] = (policy.get("client"), report.epoch_losses)
     (fast, fast_losses), (reference, reference_losses) = trained[True], trained[False]
     assert fast_losses[-1] < fast_losses[0]

@@ -175,5 +175,5 @@ def test_rounds_before_first_round_train_on_the_seeds_and_eval_every_skips_round
     assert "explore: none this round" in round_summary(fed.store.load().round(1), 3, "fedse")
     from fedse.experiments.report import render_markdown
 
-    table = [line for line in render_markdown([fed.store.load()], []).splitlines() if line.startswith("| 1 |")][0]
+    table = next(line for line in render_markdown([fed.store.load()], []).splitlines() if line.startswith("| 1 |"))
     assert "| – |" in table  # round 1 is in the table without an evaluation
