@@ -212,3 +212,38 @@ def test_server_lr_is_refused_for_rules_that_fold_updates_into_the_base():
     current = random_factors(0)
     with pytest.raises(ValueError, match="frozen"):
         aggregate_round(make_aggregator("flora"), current, updates_for("flora", current), {}, server_lr=2.0)
+
+
+def test_hostile_updates_are_rejected_and_cannot_steer_the_mean():
+    current = random_factors(0)
+    good = updates_for("fedit", current, k=2)
+    key = sorted(current.tensors)[0]
+    huge = Update("huge", {k: v * 1e20 for k, v in good[0].tensors.items()}, 10)
+    claims = Update("claims", dict(good[1].tensors), 10**15)
+    boolean = Update("boolean", dict(good[1].tensors), True)
+    as_list = Update("list", {**good[0].tensors, key: good[0].tensors[key].tolist()}, 10)
+    meta = Update("meta", {**good[0].tensors, key: torch.empty(current.tensors[key].shape, device="meta")}, 10)
+    twice = [Update("twice", dict(good[0].tensors), 10), Update("twice", dict(good[1].tensors), 10)]
+    result = aggregate_round(
+        make_aggregator("fedit"), current, [*good, huge, claims, boolean, as_list, meta, *twice], {}
+    )
+    assert result.accepted == ["c0", "c1"]
+    assert "above 1000" in result.rejected["huge"][0]
+    assert "num_examples must be an integer in 0..10000000, got 1000000000000000" in result.rejected["claims"][0]
+    assert "got True" in result.rejected["boolean"][0]
+    assert result.rejected["list"] == [f"client list: tensor {key} is a list, not a tensor"]
+    assert "meta device" in result.rejected["meta"][0]
+    assert result.rejected["twice"] == ["client twice: sent 2 updates this round"]
+    expected = aggregate_round(make_aggregator("fedit"), current, good, {}).aggregation.adapter
+    assert all(torch.equal(result.aggregation.adapter.tensors[k], expected.tensors[k]) for k in current.tensors)
+
+
+def test_client_metrics_cannot_overwrite_the_records_own_keys():
+    from dataclasses import fields
+
+    from fedse.experiments.records import ClientRecord
+
+    metrics = {f.name: 1 for f in fields(ClientRecord) if f.name not in ("round", "client", "num_examples")}
+    record = ClientRecord.from_metrics(2, "maze", 5, {**metrics, "round": 99, "client": "evil", "event": "aggregate"})
+    assert (record.round, record.client, record.num_examples, record.event) == (2, "maze", 5, "client")
+    assert '"event": "client"' in record.to_json() and '"round": 2' in record.to_json()

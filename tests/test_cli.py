@@ -98,3 +98,32 @@ def test_threads_flag_sets_torch_threads():
     done = run_cli("--threads", "1", "info")
     assert done.returncode == 0, done.stderr
     assert "1 threads" in done.stdout
+
+
+def test_run_name_dot_dot_with_force_deletes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("precious")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "other-run.txt").write_text("also precious")
+    for name in ("..", str(tmp_path), "../x"):
+        assert main(["run", "--set", "model.name='tiny-random'", "--name", name, "--force"]) == 2
+        assert "must be a plain folder name" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+    assert (runs / "other-run.txt").read_text() == "also precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "runs"]
+
+
+def test_a_bad_key_in_a_runs_config_json_is_a_one_line_error(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"fed": {"roundz": 3}}')
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    assert (
+        capsys.readouterr().err.strip().startswith(f"fedse: error: {run_dir / 'config.json'}: unknown key 'fed.roundz'")
+    )
+
+
+def test_eval_refuses_a_negative_task_count(capsys, tmp_path):
+    assert main(["eval", str(tmp_path), "--tasks", "-1"]) == 2
+    assert "--tasks must be 0 (the whole test split) or a positive count, got -1" in capsys.readouterr().err

@@ -195,3 +195,9 @@ def test_long_episodes_are_truncated_from_the_left_and_counted(tiny_policy, capl
     assert examples[0][0] == full[:head] + full[-50:]
     with pytest.raises(ValueError, match="cannot even hold the instruction"):
         encode_examples(layout, buffer, 10)
+
+
+def test_zero_epochs_trains_nothing_and_keeps_the_adapter(tiny_policy):
+    start = tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    report = train_adapter(tiny_policy, "client", experts(ids=(13,)), TrainConfig(epochs=0))
+    assert report.steps == 0 and tiny_policy.get("client").hash == start.hash

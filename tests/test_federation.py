@@ -177,3 +177,111 @@ def test_rounds_before_first_round_train_on_the_seeds_and_eval_every_skips_round
 
     table = next(line for line in render_markdown([fed.store.load()], []).splitlines() if line.startswith("| 1 |"))
     assert "| – |" in table  # round 1 is in the table without an evaluation
+
+
+@pytest.mark.parametrize("name", ["..", ".", "/tmp/x", "../x", "a/b", ".hidden", "x.", ""])
+def test_a_run_name_is_a_plain_folder_name_never_a_path(name):
+    from fedse.experiments.config import check_run_name
+
+    with pytest.raises(ConfigError, match="must be a plain folder name"):
+        check_run_name(name)
+    with pytest.raises(ConfigError, match="bad value for 'name'"):
+        load_config(None, [f"name={name!r}"])
+
+
+def test_force_never_deletes_a_folder_that_is_not_only_a_run(tmp_path):
+    from fedse.experiments.store import RunStore
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(RunExists, match="is not a fedse run folder"):
+        RunStore(project).create({}, force=True)
+    assert (project / "notes.txt").read_text() == "mine"
+    fed = run(tmp_path, "fed.rounds=1")
+    (fed.store.root / "my-analysis.ipynb").write_text("{}")
+    with pytest.raises(RunExists, match="my-analysis.ipynb"):
+        RunStore(fed.store.root).create({}, force=True)
+    (fed.store.root / "my-analysis.ipynb").unlink()
+    RunStore(fed.store.root).create({"name": "again"}, force=True)  # a run and only a run: replaced
+    assert sorted(p.name for p in fed.store.root.iterdir()) == [".lock", "config.json"]
+
+
+def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_report_go_on(tmp_path, monkeypatch):
+    from fedse.experiments.report import write_report
+    from fedse.fl.update import Update
+
+    real = __import__("fedse.experiments.run", fromlist=["learn"]).learn
+
+    def poisoned(*args, **kwargs):
+        update, trained = real(*args, **kwargs)
+        return Update(
+            update.client, {k: v * float("nan") for k, v in update.tensors.items()}, 1, update.metrics
+        ), trained
+
+    monkeypatch.setattr("fedse.experiments.run.learn", poisoned)
+    fed = run(tmp_path, "fed.rounds=1")
+    records = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
+    aggregate = next(r for r in records if r["event"] == "aggregate")
+    assert aggregate["accepted"] == [] and set(aggregate["rejected"]) == {"maze", "wordle"}
+    start = fed.store.load_checkpoint(0, fed.clients).global_adapter
+    assert fed.global_adapter.hash == start.hash
+    assert "| 1 |" in write_report([fed.store.root]).read_text()
+    with pytest.raises(ConfigError, match="bad value for 'train.lr'"):
+        load_config(None, ["train.lr=inf"])
+
+
+def test_torn_last_lines_are_dropped_and_resume_appends_whole_lines(tmp_path):
+    fed = run(tmp_path, "fed.rounds=1")
+    for path in (fed.store.metrics, fed.store.buffer("maze")):
+        with path.open("a") as f:
+            f.write('{"event": "eval", "round": 2, "env": "ma')  # a kill mid-append
+    records = len(fed.store.records())
+    again = Federation(tiny_config("fed.rounds=2"), fed.store.root, Policy(load_base("tiny-random")))
+    again.run(resume=True)
+    for path in (fed.store.metrics, fed.store.buffer("maze")):
+        text = path.read_text()
+        assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+    assert len(again.store.records()) > records
+
+
+def test_corrupt_run_files_are_one_line_errors_not_tracebacks(tmp_path):
+    from fedse.errors import UserError
+    from fedse.experiments.store import RunStore
+
+    fed = run(tmp_path, "fed.rounds=1")
+    store = RunStore(fed.store.root)
+    state = fed.store.state.read_text()
+    fed.store.state.write_text('{"round": "1"}')
+    with pytest.raises(UserError, match="state.json is corrupt"):
+        store.last_round()
+    fed.store.state.write_text(state)
+    weights = fed.store.checkpoint(1) / "global" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1.0
+    save_file(tensors, str(weights))
+    with pytest.raises(UserError, match="does not match the hash state.json recorded for round 1"):
+        store.load_checkpoint(1, fed.clients)
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot be read"):
+        store.load_checkpoint(1, fed.clients)
+    from fedse.evolve.buffer import ExperienceBuffer
+
+    fed.store.buffer("maze").write_text("not json\n")
+    with pytest.raises(UserError, match="buffer.jsonl:1: not a buffer entry"):
+        ExperienceBuffer(fed.store.buffer("maze"))
+
+
+def test_a_second_process_on_the_same_run_is_refused(tmp_path):
+    from fedse.errors import UserError
+
+    fed = run(tmp_path, "fed.rounds=1")
+    other = Federation(tiny_config("fed.rounds=2"), fed.store.root, Policy(load_base("tiny-random")))
+    with fed.store.lock(), pytest.raises(UserError, match="in use by another fedse process"):
+        other.run(resume=True)
+    other.run(resume=True)  # the lock is free again
+    assert json.loads(fed.store.state.read_text())["round"] == 2

@@ -103,14 +103,14 @@ def _quiet_libraries() -> None:
 
 
 def _run_config(root: Path):
-    from fedse.experiments.config import RunConfig
+    from fedse.experiments.config import validate_config
     from fedse.experiments.store import RunStore
 
-    return RunConfig.model_validate(RunStore(root).read_config())
+    return validate_config(RunStore(root).read_config(), where=str(root / "config.json"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedse.experiments.config import load_config
+    from fedse.experiments.config import check_run_name, load_config
     from fedse.experiments.report import round_summary, write_report
     from fedse.experiments.run import Federation
 
@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.set)
         if args.name:
-            config = config.model_copy(update={"name": args.name})
+            config = config.model_copy(update={"name": check_run_name(args.name)})
         root = Path(args.runs_dir) / config.name
     print(
         f"run {config.name}: {len(config.fed.clients)} clients ({', '.join(config.fed.clients)}), "
@@ -142,6 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fedse.experiments.run import Federation
 
     _quiet_libraries()
+    if args.tasks is not None and args.tasks < 0:
+        raise UserError(f"--tasks must be 0 (the whole test split) or a positive count, got {args.tasks}")
     root = Path(args.run_dir)
     config = _run_config(root)
     if args.tasks is not None:

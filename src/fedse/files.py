@@ -41,18 +41,43 @@ def atomic_write_json(path: str | Path, data: object) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
+def drop_torn_tail(path: str | Path) -> bool:
+    """Cut a last line that lacks its newline (a kill mid-append), so that the next append does
+    not glue onto it; returns whether there was one."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    with path.open("rb+") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+        os.fsync(f.fileno())
+    return True
+
+
 def append_lines(path: str | Path, lines: Iterable[str]) -> int:
-    """Append each line (a newline is added) and fsync; returns how many were written."""
+    """Append the lines (a newline added to each) in one write, and fsync; returns how many.
+
+    One write: a kill can then only cut the batch's end, never interleave partial lines; a torn
+    last line left by an earlier kill is cut first (`drop_torn_tail`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("a", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    return n
+    lines = list(lines)
+    if not lines:
+        return 0
+    drop_torn_tail(path)
+    payload = "".join(line + "\n" for line in lines).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(payload)
+        while view:  # a regular file takes it in one call; loop only on a partial write
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+    return len(lines)
 
 
 def write_lines(path: str | Path, lines: Iterable[str]) -> None:
@@ -61,16 +86,24 @@ def write_lines(path: str | Path, lines: Iterable[str]) -> None:
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """The non-blank lines of a text file ([] if it does not exist)."""
+    """The non-blank complete lines of a text file ([] if it does not exist). A last line
+    without its newline is a torn append (`append_lines` ends every line) and is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return [line for line in text.splitlines() if line.strip()]
 
 
-def fsync_tree(directory: str | Path) -> None:
-    """fsync every file under `directory` and the folders themselves (before renaming it into place)."""
+def fsync_tree(directory: str | Path, files: bool = True) -> None:
+    """fsync every file under `directory` and the folders themselves (before renaming it into
+    place); `files=False`: only `directory` itself (after a rename inside it)."""
     directory = Path(directory)
+    if not files:
+        _fsync_dir(directory)
+        return
     for path in sorted(directory.rglob("*"), reverse=True):
         if path.is_file():
             with path.open("rb") as f:

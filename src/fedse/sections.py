@@ -1,4 +1,5 @@
-"""The base of every configuration section: a frozen pydantic model that rejects unknown keys.
+"""The base of every configuration section: a frozen pydantic model that rejects unknown keys
+and non-finite numbers (`lr = inf` would train a round into NaN).
 
 Each layer defines the settings it consumes as a section (e.g. `fedse.evolve.sft.TrainConfig`
 is the TOML `[train]` table), with its defaults there and nowhere else; the run configuration
@@ -11,4 +12,4 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

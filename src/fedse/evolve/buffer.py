@@ -19,7 +19,8 @@ from typing import Literal
 from pydantic import Field
 
 from fedse.agent.trajectory import Trajectory
-from fedse.files import append_lines, read_lines, write_lines
+from fedse.errors import UserError
+from fedse.files import append_lines, drop_torn_tail, read_lines, write_lines
 from fedse.sections import Section
 
 
@@ -44,9 +45,15 @@ class ExperienceBuffer:
         self.path = Path(path)
         self.config = config or BufferConfig()
         self.entries: list[tuple[int, Trajectory]] = []
-        for line in read_lines(self.path):
-            record = json.loads(line)
-            self.entries.append((record["round"], Trajectory(**record["trajectory"])))
+        for number, line in enumerate(read_lines(self.path), start=1):
+            try:
+                record = json.loads(line)
+                self.entries.append((int(record["round"]), Trajectory(**record["trajectory"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise UserError(
+                    f"{self.path}:{number}: not a buffer entry ({type(error).__name__}: {error}); "
+                    "fix or remove that line (entries are one JSON object per line)"
+                ) from None
         self._keys = {_key(t) for _, t in self.entries}
 
     def __len__(self) -> int:
@@ -75,7 +82,9 @@ class ExperienceBuffer:
         return [t for r, t in self.entries if r == round_]
 
     def truncate(self, last_round: int) -> None:
-        """Forget entries from rounds after `last_round` (resuming after a crash mid-round)."""
+        """Forget entries from rounds after `last_round` (resuming after a crash mid-round),
+        and a line torn by the crash."""
+        drop_torn_tail(self.path)
         if any(r > last_round for r, _ in self.entries):
             self.entries = [(r, t) for r, t in self.entries if r <= last_round]
             self._keys = {_key(t) for _, t in self.entries}

@@ -176,6 +176,9 @@ def train_adapter(
         length_batches([len(e[0]) for e in examples], config.batch_tokens, rng) for _ in range(config.epochs)
     ]
     total_steps = sum(len(b) for b in epochs_batches)
+    if not total_steps:  # epochs = 0: nothing to train (the adapter stays as received)
+        report.seconds = time.perf_counter() - start
+        return report
     pad = policy.tokenizer.pad_token_id or 0
     bar = progress_bar(total_steps, progress, unit="step")
     with policy.training(name, factors) as params:

@@ -7,6 +7,7 @@ Unknown keys and bad values are one-line errors naming the key and what is allow
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -40,7 +41,7 @@ class FedSection(Section):
     aggregator: str = "fedse"
     clients_per_round: float = Field(1.0, gt=0)
     """A fraction (<= 1) or a count (> 1) of clients sampled each round; 1.0 = all."""
-    server_lr: float = Field(1.0, gt=0, allow_inf_nan=False)
+    server_lr: float = Field(1.0, gt=0)
     """The server step: global ← global + server_lr · (aggregate − global) (`fedse.fl.server.server_step`).
     1.0 is the paper's plain aggregate (and measured best in the demo's setting: see server_step).
     Not for flora/fedex (they fold updates into the base)."""
@@ -76,11 +77,29 @@ class EvalSection(Section):
     """Evaluate after every N-th round; round 0 and the last round always."""
 
 
+class ConfigError(UserError):
+    """A one-line description of what is wrong in a configuration."""
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is a plain folder name under the runs folder: never a path, never '.' or '..'."""
+    if not RUN_NAME.fullmatch(name) or name.endswith("."):
+        raise ConfigError(
+            f"run name {name!r} must be a plain folder name: letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit, at most 100 characters (use --runs-dir to put runs elsewhere)"
+        )
+    return name
+
+
 class RunConfig(Section):
     """A whole run. Each section is owned by the layer that consumes it, with its defaults there:
     [explore] by `fedse.fl.client`, [buffer] by `fedse.evolve.buffer`, [train] by `fedse.evolve.sft`."""
 
     name: str = "run"
+    """The run's folder name under the runs folder (`check_run_name`)."""
     model: ModelSection = ModelSection()
     fed: FedSection = FedSection()
     explore: ExploreConfig = ExploreConfig()
@@ -88,9 +107,13 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalSection = EvalSection()
 
-
-class ConfigError(UserError):
-    """A one-line description of what is wrong in a configuration."""
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        try:
+            return check_run_name(v)
+        except ConfigError as error:
+            raise ValueError(str(error).removeprefix(f"run name {v!r} ")) from None
 
 
 def _set(tree: dict, dotted: str, raw: str) -> None:
@@ -121,15 +144,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not sep:
             raise ConfigError(f"--set takes key=value, got {item!r}")
         _set(tree, key.strip(), value.strip())
+    return validate_config(tree)
+
+
+def validate_config(tree: dict, where: str = "") -> RunConfig:
+    """`tree` as a RunConfig, or a one-line ConfigError naming the key (prefixed by `where`)."""
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        key = ".".join(str(p) for p in first["loc"])
+        prefix = f"{where}: " if where else ""
         if first["type"] == "extra_forbidden":
             section = first["loc"][:-1]
             model = RunConfig
             for part in section:
                 model = model.model_fields[str(part)].annotation
-            raise ConfigError(f"unknown key {where!r}; allowed: {', '.join(model.model_fields)}") from None
-        raise ConfigError(f"bad value for {where!r}: {first['msg']}") from None
+            raise ConfigError(f"{prefix}unknown key {key!r}; allowed: {', '.join(model.model_fields)}") from None
+        raise ConfigError(f"{prefix}bad value for {key!r}: {first['msg']}") from None

@@ -106,15 +106,19 @@ class Federation:
     def rounds(self, resume: bool = False, force: bool = False) -> Iterator[RoundRecords]:
         """Run (or continue) the federation, yielding each round's records as it completes.
 
-        Round 0 evaluates and checkpoints the starting adapter, like any other round."""
-        last = self.start(resume=resume, force=force)
-        if not resume:
-            start = time.perf_counter()
-            evals, eval_avg = self.evaluate_round(0)
-            self._checkpoint(0)
-            yield RoundRecords(0, evals=evals, eval_avg=eval_avg, seconds=time.perf_counter() - start)
-        for round_ in range(last + 1, self.config.fed.rounds + 1):
-            yield self.round(round_)
+        Round 0 evaluates and checkpoints the starting adapter, like any other round. The run
+        folder is locked meanwhile (`RunStore.lock`): one process per run."""
+        if resume and not self.store.root.is_dir():
+            raise FileNotFoundError(f"{self.store.root} does not exist: nothing to resume")
+        with self.store.lock():
+            last = self.start(resume=resume, force=force)
+            if not resume:
+                start = time.perf_counter()
+                evals, eval_avg = self.evaluate_round(0)
+                self._checkpoint(0)
+                yield RoundRecords(0, evals=evals, eval_avg=eval_avg, seconds=time.perf_counter() - start)
+            for round_ in range(last + 1, self.config.fed.rounds + 1):
+                yield self.round(round_)
 
     def run(self, resume: bool = False, force: bool = False, echo: Callable[[RoundRecords], object] | None = None):
         """Run every round; `echo` is called with each round's records. Returns them all."""

@@ -15,20 +15,27 @@ written through `fedse.files` (atomic replaces, fsynced appends).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedse.agent.lora import Adapter, load_adapter, save_adapter
 from fedse.errors import UserError
 from fedse.experiments.records import Record, RunRecords, parse_record
-from fedse.files import append_lines, atomic_write_json, fsync_tree, read_lines, write_lines
+from fedse.files import append_lines, atomic_write_json, drop_torn_tail, fsync_tree, read_lines, write_lines
 
 GLOBAL = "global"
+LOCK = ".lock"
+RUN_ENTRIES = {"config.json", "metrics.jsonl", "state.json", "clients", "checkpoints", "evals", "report.md", LOCK}
+"""What a run folder holds (plots aside); anything else means it is not only a run."""
 
 
 class RunExists(FileExistsError):
@@ -77,13 +84,30 @@ class RunStore:
     # --- creating and reading ----------------------------------------------------------------
 
     def create(self, config: dict, force: bool = False) -> None:
-        """A new, empty run folder holding `config`; an existing non-empty one only with `force`."""
-        if self.root.exists() and any(self.root.iterdir()):
+        """A new, empty run folder holding `config`; an existing non-empty one only with `force`,
+        and only if it is a fedse run holding nothing but what fedse writes (`foreign_entries`):
+        --force never deletes a folder of someone else's files."""
+        present = [p for p in self.root.iterdir() if p.name != LOCK] if self.root.exists() else []
+        if present:
             if not force:
                 raise RunExists(f"{self.root} already exists; use --resume to continue it or --force to overwrite it")
-            shutil.rmtree(self.root)
+            foreign = self.foreign_entries()
+            if foreign:
+                raise RunExists(
+                    f"{self.root} is not a fedse run folder (it holds {', '.join(foreign[:5])}); "
+                    "--force only replaces runs: choose another run name or move that folder away"
+                )
+            for path in present:  # the lock file stays: this process may be holding it
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.config_path, config)
+
+    def foreign_entries(self) -> list[str]:
+        """What in the folder fedse does not write (all of it if there is no config.json)."""
+        names = sorted(p.name for p in self.root.iterdir() if p.name != LOCK)
+        if "config.json" not in names:
+            return names
+        return [n for n in names if n not in RUN_ENTRIES and not (n.endswith(".png") or n.endswith(".tmp"))]
 
     def read_config(self) -> dict:
         if not self.config_path.exists():
@@ -115,11 +139,25 @@ class RunStore:
 
     # --- rounds and checkpoints --------------------------------------------------------------
 
-    def last_round(self) -> int | None:
-        """The last completed round (None: none completed yet)."""
+    def read_state(self) -> dict | None:
+        """state.json ({"round": int, "global_adapter": hash}); None before round 0 completes."""
         if not self.state.exists():
             return None
-        return json.loads(self.state.read_text())["round"]
+        try:
+            state = json.loads(self.state.read_text())
+        except json.JSONDecodeError:
+            state = None
+        if not isinstance(state, dict) or type(state.get("round")) is not int or state["round"] < 0:
+            raise UserError(
+                f"{self.state} is corrupt (it needs a non-negative integer 'round'); "
+                f"the checkpoints present are rounds {self.completed_rounds() or 'none'}"
+            )
+        return state
+
+    def last_round(self) -> int | None:
+        """The last completed round (None: none completed yet)."""
+        state = self.read_state()
+        return None if state is None else state["round"]
 
     def completed_rounds(self) -> list[int]:
         return sorted(int(p.name.split("_")[1]) for p in (self.root / "checkpoints").glob("round_[0-9][0-9][0-9]"))
@@ -139,6 +177,7 @@ class RunStore:
         fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_tree(final.parent, files=False)  # the rename itself, before state.json points at it
         atomic_write_json(self.state, {"round": round_, "global_adapter": checkpoint.global_adapter.hash})
 
     def load_checkpoint(self, round_: int, clients: list[str]) -> Checkpoint:
@@ -148,18 +187,56 @@ class RunStore:
                 f"{self.root} has no checkpoint for round {round_}; completed rounds: {self.completed_rounds() or 'none'}"
             )
         delta_file = ckpt / "base_delta.safetensors"
-        return Checkpoint(
-            global_adapter=load_adapter(ckpt / GLOBAL),
-            base_delta=load_file(str(delta_file)) if delta_file.exists() else {},
-            aggregator_state=json.loads((ckpt / "aggregator.json").read_text()),
-            personal={c: load_adapter(ckpt / "clients" / c) for c in clients if (ckpt / "clients" / c).exists()},
-        )
+        try:
+            checkpoint = Checkpoint(
+                global_adapter=load_adapter(ckpt / GLOBAL),
+                base_delta=load_file(str(delta_file)) if delta_file.exists() else {},
+                aggregator_state=json.loads((ckpt / "aggregator.json").read_text()),
+                personal={c: load_adapter(ckpt / "clients" / c) for c in clients if (ckpt / "clients" / c).exists()},
+            )
+        except (OSError, ValueError, SafetensorError) as error:
+            raise UserError(
+                f"the checkpoint {ckpt} cannot be read ({error}); restore it or use an earlier round"
+            ) from None
+        state = self.read_state()
+        if (
+            state is not None
+            and state["round"] == round_
+            and state.get("global_adapter") != checkpoint.global_adapter.hash
+        ):
+            raise UserError(
+                f"the global adapter in {ckpt} does not match the hash state.json recorded for round {round_} "
+                f"({checkpoint.global_adapter.hash} vs {state.get('global_adapter')}): it was changed or corrupted"
+            )
+        return checkpoint
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's lock (`.lock`, an exclusive flock) for the duration: a second process
+        running or resuming the same run gets a clear error instead of doubling its records."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / LOCK).open("a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{self.root} is in use by another fedse process; wait for it or stop it") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def trim_records(self, last_round: int) -> None:
-        """Drop the records of rounds after `last_round` (an unfinished round), atomically."""
+        """Drop the records of rounds after `last_round` (an unfinished round), atomically, and
+        a line torn by the crash."""
         if not self.metrics.exists():
             return
+        drop_torn_tail(self.metrics)
         lines = read_lines(self.metrics)
-        kept = [line for line in lines if json.loads(line)["round"] <= last_round]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            record = parse_record(line, where=f"{self.metrics}:{number}")  # a clear error if corrupt
+            round_ = record.round if record is not None else json.loads(line).get("round", 0)
+            if round_ <= last_round:
+                kept.append(line)
         if len(kept) != len(lines):
             write_lines(self.metrics, kept)

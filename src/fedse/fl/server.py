@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +71,12 @@ def aggregate_round(
     """
     expected = aggregator.upload(current.tensors)
     valid, rejected = [], {}
+    senders = Counter(u.client for u in updates)
     for u in updates:
+        if senders[u.client] > 1:  # which of them is the real one is unknowable: none counts
+            rejected[u.client] = [f"client {u.client}: sent {senders[u.client]} updates this round"]
+            log.warning("rejected the updates of client %s: %s", u.client, rejected[u.client][0])
+            continue
         problems = update_problems(u, expected)
         if problems:
             rejected[u.client] = problems

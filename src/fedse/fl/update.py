@@ -29,10 +29,26 @@ class Update:
         return tensor_bytes(self.tensors)
 
 
+MAX_FACTOR_ABS = 1e3
+"""Largest magnitude accepted in a LoRA factor. Trained factors of the models fedse runs are
+O(0.01-1); a finite but huge update (one client's factors x 1e20) would otherwise reach the
+global adapter and make the next round's sampling fail, in every resume too."""
+MAX_EXAMPLES = 10**7
+"""Largest num_examples accepted: FedIT weights by it and cannot check it, so a client claiming
+10**15 would own the mean. Far above any buffer fedse keeps; the claim is still trusted below."""
+
+
 def update_problems(update: Update, expected: dict[str, torch.Tensor]) -> list[str]:
     """Why `update` cannot be aggregated against the expected tensors (empty list: it can)."""
     who = f"client {update.client}"
     problems = []
+    not_tensors = sorted(k for k, v in update.tensors.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        kind = type(update.tensors[not_tensors[0]]).__name__
+        return [f"{who}: tensor {not_tensors[0]} is a {kind}, not a tensor"]
+    on_meta = sorted(k for k, v in update.tensors.items() if v.device.type == "meta")
+    if on_meta:
+        return [f"{who}: tensor {on_meta[0]} is on the meta device (it holds no values)"]
     missing, extra = sorted(set(expected) - set(update.tensors)), sorted(set(update.tensors) - set(expected))
     if missing:
         problems.append(
@@ -50,8 +66,13 @@ def update_problems(update: Update, expected: dict[str, torch.Tensor]) -> list[s
             problems.append(f"{who}: tensor {name} has dtype {got.dtype}, expected {want.dtype}")
         elif not torch.isfinite(got).all():
             problems.append(f"{who}: tensor {name} contains NaN or Inf")
-    if not isinstance(update.num_examples, int) or update.num_examples < 0:
-        problems.append(f"{who}: num_examples must be a non-negative integer, got {update.num_examples!r}")
+        elif got.numel() and float(got.abs().max()) > MAX_FACTOR_ABS:
+            problems.append(
+                f"{who}: tensor {name} has an entry of magnitude {float(got.abs().max()):.3g}, above {MAX_FACTOR_ABS:g}"
+            )
+    n = update.num_examples
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_EXAMPLES:
+        problems.append(f"{who}: num_examples must be an integer in 0..{MAX_EXAMPLES}, got {n!r}")
     if any(not math.isfinite(v) for v in update.metrics.values()):
         problems.append(f"{who}: a metric is NaN or Inf")
     return problems
