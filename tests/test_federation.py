@@ -274,6 +274,9 @@ def test_corrupt_run_files_are_one_line_errors_not_tracebacks(tmp_path):
     fed.store.buffer("maze").write_text("not json\n")
     with pytest.raises(UserError, match="buffer.jsonl:1: not a buffer entry"):
         ExperienceBuffer(fed.store.buffer("maze"))
+    fed.store.buffer("maze").write_bytes(b'{"round": 0, "x": "\xff"}\n')
+    with pytest.raises(UserError, match="not UTF-8 text at byte 19"):
+        ExperienceBuffer(fed.store.buffer("maze"))
 
 
 def test_a_second_process_on_the_same_run_is_refused(tmp_path):

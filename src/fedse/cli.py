@@ -74,12 +74,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fedse.agent.dtype import bf16_flags, choose_dtype, cpu_model
+    from fedse.agent.dtype import choose_dtype, cpu_model, describe_bf16_flags
     from fedse.agent.model import cache_dir
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in bf16_flags().items())
-    print(f"cpu        {cpu_model()} ({os.cpu_count()} logical cores; {flags})")
+    print(f"cpu        {cpu_model()} ({os.cpu_count()} logical cores; {describe_bf16_flags()})")
     print(
         f"torch      {torch.__version__}, {torch.get_num_threads()} threads "
         f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), kernels {torch.backends.cpu.get_cpu_capability()}"

@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from fedse.errors import UserError
+
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -45,13 +47,14 @@ def drop_torn_tail(path: str | Path) -> bool:
     """Cut a last line that lacks its newline (a kill mid-append), so that the next append does
     not glue onto it; returns whether there was one."""
     path = Path(path)
-    if not path.exists():
-        return False
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
+    if not path.exists() or path.stat().st_size == 0:
         return False
     with path.open("rb+") as f:
-        f.truncate(data.rfind(b"\n") + 1)
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":  # the usual case: one byte read, nothing to cut
+            return False
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
         os.fsync(f.fileno())
     return True
 
@@ -91,7 +94,10 @@ def read_lines(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text at byte {error.start}; the file is corrupt") from None
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     return [line for line in text.splitlines() if line.strip()]

@@ -66,6 +66,11 @@ def bf16_flags() -> dict[str, bool]:
     return flags
 
 
+def describe_bf16_flags() -> str:
+    """`bf16_flags` as one line, e.g. "amx no, avx512_bf16 yes"."""
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in bf16_flags().items())
+
+
 def measure_linears(hidden: int, intermediate: int, seconds: float = 1.0) -> tuple[float, float]:
     """Median ms of one round of the model's MLP linears (up and down, at `ROWS` rows), fp32 and bf16."""
     rounds: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
@@ -116,7 +121,7 @@ def choose_dtype(device: torch.device, hidden: int, intermediate: int, cache: Pa
         return cached
     fp32_ms, bf16_ms = measure_linears(hidden, intermediate)
     speedup = fp32_ms / bf16_ms
-    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in bf16_flags().items())
+    flags = describe_bf16_flags()
     verdict = "at least" if speedup >= SPEEDUP_NEEDED else "less than"
     reason = f"bf16 linears measured {speedup:.2f}x as fast as fp32 ({verdict} {SPEEDUP_NEEDED}x; {flags})"
     choice = DtypeChoice("bfloat16" if speedup >= SPEEDUP_NEEDED else "float32", reason, cpu_model(), fp32_ms, bf16_ms)

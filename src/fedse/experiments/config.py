@@ -82,15 +82,20 @@ class ConfigError(UserError):
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RUN_NAME_RULE = (
+    "must be a plain folder name: letters, digits, '.', '_' or '-', starting with a letter or digit, "
+    "at most 100 characters (use --runs-dir to put runs elsewhere)"
+)
+
+
+def is_run_name(name: str) -> bool:
+    """A run name is a plain folder name under the runs folder: never a path, never '.' or '..'."""
+    return bool(RUN_NAME.fullmatch(name)) and not name.endswith(".")
 
 
 def check_run_name(name: str) -> str:
-    """A run name is a plain folder name under the runs folder: never a path, never '.' or '..'."""
-    if not RUN_NAME.fullmatch(name) or name.endswith("."):
-        raise ConfigError(
-            f"run name {name!r} must be a plain folder name: letters, digits, '.', '_' or '-', starting "
-            "with a letter or digit, at most 100 characters (use --runs-dir to put runs elsewhere)"
-        )
+    if not is_run_name(name):
+        raise ConfigError(f"run name {name!r} {RUN_NAME_RULE}")
     return name
 
 
@@ -110,10 +115,9 @@ class RunConfig(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        try:
-            return check_run_name(v)
-        except ConfigError as error:
-            raise ValueError(str(error).removeprefix(f"run name {v!r} ")) from None
+        if not is_run_name(v):
+            raise ValueError(RUN_NAME_RULE)
+        return v
 
 
 def _set(tree: dict, dotted: str, raw: str) -> None:
