@@ -83,9 +83,9 @@ def test_only_adapter_tensors_and_scalar_metrics_reach_the_server(tmp_path, monk
     seen = []
     real = server.aggregate_round
 
-    def spy(aggregator, current, updates, state, server_lr):
+    def spy(aggregator, current, updates, *args, **kwargs):
         seen.extend(updates)
-        return real(aggregator, current, updates, state, server_lr)
+        return real(aggregator, current, updates, *args, **kwargs)
 
     monkeypatch.setattr("fedse.experiments.run.aggregate_round", spy)
     fed = run(tmp_path, "fed.rounds=1")
@@ -238,7 +238,7 @@ def test_torn_last_lines_are_dropped_and_resume_appends_whole_lines(tmp_path):
             f.write('{"event": "eval", "round": 2, "env": "ma')  # a kill mid-append
     records = len(fed.store.records())
     again = Federation(tiny_config("fed.rounds=2"), fed.store.root, Policy(load_base("tiny-random")))
-    again.run(resume=True)
+    again.run(resume=True, change_config=True)
     for path in (fed.store.metrics, fed.store.buffer("maze")):
         text = path.read_text()
         assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
@@ -284,7 +284,10 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path):
 
     fed = run(tmp_path, "fed.rounds=1")
     other = Federation(tiny_config("fed.rounds=2"), fed.store.root, Policy(load_base("tiny-random")))
-    with fed.store.lock(), pytest.raises(UserError, match="in use by another fedse process"):
-        other.run(resume=True)
-    other.run(resume=True)  # the lock is free again
+    with fed.store.lock():
+        for kwargs in ({"resume": True, "change_config": True}, {"force": True}, {}):
+            with pytest.raises(UserError, match="in use by another fedse process"):
+                other.run(**kwargs)
+        assert json.loads(fed.store.state.read_text())["round"] == 1 and fed.store.checkpoint(1).exists()
+    other.run(resume=True, change_config=True)  # the lock is free again
     assert json.loads(fed.store.state.read_text())["round"] == 2

@@ -117,9 +117,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         root = Path(args.resume)
         config = _run_config(root)
+        if args.config or args.set:  # checked against the run's own when it resumes (--change-config)
+            changed = load_config(args.config, args.set, base=None if args.config else config.model_dump())
+            config = changed.model_copy(update={"name": config.name})
     else:
         config = load_config(args.config, args.set)
-        if args.name:
+        if args.name is not None:
             config = config.model_copy(update={"name": check_run_name(args.name)})
         root = Path(args.runs_dir) / config.name
     print(
@@ -127,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{config.fed.rounds} rounds, aggregator {config.fed.aggregator}, model {config.model.name} -> {root}"
     )
     start = time.perf_counter()
-    for records in Federation(config, root, progress=True).rounds(resume=bool(args.resume), force=args.force):
+    federation = Federation(config, root, progress=True)
+    for records in federation.rounds(resume=bool(args.resume), force=args.force, change_config=args.change_config):
         print(round_summary(records, config.fed.rounds, config.fed.aggregator))
     report = write_report([root])
     print(
@@ -193,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", default="runs")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed round")
     run.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    run.add_argument(
+        "--change-config",
+        action="store_true",
+        help="with --resume: apply a changed config (--set, a config file, an edited config.json); "
+        "only fed.rounds, eval.*, explore.max_batch and checkpoints.* may change",
+    )
     run.set_defaults(run=cmd_run)
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test splits")
     ev.add_argument("run_dir")

@@ -38,6 +38,21 @@ class LoraSpec:
         )
 
 
+def check_target_modules(model: torch.nn.Module, targets: str | tuple[str, ...] | list[str]) -> None:
+    """Raise ValueError naming the layers the model has if a target matches no linear layer
+    (PEFT matches a name against the end of each module's dotted name)."""
+    if isinstance(targets, str):
+        return  # "all-linear": PEFT resolves it
+    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        raise ValueError(
+            f"target module {missing[0]!r} is not a linear layer of this model; its linear layers are: "
+            + ", ".join(leaves)
+        )
+
+
 def adapter_hash(tensors: dict[str, torch.Tensor]) -> str:
     """12 hex digits of SHA-256 over the sorted names, dtypes, shapes and bytes."""
     h = hashlib.sha256()
@@ -106,10 +121,15 @@ def mean_delta(tensor_sets: list[dict[str, torch.Tensor]], scale: float) -> dict
 
 
 def fresh_adapter(like: Adapter, seed: int) -> Adapter:
-    """PEFT's LoRA init with a seeded generator: A ~ kaiming-uniform(a=√5), B = 0."""
+    """PEFT's LoRA init with a seeded generator: A ~ kaiming-uniform(a=√5), B = 0.
+
+    Drawn in sorted name order: an adapter read back from a file (safetensors sorts its names)
+    and the same adapter in memory must get the same draws (the crash matrix caught FLoRA
+    resuming to a different adapter when this followed the dict's order)."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for k, v in like.tensors.items():
+    for k in sorted(like.tensors):
+        v = like.tensors[k]
         if k.endswith(A_SUFFIX):
             bound = 1 / math.sqrt(v.shape[1])  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
             tensors[k] = (torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).to(v.dtype)

@@ -107,6 +107,22 @@ def resolve(name: str) -> str:
     return str(target)
 
 
+KNOWN_MODELS = (*EMBEDDED, TINY)
+
+
+def model_available(name: str) -> bool:
+    """Whether `load_base(name)` can load without a network: an embedded or built-in name, a
+    local model folder, or a hub id whose config is in the local Hugging Face cache."""
+    if name in KNOWN_MODELS or (Path(name) / "config.json").is_file():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        return False
+
+
 def load_base(
     name: str = DEFAULT_MODEL, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto"
 ) -> BaseModel:

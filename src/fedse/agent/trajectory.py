@@ -20,7 +20,8 @@ class Trajectory:
     adapter: str | None
     """Hash of the adapter that generated it (None: the bare base model, or an expert)."""
     finish: str = "done"
-    """'done' (the environment ended it), 'max_turns', 'context' or 'expert'."""
+    """'done' (the environment ended it), 'max_turns', 'context', 'expert', or 'env_error'
+    (the environment's step() raised: the episode ends unsuccessful)."""
     seed: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0

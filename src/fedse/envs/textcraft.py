@@ -31,9 +31,11 @@ from fedse.envs.crafting import CraftingTree, Recipe, default_tree, item_name, i
 
 NUM_GOALS = 544
 MAX_DISTRACTORS = 10
-_GET = re.compile(r"get ([0-9]+) (.*)")
+# Counts longer than 18 digits do not parse (the action then fails with the usual feedback):
+# Python's int() refuses strings over 4,300 digits, and no recipe needs such amounts.
+_GET = re.compile(r"get ([0-9]{1,18}) (.*)")
 _CRAFT = re.compile(r"craft (.*) using (.*)")
-_COUNT = re.compile(r"([0-9]+) (.*)")
+_COUNT = re.compile(r"([0-9]{1,18}) (.*)")
 
 INSTRUCTION = """\
 Craft the goal item in Minecraft. The first observation lists crafting commands of the form \

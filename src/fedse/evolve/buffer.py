@@ -8,6 +8,11 @@ capacity limit by default (the paper). Options: `cap` keeps only the newest N en
 On disk: one JSON line per entry, `{"round": t, "trajectory": {...}}`, seeds at round 0. The file
 is appended to and fsynced; rewrites (cap, truncation) replace it atomically (`fedse.files`),
 so a crash leaves either the old or the new buffer, never half of one.
+
+Everything the buffer holds is a function of the file's lines: the cap's eviction and the dedup
+keys are recomputed from them, so a resumed process agrees with the one that crashed. Entries
+the cap evicts during round t stay on disk until round t+1 adds (when round t is complete and
+can no longer be rolled back), so a resume from round t-1 still finds them.
 """
 
 from __future__ import annotations
@@ -54,25 +59,34 @@ class ExperienceBuffer:
                     f"{self.path}:{number}: not a buffer entry ({type(error).__name__}: {error}); "
                     "fix or remove that line (entries are one JSON object per line)"
                 ) from None
-        self._keys = {_key(t) for _, t in self.entries}
+        self.stored = self.entries
+        """Every line on disk, evicted-but-not-yet-dropped entries included."""
+        self.entries = self._window(self.stored)
+
+    def _window(self, stored: list[tuple[int, Trajectory]]) -> list[tuple[int, Trajectory]]:
+        cap = self.config.cap
+        return stored[-cap:] if cap is not None and len(stored) > cap else list(stored)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def add(self, trajectories: list[Trajectory], round_: int) -> int:
         """Add kept trajectories from `round_` (0 = seeds); returns how many were added."""
+        older = [(r, t) for r, t in self.stored if r < round_]  # complete rounds: drop what they evicted
+        if len(self._window(older)) < len(older):
+            self.stored = self._window(older) + [(r, t) for r, t in self.stored if r >= round_]
+            self._rewrite()
+        keys = {_key(t) for _, t in self.entries}
         new = []
         for t in trajectories:
-            if self.config.dedup == "exact" and _key(t) in self._keys:
+            if self.config.dedup == "exact" and _key(t) in keys:
                 continue
-            self._keys.add(_key(t))
+            keys.add(_key(t))
             new.append((round_, t))
-        self.entries += new
-        if self.config.cap is not None and len(self.entries) > self.config.cap:
-            self.entries = self.entries[-self.config.cap :]
-            self._rewrite()
-        elif new:
+        if new:
             append_lines(self.path, (self._line(r, t) for r, t in new))
+        self.stored = self.stored + new
+        self.entries = self._window(self.stored)
         return len(new)
 
     def training_set(self, round_: int) -> list[Trajectory]:
@@ -85,9 +99,9 @@ class ExperienceBuffer:
         """Forget entries from rounds after `last_round` (resuming after a crash mid-round),
         and a line torn by the crash."""
         drop_torn_tail(self.path)
-        if any(r > last_round for r, _ in self.entries):
-            self.entries = [(r, t) for r, t in self.entries if r <= last_round]
-            self._keys = {_key(t) for _, t in self.entries}
+        if any(r > last_round for r, _ in self.stored):
+            self.stored = [(r, t) for r, t in self.stored if r <= last_round]
+            self.entries = self._window(self.stored)
             self._rewrite()
 
     def counts(self) -> dict[int, int]:
@@ -101,4 +115,4 @@ class ExperienceBuffer:
         return json.dumps({"round": round_, "trajectory": json.loads(t.to_json())}, ensure_ascii=False)
 
     def _rewrite(self) -> None:
-        write_lines(self.path, (self._line(r, t) for r, t in self.entries))
+        write_lines(self.path, (self._line(r, t) for r, t in self.stored))

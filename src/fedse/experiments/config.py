@@ -7,6 +7,7 @@ Unknown keys and bad values are one-line errors naming the key and what is allow
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -14,12 +15,14 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fedse.agent.model import KNOWN_MODELS, model_available
 from fedse.envs import list_envs
 from fedse.errors import UserError
 from fedse.evolve.buffer import BufferConfig
 from fedse.evolve.sft import TrainConfig
 from fedse.fl.aggregators import AGGREGATORS
 from fedse.fl.client import ExploreConfig
+from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM
 from fedse.sections import Section
 
 
@@ -31,7 +34,30 @@ class ModelSection(Section):
     round them away)."""
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
-    target_modules: str = "all-linear"
+    target_modules: str | list[str] = "all-linear"
+    """"all-linear" (Fed-SE) or a list of linear-layer names, e.g. ["q_proj", "v_proj"]; names the
+    model lacks are refused when it loads (`fedse.agent.lora.check_target_modules`)."""
+
+    @field_validator("name")
+    @classmethod
+    def _loadable_model(cls, v: str) -> str:
+        if not model_available(v):
+            raise ValueError(
+                f"{v!r} is not a model fedse can load offline: use {', '.join(KNOWN_MODELS)}, "
+                "a local model folder (with config.json), or a hub id already in the local cache"
+            )
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _target_names(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError('use "all-linear" or a list of layer names such as ["q_proj", "v_proj"]')
+        if isinstance(v, list) and (not v or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n) for n in v)):
+            raise ValueError(
+                "each target module is a layer name of letters, digits, '_' and '.', and the list is not empty"
+            )
+        return v
 
 
 class FedSection(Section):
@@ -45,6 +71,13 @@ class FedSection(Section):
     """The server step: global ← global + server_lr · (aggregate − global) (`fedse.fl.server.server_step`).
     1.0 is the paper's plain aggregate (and measured best in the demo's setting: see server_step).
     Not for flora/fedex (they fold updates into the base)."""
+    max_update_norm: float = Field(DEFAULT_MAX_UPDATE_NORM, gt=0)
+    """Bound on ‖a client's uploaded factors − the global ones‖_F (`fedse.fl.update.bound_update`)."""
+    update_bound: Literal["clip", "reject", "off"] = "clip"
+    """What the server does with an update above max_update_norm: scale it back onto the bound,
+    drop it, or nothing."""
+    trim: float = Field(0.2, ge=0, lt=0.5)
+    """The trimmed aggregator's fraction dropped at each end per entry."""
     seed: int = 0
 
     @model_validator(mode="after")
@@ -75,6 +108,15 @@ class EvalSection(Section):
     max_new_tokens: int = Field(96, ge=1)
     every: int = Field(1, ge=1)
     """Evaluate after every N-th round; round 0 and the last round always."""
+
+
+class CheckpointSection(Section):
+    """Which round checkpoints stay on disk (the last completed one always does)."""
+
+    keep_last: int = Field(0, ge=0)
+    """Keep the last N rounds' checkpoints (0: keep every round)."""
+    keep_every: int = Field(0, ge=0)
+    """Also keep every K-th round's (0: none beyond keep_last); round 0 counts as a multiple."""
 
 
 class ConfigError(UserError):
@@ -111,6 +153,7 @@ class RunConfig(Section):
     buffer: BufferConfig = BufferConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalSection = EvalSection()
+    checkpoints: CheckpointSection = CheckpointSection()
 
     @field_validator("name")
     @classmethod
@@ -118,6 +161,50 @@ class RunConfig(Section):
         if not is_run_name(v):
             raise ValueError(RUN_NAME_RULE)
         return v
+
+
+CHANGEABLE_ON_RESUME = ("fed.rounds", "eval.", "explore.max_batch", "checkpoints.")
+"""What a resumed run may change (with `fedse run --resume … --change-config`): how long it runs,
+how it is evaluated and kept, how wide it batches. Everything else shapes the rounds already
+done (a rank, a client, a seed, a learning rate), so it needs a new run."""
+
+
+def flat_items(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """The dotted keys whose values differ between two configurations (the run name aside)."""
+    a, b = flat_items(old.model_dump()), flat_items(new.model_dump())
+    return sorted(k for k in a.keys() | b.keys() if k != "name" and a.get(k) != b.get(k))
+
+
+def check_resume_changes(old: RunConfig, new: RunConfig, allowed: bool, where: str) -> list[str]:
+    """The changes `new` makes to a run that started as `old`; a ConfigError if there are any
+    and they are not `allowed`, or if one of them is not in CHANGEABLE_ON_RESUME."""
+    changes = config_changes(old, new)
+    if not changes:
+        return []
+    shown = ", ".join(
+        f"{k} ({flat_items(old.model_dump()).get(k)!r} -> {flat_items(new.model_dump()).get(k)!r})" for k in changes[:3]
+    )
+    fixed = [k for k in changes if not any(k == c or k.startswith(c) for c in CHANGEABLE_ON_RESUME)]
+    if fixed:
+        raise ConfigError(
+            f"{where}: a resumed run cannot change {fixed[0]}: the completed rounds depend on it "
+            "(start a new run; only fed.rounds, eval.*, explore.max_batch, checkpoints.* can change)"
+        )
+    if not allowed:
+        raise ConfigError(
+            f"{where}: the configuration differs from the run's: {shown}; add --change-config to apply it"
+        )
+    return changes
 
 
 def _set(tree: dict, dotted: str, raw: str) -> None:
@@ -134,8 +221,9 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    tree: dict = {}
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """The TOML file at `path` (or the `base` tree, or the defaults) with `--set` overrides applied."""
+    tree: dict = json.loads(json.dumps(base)) if base is not None else {}
     if path is not None:
         try:
             tree = tomllib.loads(Path(path).read_text())

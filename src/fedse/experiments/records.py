@@ -8,7 +8,7 @@ Every line is one JSON object `{"event": ..., "schema": SCHEMA_VERSION, <fields>
 | `eval_avg` | per round, after the `eval` records | round, avg_weighted, avg_mean, seconds |
 | `explore` | per round, after the batched exploration | round, clients, episodes, turns, processed_tokens, generated_tokens, seconds |
 | `client` | per round and sampled client, after its local training | round, client, num_examples and the client's metrics |
-| `aggregate` | per round, after the server's aggregation | round, accepted, rejected and the round diagnostics |
+| `aggregate` | per round, after the server's aggregation | round, accepted, rejected, clipped and the round diagnostics |
 
 The runtime writes these types, the report and the round summaries read them, and tests
 build fake runs from them. A line without `schema` is version 1 (runs written before the
@@ -114,6 +114,8 @@ class AggregateRecord(Record):
     accepted: list[str]
     rejected: dict[str, list[str]]
     clients: int
+    clipped: dict[str, float] = field(default_factory=dict)
+    """Client -> its update's norm before the server clipped it to `fed.max_update_norm`."""
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: int = 0
     inexactness: float | None = None

@@ -166,6 +166,8 @@ def _aggregate_line(agg: AggregateRecord, aggregator: str) -> str:
     parts = [f"{len(agg.accepted)} updates accepted"]
     if agg.rejected:
         parts.append(f"rejected {agg.rejected}")
+    if agg.clipped:
+        parts.append("clipped " + ", ".join(f"{c} (norm {n:.3g})" for c, n in agg.clipped.items()))
     if agg.inexactness is not None:
         parts.append(f"inexactness {agg.inexactness:.4f}")
     if agg.update_cosine:

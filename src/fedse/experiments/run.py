@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fedse.agent.lora import Adapter, LoraSpec
+from fedse.agent.lora import Adapter, LoraSpec, check_target_modules
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats, rollout
@@ -29,7 +29,7 @@ from fedse.agent.trajectory import Trajectory
 from fedse.errors import UserError
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.evolve.store import expert_trajectory
-from fedse.experiments.config import RunConfig
+from fedse.experiments.config import RunConfig, check_resume_changes, validate_config
 from fedse.experiments.evaluation import averages, evaluate
 from fedse.experiments.records import AggregateRecord, ClientRecord, EvalRecord, ExploreRecord, RoundRecords
 from fedse.experiments.store import GLOBAL, Checkpoint, RunStore
@@ -48,30 +48,49 @@ class Federation:
         self.config = config
         self.progress = progress
         self.store = RunStore(root)
-        self.aggregator = make_aggregator(config.fed.aggregator)
+        self.aggregator = make_aggregator(config.fed.aggregator, trim=config.fed.trim)
         dtype = config.model.dtype
         if dtype == "auto" and self.aggregator.mutates_base:
             dtype = "float32"
         self.policy = policy or Policy(load_base(config.model.name, dtype=dtype))
+        targets = config.model.target_modules
         self.spec = LoraSpec(
-            config.model.lora_rank, config.model.lora_alpha, target_modules=config.model.target_modules
+            config.model.lora_rank,
+            config.model.lora_alpha,
+            target_modules=targets if isinstance(targets, str) else tuple(targets),
         )
+        try:
+            check_target_modules(self.policy.base.model, self.spec.target_modules)
+        except ValueError as error:
+            raise UserError(f"model.target_modules: {error}") from None
         self.clients = list(config.fed.clients)
         self.global_adapter: Adapter | None = None
         self.base_delta: dict[str, torch.Tensor] = {}
-        """Cumulative ΔW folded into the base so far (mutating aggregators), float64 on the CPU."""
+        """Cumulative ΔW folded into the base so far (mutating aggregators), float32 on the CPU:
+        summed in float64 each round, kept as the checkpoint stores it (half of float64's
+        850 MB a round for SmolLM2-135M), so a resumed run holds exactly what this one does."""
         self.personal: dict[str, Adapter] = {}
         self.aggregator_state: dict = {}
         self._buffers: dict[str, ExperienceBuffer] = {}
 
     # --- setup and resume --------------------------------------------------------------------
 
-    def start(self, resume: bool = False, force: bool = False) -> int:
-        """Prepare the run directory; returns the last completed round (0 for a fresh run)."""
+    def start(self, resume: bool = False, force: bool = False, change_config: bool = False) -> int:
+        """Prepare the run directory; returns the last completed round (0 for a fresh run).
+
+        A resume continues under the configuration the last checkpoint was written with; a
+        different one (an edited config.json, --set) only with `change_config`, and only in
+        what `check_resume_changes` allows."""
         if resume:
             last = self.store.last_round()
             if last is None:
                 raise FileNotFoundError(f"{self.store.root} has no completed round to resume from (no state.json)")
+            recorded = self.store.checkpoint_config(last)
+            if recorded is not None:
+                where = f"resuming {self.store.root} after round {last}"
+                before = validate_config(recorded, where=str(self.store.checkpoint(last) / "config.json"))
+                if check_resume_changes(before, self.config, change_config, where):
+                    self.store.write_config(self.config.model_dump())
             self.load_checkpoint(last)
             for client in self.clients:
                 self.buffer(client).truncate(last)
@@ -95,7 +114,7 @@ class Federation:
         checkpoint = self.store.load_checkpoint(round_, self.clients)
         self.global_adapter = checkpoint.global_adapter
         self.policy.load(GLOBAL, self.global_adapter)
-        self.base_delta = {m: d.double() for m, d in checkpoint.base_delta.items()}
+        self.base_delta = {m: d.float() for m, d in checkpoint.base_delta.items()}
         if self.base_delta:
             self.policy.set_base_delta(self.base_delta)
         self.aggregator_state = checkpoint.aggregator_state
@@ -103,7 +122,7 @@ class Federation:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def rounds(self, resume: bool = False, force: bool = False) -> Iterator[RoundRecords]:
+    def rounds(self, resume: bool = False, force: bool = False, change_config: bool = False) -> Iterator[RoundRecords]:
         """Run (or continue) the federation, yielding each round's records as it completes.
 
         Round 0 evaluates and checkpoints the starting adapter, like any other round. The run
@@ -111,7 +130,7 @@ class Federation:
         if resume and not self.store.root.is_dir():
             raise FileNotFoundError(f"{self.store.root} does not exist: nothing to resume")
         with self.store.lock():
-            last = self.start(resume=resume, force=force)
+            last = self.start(resume=resume, force=force, change_config=change_config)
             if not resume:
                 start = time.perf_counter()
                 evals, eval_avg = self.evaluate_round(0)
@@ -120,10 +139,16 @@ class Federation:
             for round_ in range(last + 1, self.config.fed.rounds + 1):
                 yield self.round(round_)
 
-    def run(self, resume: bool = False, force: bool = False, echo: Callable[[RoundRecords], object] | None = None):
+    def run(
+        self,
+        resume: bool = False,
+        force: bool = False,
+        echo: Callable[[RoundRecords], object] | None = None,
+        change_config: bool = False,
+    ):
         """Run every round; `echo` is called with each round's records. Returns them all."""
         done = []
-        for records in self.rounds(resume=resume, force=force):
+        for records in self.rounds(resume=resume, force=force, change_config=change_config):
             if echo is not None:
                 echo(records)
             done.append(records)
@@ -143,13 +168,15 @@ class Federation:
         clients = self.sampled_clients(round_)
         explored, explore_record = self.explore(round_, clients)
         self.store.append(explore_record)
-        updates, trained, client_records = [], {}, []
+        updates, client_records = [], []
         for client in clients:
-            update, trained[client] = self.learn(round_, client, explored[client])
+            update, trained = self.learn(round_, client, explored[client])
+            if self.aggregator.personalized:  # the client's own state: it never reaches the server
+                self.personal[client] = trained
             updates.append(update)
             client_records.append(ClientRecord.from_metrics(round_, client, update.num_examples, update.metrics))
             self.store.append(client_records[-1])
-        aggregate_record = self.aggregate(round_, updates, trained)
+        aggregate_record = self.aggregate(round_, updates)
         self.store.append(aggregate_record)
         evals, eval_avg = [], None
         if round_ % self.config.eval.every == 0 or round_ == self.config.fed.rounds:
@@ -199,21 +226,26 @@ class Federation:
             progress=self.progress,
         )
 
-    def aggregate(self, round_: int, updates: list[Update], trained: dict[str, Adapter]) -> AggregateRecord:
+    def aggregate(self, round_: int, updates: list[Update]) -> AggregateRecord:
         """The server's step: validate and aggregate, then install the new global state."""
+        fed = self.config.fed
         result = aggregate_round(
-            self.aggregator, self.global_adapter, updates, self.aggregator_state, self.config.fed.server_lr
+            self.aggregator,
+            self.global_adapter,
+            updates,
+            self.aggregator_state,
+            fed.server_lr,
+            max_update_norm=fed.max_update_norm,
+            bound=fed.update_bound,
         )
         self.global_adapter, self.aggregator_state = result.aggregation.adapter, result.aggregation.state
         self.policy.load(GLOBAL, self.global_adapter)
         if result.aggregation.base_delta:
             for module, d in result.aggregation.base_delta.items():
-                previous = self.base_delta.get(module, torch.zeros_like(d, dtype=torch.float64))
-                self.base_delta[module] = previous + d.double()
+                previous = self.base_delta.get(module, torch.zeros_like(d, dtype=torch.float32))
+                self.base_delta[module] = (previous.double() + d.double()).float()
             self.policy.set_base_delta({m: self.base_delta[m] for m in result.aggregation.base_delta})
-        if self.aggregator.personalized:
-            self.personal.update(trained)
-        return AggregateRecord(round_, result.accepted, result.rejected, **result.diagnostics)
+        return AggregateRecord(round_, result.accepted, result.rejected, clipped=result.clipped, **result.diagnostics)
 
     def eval_adapters(self) -> dict[str, str]:
         """env -> name of the loaded adapter to evaluate it with (personalised rules: each client's own)."""
@@ -268,4 +300,8 @@ class Federation:
 
     def _checkpoint(self, round_: int) -> None:
         checkpoint = Checkpoint(self.global_adapter, self.base_delta, self.aggregator_state, self.personal)
-        self.store.save_checkpoint(round_, checkpoint, base_model=self.config.model.name)
+        self.store.save_checkpoint(
+            round_, checkpoint, base_model=self.config.model.name, config=self.config.model_dump()
+        )
+        keep = self.config.checkpoints
+        self.store.prune_checkpoints(keep.keep_last, keep.keep_every)

@@ -4,13 +4,16 @@
       config.json                the resolved configuration
       metrics.jsonl              one record per event (`fedse.experiments.records`)
       clients/<c>/buffer.jsonl   each client's experience buffer (private to the client)
-      checkpoints/round_NNN/     global adapter (PEFT format), base delta, aggregator state, personal adapters
+      clients/<c>/personal/round_NNN/  its own adapter, personalised aggregators (private too)
+      checkpoints/round_NNN/     the server's: global adapter (PEFT format), base delta (float32),
+                                 aggregator state, and the configuration the round ran under
       state.json                 the last completed round and its global adapter's hash
       evals/                     re-evaluations of checkpoints (`fedse eval`)
 
 A checkpoint is written into a temporary folder, fsynced and renamed, and only then is
 state.json replaced: a crash at any point leaves the previous round complete. Every file is
-written through `fedse.files` (atomic replaces, fsynced appends).
+written through `fedse.files` (atomic replaces, fsynced appends). Older checkpoints are pruned
+(`[checkpoints]` keep_last / keep_every) only after state.json points at the new one.
 """
 
 from __future__ import annotations
@@ -51,7 +54,21 @@ class Checkpoint:
     """Cumulative dense ΔW per module, folded into the base (mutating aggregators)."""
     aggregator_state: dict = field(default_factory=dict)
     personal: dict[str, Adapter] = field(default_factory=dict)
-    """Each client's own adapter (personalised aggregators)."""
+    """Each client's own adapter (personalised aggregators); stored in the client's folder,
+    never in the server's checkpoint."""
+
+
+def _write_folder(final: Path, write) -> None:
+    """`write(tmp)` fills a temporary folder, which is fsynced and renamed to `final`, the
+    rename fsynced too: a crash leaves the old folder or the new one, never a mix."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fsync_tree(final.parent, files=False)
 
 
 class RunStore:
@@ -77,6 +94,9 @@ class RunStore:
 
     def checkpoint(self, round_: int) -> Path:
         return self.root / "checkpoints" / f"round_{round_:03d}"
+
+    def personal(self, client: str, round_: int) -> Path:
+        return self.root / "clients" / client / "personal" / f"round_{round_:03d}"
 
     def evaluation(self, round_: int, tasks: int | None) -> Path:
         return self.root / "evals" / f"round_{round_:03d}_tasks_{tasks or 'all'}.json"
@@ -108,6 +128,19 @@ class RunStore:
         if "config.json" not in names:
             return names
         return [n for n in names if n not in RUN_ENTRIES and not (n.endswith(".png") or n.endswith(".tmp"))]
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_json(self.config_path, config)
+
+    def checkpoint_config(self, round_: int) -> dict | None:
+        """The configuration round `round_` completed under (None: a run from before it was kept)."""
+        path = self.checkpoint(round_) / "config.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path} cannot be read ({error}); restore it or resume from an earlier round") from None
 
     def read_config(self) -> dict:
         if not self.config_path.exists():
@@ -162,23 +195,41 @@ class RunStore:
     def completed_rounds(self) -> list[int]:
         return sorted(int(p.name.split("_")[1]) for p in (self.root / "checkpoints").glob("round_[0-9][0-9][0-9]"))
 
-    def save_checkpoint(self, round_: int, checkpoint: Checkpoint, base_model: str) -> None:
-        """Write round `round_`'s checkpoint atomically, then mark the round completed."""
-        final = self.checkpoint(round_)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(checkpoint.global_adapter, tmp / GLOBAL, base_model=base_model)
-        if checkpoint.base_delta:
-            tensors = {k: v.contiguous() for k, v in checkpoint.base_delta.items()}
-            save_file(tensors, str(tmp / "base_delta.safetensors"))
-        (tmp / "aggregator.json").write_text(json.dumps(checkpoint.aggregator_state))
+    def save_checkpoint(self, round_: int, checkpoint: Checkpoint, base_model: str, config: dict | None = None) -> None:
+        """Write round `round_`'s personal adapters (each in its client's folder) and the server's
+        checkpoint, each atomically, then mark the round completed."""
         for client, adapter in checkpoint.personal.items():
-            save_adapter(adapter, tmp / "clients" / client)
-        fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        fsync_tree(final.parent, files=False)  # the rename itself, before state.json points at it
+            _write_folder(self.personal(client, round_), lambda tmp, a=adapter: save_adapter(a, tmp))
+
+        def server_files(tmp: Path) -> None:
+            save_adapter(checkpoint.global_adapter, tmp / GLOBAL, base_model=base_model)
+            if checkpoint.base_delta:
+                tensors = {k: v.float().contiguous() for k, v in checkpoint.base_delta.items()}
+                save_file(tensors, str(tmp / "base_delta.safetensors"))
+            (tmp / "aggregator.json").write_text(json.dumps(checkpoint.aggregator_state))
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+        _write_folder(self.checkpoint(round_), server_files)
         atomic_write_json(self.state, {"round": round_, "global_adapter": checkpoint.global_adapter.hash})
+
+    def prune_checkpoints(self, keep_last: int, keep_every: int) -> list[int]:
+        """Delete the checkpoints (server and personal) of rounds neither among the last
+        `keep_last` completed (0: all are kept) nor a multiple of `keep_every`; returns them.
+        The round state.json names is always kept."""
+        if keep_last == 0:
+            return []
+        rounds = self.completed_rounds()
+        last = self.last_round()
+        keep = set(rounds[-keep_last:]) | {last}
+        if keep_every:
+            keep |= {r for r in rounds if r % keep_every == 0}
+        dropped = [r for r in rounds if r not in keep]
+        for r in dropped:
+            shutil.rmtree(self.checkpoint(r))
+            for personal in (self.root / "clients").glob(f"*/personal/round_{r:03d}"):
+                shutil.rmtree(personal)
+        return dropped
 
     def load_checkpoint(self, round_: int, clients: list[str]) -> Checkpoint:
         ckpt = self.checkpoint(round_)
@@ -192,7 +243,9 @@ class RunStore:
                 global_adapter=load_adapter(ckpt / GLOBAL),
                 base_delta=load_file(str(delta_file)) if delta_file.exists() else {},
                 aggregator_state=json.loads((ckpt / "aggregator.json").read_text()),
-                personal={c: load_adapter(ckpt / "clients" / c) for c in clients if (ckpt / "clients" / c).exists()},
+                personal={
+                    c: load_adapter(self.personal(c, round_)) for c in clients if self.personal(c, round_).exists()
+                },
             )
         except (OSError, ValueError, SafetensorError) as error:
             raise UserError(

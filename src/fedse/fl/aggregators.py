@@ -5,13 +5,15 @@ linear layer; its weight update is ΔW_k = s · B_k A_k with s = alpha / r. An a
 *exact* when the new global model equals base + mean_k ΔW_k; *linear* when the server only
 needs sums of what clients upload (so secure aggregation can hide individual updates);
 *personalized* when clients keep a local part; *mutates_base* when it folds weight deltas
-into the frozen base model (which then must travel to clients too).
+into the frozen base model (which then must travel to clients too); *robust* when a minority
+of clients cannot move the aggregate arbitrarily far (a breakdown point above 0).
 
 Every aggregator is a pure function of tensors: `aggregate(global, updates, state)`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -51,6 +53,9 @@ class Aggregator:
     linear: ClassVar[bool] = True
     personalized: ClassVar[bool] = False
     mutates_base: ClassVar[bool] = False
+    robust: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ()
+    """Constructor options `make_aggregator` passes on (from the run configuration)."""
     uploads: ClassVar[str] = "AB"
     """Which factors a client sends: 'AB', 'A' or 'B'."""
     trains: ClassVar[str] = "AB"
@@ -186,12 +191,65 @@ class FedExLoRA(Aggregator):
         return adapter.num_bytes + dense * 4
 
 
+def trimmed_mean(tensors: list[torch.Tensor], trim: int) -> torch.Tensor:
+    """Element-wise mean after dropping the `trim` smallest and `trim` largest values of each entry."""
+    ordered = torch.stack([t.double() for t in tensors]).sort(dim=0).values
+    return ordered[trim : len(tensors) - trim].mean(0).to(tensors[0].dtype)
+
+
+class TrimmedMean(Aggregator):
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018, "Byzantine-Robust Distributed
+    Learning"), applied to A and B as Fed-SE applies its mean: for each entry, drop the
+    ⌊trim·K⌋ smallest and largest of the K clients' values and average the rest.
+
+    Robust: fewer than ⌊trim·K⌋ + 1 clients cannot move an entry outside the honest clients'
+    range (with K < 1/trim nothing is trimmed and it is Fed-SE's mean). Not linear (the server
+    must see each value), inexact like Fed-SE."""
+
+    name = "trimmed"
+    robust = True
+    linear = False
+    options = ("trim",)
+
+    def __init__(self, trim: float = 0.2) -> None:
+        if not 0 <= trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+        self.trim = trim
+
+    def trimmed(self, count: int) -> int:
+        return math.floor(self.trim * count)
+
+    def aggregate(self, current, updates, state):
+        k = self.trimmed(len(updates))
+        tensors = {name: trimmed_mean([u.tensors[name] for u in updates], k) for name in current.tensors}
+        return Aggregation(Adapter(current.spec, tensors), state=state)
+
+
+class CoordinateMedian(TrimmedMean):
+    """Coordinate-wise median (Yin et al., ICML 2018) of A and of B: each entry is the median
+    of the clients' values (the mean of the middle two for an even count).
+
+    Robust: any minority of clients leaves every entry within the honest clients' range.
+    Not linear, inexact."""
+
+    name = "median"
+    options = ()
+
+    def __init__(self) -> None:
+        self.trim = 0.0
+
+    def trimmed(self, count: int) -> int:
+        return (count - 1) // 2
+
+
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (FedSE, FedIT, FFALoRA, FedSALoRA, FLoRA, FedExLoRA)
+    cls.name: cls for cls in (FedSE, FedIT, FFALoRA, FedSALoRA, FLoRA, FedExLoRA, TrimmedMean, CoordinateMedian)
 }
 
 
-def make_aggregator(name: str) -> Aggregator:
+def make_aggregator(name: str, **options) -> Aggregator:
+    """The aggregator `name`, given those of `options` it takes (`Aggregator.options`)."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose one of: {', '.join(AGGREGATORS)}")
-    return AGGREGATORS[name]()
+    cls = AGGREGATORS[name]
+    return cls(**{k: v for k, v in options.items() if k in cls.options})

@@ -23,7 +23,7 @@ import torch
 
 from fedse.agent.lora import Adapter, delta_weight, lora_modules
 from fedse.fl.aggregators import Aggregation, Aggregator
-from fedse.fl.update import Update, update_problems
+from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM, Bound, Update, bound_update, update_problems
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ class RoundResult:
     aggregation: Aggregation
     accepted: list[str]
     rejected: dict[str, list[str]] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)
+    """Client -> the norm its update had before it was clipped to the bound."""
     diagnostics: dict = field(default_factory=dict)
 
 
@@ -62,15 +64,21 @@ def server_step(current: Adapter, aggregation: Aggregation, lr: float) -> Aggreg
 
 
 def aggregate_round(
-    aggregator: Aggregator, current: Adapter, updates: list[Update], state: dict, server_lr: float = 1.0
+    aggregator: Aggregator,
+    current: Adapter,
+    updates: list[Update],
+    state: dict,
+    server_lr: float = 1.0,
+    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
+    bound: Bound = "clip",
 ) -> RoundResult:
-    """Drop invalid updates (saying which client and tensor), aggregate the rest, take the
-    server step (`server_step`).
+    """Drop invalid updates (saying which client and tensor), bound the norm of the rest
+    (`bound_update`), aggregate them, take the server step (`server_step`).
 
     With no valid update the global adapter stays as it was.
     """
     expected = aggregator.upload(current.tensors)
-    valid, rejected = [], {}
+    valid, rejected, clipped = [], {}, {}
     senders = Counter(u.client for u in updates)
     for u in updates:
         if senders[u.client] > 1:  # which of them is the real one is unknowable: none counts
@@ -78,6 +86,14 @@ def aggregate_round(
             log.warning("rejected the updates of client %s: %s", u.client, rejected[u.client][0])
             continue
         problems = update_problems(u, expected)
+        if not problems:
+            bounded, norm = bound_update(u, current.tensors, max_update_norm, bound)
+            if bounded is None:
+                problems = [f"client {u.client}: update norm {norm:.4g} is above the bound {max_update_norm:g}"]
+            elif bounded is not u:
+                clipped[u.client] = norm
+                log.warning("clipped the update of client %s from norm %.4g to %g", u.client, norm, max_update_norm)
+                u = bounded
         if problems:
             rejected[u.client] = problems
             log.warning("rejected the update of client %s: %s", u.client, "; ".join(problems))
@@ -86,12 +102,12 @@ def aggregate_round(
     if rejected:
         log.warning("round continues with %d of %d clients", len(valid), len(updates))
     if not valid:
-        return RoundResult(Aggregation(current, {}, state), [], rejected, {"clients": 0})
+        return RoundResult(Aggregation(current, {}, state), [], rejected, clipped, {"clients": 0})
     # Factors a client does not send are the global ones (ffa: A), as far as the server knows.
     full = [Update(u.client, {**current.tensors, **u.tensors}, u.num_examples, u.metrics) for u in valid]
     aggregation = server_step(current, aggregator.aggregate(current, full, state), server_lr)
     diagnostics = round_diagnostics(aggregator, current, full, aggregation)
-    return RoundResult(aggregation, [u.client for u in valid], rejected, diagnostics)
+    return RoundResult(aggregation, [u.client for u in valid], rejected, clipped, diagnostics)
 
 
 def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Update], result: Aggregation) -> dict:

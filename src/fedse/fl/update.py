@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 
@@ -76,3 +77,39 @@ def update_problems(update: Update, expected: dict[str, torch.Tensor]) -> list[s
     if any(not math.isfinite(v) for v in update.metrics.values()):
         problems.append(f"{who}: a metric is NaN or Inf")
     return problems
+
+
+DEFAULT_MAX_UPDATE_NORM = 100.0
+"""Default bound on ‖uploaded factors − global factors‖_F. Measured: one demo round at lr 3e-3
+moved the global factors by 10 (A and B together; 3 clients, so each client's own move is about
+√3 of that, 18); the bound is 5x above that, and far below what a client sending entries near
+MAX_FACTOR_ABS produces (~10^6)."""
+
+Bound = Literal["clip", "reject", "off"]
+
+
+def update_norm(update: Update, current: dict[str, torch.Tensor]) -> float:
+    """‖update − current‖_F over the tensors the client uploaded."""
+    return math.sqrt(sum(float((t.double() - current[k].double()).square().sum()) for k, t in update.tensors.items()))
+
+
+def bound_update(
+    update: Update, current: dict[str, torch.Tensor], max_norm: float, mode: Bound
+) -> tuple[Update | None, float]:
+    """Enforce the norm bound on a (validated) update; returns (the update to aggregate, its norm).
+
+    clip: an update farther than `max_norm` from the global factors is moved back onto that
+    sphere, θ + (u − θ)·max_norm/‖u − θ‖ (the clipping of DP-FedAvg, McMahan et al., ICLR 2018),
+    so one client moves the aggregate at most max_norm/K; reject: it is dropped (None);
+    off: it passes as it is."""
+    norm = update_norm(update, current)
+    if mode == "off" or norm <= max_norm:
+        return update, norm
+    if mode == "reject":
+        return None, norm
+    factor = max_norm / norm
+    tensors = {
+        k: (current[k].double() + (t.double() - current[k].double()) * factor).to(t.dtype)
+        for k, t in update.tensors.items()
+    }
+    return replace(update, tensors=tensors), norm

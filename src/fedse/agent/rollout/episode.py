@@ -10,6 +10,7 @@ the next turn would not fit `max_context`. `trajectory` is what a finished episo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -19,7 +20,9 @@ from fedse.agent.chat import ChatLayout, Message, episode_messages
 from fedse.agent.lookup import PromptLookup
 from fedse.agent.rollout.types import RolloutRequest, RolloutStats
 from fedse.agent.trajectory import Trajectory
-from fedse.envs import TextEnv
+from fedse.envs import StepResult, TextEnv
+
+log = logging.getLogger(__name__)
 
 
 class Status(Enum):
@@ -57,6 +60,8 @@ class Episode:
     reward: float = 0.0
     success: bool = False
     finish: str = ""
+    finish_reason: str = ""
+    """Set when something other than the environment's own `done` ends the episode early."""
 
     @property
     def length(self) -> int:
@@ -77,7 +82,17 @@ class Episode:
         """Play the finished turn in the environment; queue the reply or finish the episode."""
         text = layout.tokenizer.decode(self.gen_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         unfed = [self.next_token] if self.next_token is not None else []  # the turn hit max_new_tokens
-        result = self.env.step(text)
+        try:
+            result = self.env.step(text)
+        except Exception as error:  # one environment's bug ends its own episode, not the batch
+            log.warning(
+                "%s task %s: step() raised %r; the episode ends unsuccessful",
+                self.env.name,
+                self.request.task_id,
+                error,
+            )
+            result = StepResult(f"(the environment failed: {type(error).__name__})", 0.0, True, False, "")
+            self.finish_reason = "env_error"
         stats.turns += 1
         stats.generated_tokens += len(self.gen_logprobs)
         self.turns += 1
@@ -85,7 +100,9 @@ class Episode:
         self.messages += [{"role": "assistant", "content": text}, {"role": "user", "content": result.observation}]
         self.reward, self.success = result.reward, result.success
         self.gen_ids, self.gen_logprobs, self.next_token = [], [], None
-        if result.done:
+        if self.finish_reason:
+            self.finish = self.finish_reason
+        elif result.done:
             self.finish = "done"
         elif self.turns >= self.max_turns:
             self.finish = "max_turns"

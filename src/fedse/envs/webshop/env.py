@@ -19,7 +19,6 @@ have AgentGym's sizes; with the synthetic catalog an id does not denote AgentGym
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -37,7 +36,21 @@ SEP = " [SEP] "
 BACK_TO_SEARCH, PREV, NEXT, BUY = "back to search", "< prev", "next >", "buy now"
 SUB_PAGES = ("description", "features", "reviews")
 INVALID = "Invalid Action.\n\n"
-_ACTION = re.compile(r"(.+)\[(.+)\]")
+
+
+def split_action(action: str) -> tuple[str, str] | None:
+    r"""(verb, argument) of `verb[argument]`, as AgentGym's `re.match(r"(.+)\[(.+)\]", action)`
+    reads it (the last `[` that still has a `]` after a non-empty argument, the last `]`, within
+    the first line), in linear time: the regex backtracks quadratically on a line of `[`s."""
+    line = action.split("\n", 1)[0]
+    close = line.rfind("]")
+    if close < 3:
+        return None
+    open_ = line.rfind("[", 1, close - 1)
+    if open_ < 1:
+        return None
+    return line[:open_], line[open_ + 1 : close]
+
 
 INSTRUCTION = """\
 You are shopping online. Buy the product that the instruction on the page describes, with the \
@@ -188,10 +201,10 @@ class WebShopEnv(TextEnv):
         return StepResult(self.observation(), reward, done, done and reward == 1.0, action)
 
     def _act(self, action: str) -> tuple[float, bool]:
-        match = _ACTION.match(action)
-        if match is None:
+        parts = split_action(action)
+        if parts is None:
             return 0.0, False
-        verb, arg = match.group(1), match.group(2).lower()
+        verb, arg = parts[0], parts[1].lower()
         if verb == "search":
             self._search(arg, 1)
             return 0.0, False
