@@ -170,6 +170,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from fedse.experiments.grid import load_experiment, run_grid
+    from fedse.experiments.methods import METHODS
+    from fedse.experiments.run import Federation
+    from fedse.experiments.table import experiment_report
+
+    _quiet_libraries()
+    experiment, cells = load_experiment(args.file)
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(experiment.methods))
+        if unknown:
+            raise UserError(
+                f"--methods {', '.join(unknown)}: not in {args.file} (it has {', '.join(experiment.methods)})"
+            )
+        cells = [c for c in cells if c.method in args.methods]
+    root = cells[0].root.parents[1]
+    if not args.report_only:
+
+        def run_cell(cell, resume):
+            federation = Federation(cell.config, cell.root, progress=True)
+            for records in federation.rounds(resume=resume, force=not resume):
+                print(f"  {cell.method} seed {cell.seed}: round {records.round} done")
+
+        counts = run_grid(cells, run_cell)
+        print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    definitions = {m: METHODS[m].definition for m in experiment.methods}
+    report = experiment_report(root, experiment.methods, experiment.seeds, definitions)
+    print(f"report {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedse", description="Federated self-evolution of LLM agents.")
     parser.add_argument(
@@ -209,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--round", type=int, help="checkpoint round (default: the last completed)")
     ev.add_argument("--tasks", type=int, help="test tasks per env (0: all; default: the run's eval.tasks)")
     ev.set_defaults(run=cmd_eval)
+    exp = sub.add_parser("experiment", help="run (or continue) a grid of methods x seeds and write its report")
+    exp.add_argument("file", help="experiment TOML, e.g. configs/experiments/table1-cpu.toml")
+    exp.add_argument("--methods", nargs="+", help="run only these of the file's methods")
+    exp.add_argument("--report-only", action="store_true", help="rebuild the report from the results, run nothing")
+    exp.set_defaults(run=cmd_experiment)
     report = sub.add_parser("report", help="write report.md and plots for one or more runs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="output folder (default: the run's own, or <first>-vs-<second>... beside it)")

@@ -26,7 +26,7 @@ from peft.helpers import disable_input_dtype_casting
 from transformers import DynamicCache
 
 from fedse.agent.kvcache import RowCache
-from fedse.agent.lora import Adapter, LoraSpec, adapter_hash
+from fedse.agent.lora import Adapter, LoraSpec, adapter_hash, check_target_modules
 from fedse.agent.model import BaseModel
 
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
@@ -105,6 +105,10 @@ class Policy:
     def _freeze(self) -> None:
         for p in self._peft.parameters():
             p.requires_grad_(False)
+
+    def check_spec(self, spec: LoraSpec) -> None:
+        """ValueError naming the model's linear layers if one of spec's target modules matches none."""
+        check_target_modules(self.base.model, spec.target_modules)
 
     def new_adapter(self, name: str, spec: LoraSpec, seed: int = 0) -> Adapter:
         """A freshly initialised adapter (PEFT's init: B = 0, so it starts as the base model)."""

@@ -63,7 +63,11 @@ class ModelSection(Section):
 class FedSection(Section):
     clients: list[str] = Field(default_factory=lambda: ["maze", "wordle", "textcraft"])
     """One client per environment (Fed-SE's setup)."""
-    rounds: int = Field(20, ge=1)
+    rounds: int = Field(20, ge=0)
+    """0: evaluate the starting adapter only (the pretrained baseline)."""
+    centralized: bool = False
+    """One client, "central", holding every environment above with their pooled data: the
+    privacy-free Centralized baseline (static with explore.tasks = 0, online otherwise)."""
     aggregator: str = "fedse"
     clients_per_round: float = Field(1.0, gt=0)
     """A fraction (<= 1) or a count (> 1) of clients sampled each round; 1.0 = all."""

@@ -46,7 +46,8 @@ def evaluate(
         mine = [t for t in trajectories if t.env == env_name]
         successes = sum(t.success for t in mine)
         reward = sum(t.reward for t in mine) / len(mine)
-        out.append(EvalRecord(round_, env_name, len(mine), successes, successes / len(mine), reward))
+        ids, outcomes = [t.task_id for t in mine], [int(t.success) for t in mine]
+        out.append(EvalRecord(round_, env_name, len(mine), successes, successes / len(mine), reward, ids, outcomes))
     return out
 
 

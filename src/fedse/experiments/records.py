@@ -4,7 +4,7 @@ Every line is one JSON object `{"event": ..., "schema": SCHEMA_VERSION, <fields>
 
 | event | written | fields |
 |---|---|---|
-| `eval` | per round and environment, after evaluation | round, env, tasks, successes, success, reward |
+| `eval` | per round and environment, after evaluation | round, env, tasks, successes, success, reward, task_ids, task_successes |
 | `eval_avg` | per round, after the `eval` records | round, avg_weighted, avg_mean, seconds |
 | `explore` | per round, after the batched exploration | round, clients, episodes, turns, processed_tokens, generated_tokens, seconds |
 | `client` | per round and sampled client, after its local training | round, client, num_examples and the client's metrics |
@@ -51,6 +51,10 @@ class EvalRecord(Record):
     success: float
     reward: float
     """Mean episode reward."""
+    task_ids: list[int] = field(default_factory=list)
+    """The test ids played, in order (empty in runs written before per-task outcomes were kept)."""
+    task_successes: list[int] = field(default_factory=list)
+    """1 or 0 per task of `task_ids`: what paired comparisons across methods resample."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fedse.agent.lora import Adapter, LoraSpec, check_target_modules
+from fedse.agent.lora import Adapter, LoraSpec
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats, rollout
@@ -39,6 +39,9 @@ from fedse.fl.client import exploration_requests, exploration_tasks, learn
 from fedse.fl.server import aggregate_round
 from fedse.fl.update import Update
 from fedse.seeds import derived_seed
+
+CENTRAL = "central"
+"""The one client of a centralized run (`fed.centralized`): every environment, pooled data."""
 
 
 class Federation:
@@ -60,10 +63,13 @@ class Federation:
             target_modules=targets if isinstance(targets, str) else tuple(targets),
         )
         try:
-            check_target_modules(self.policy.base.model, self.spec.target_modules)
+            self.policy.check_spec(self.spec)
         except ValueError as error:
             raise UserError(f"model.target_modules: {error}") from None
-        self.clients = list(config.fed.clients)
+        self.envs = list(config.fed.clients)
+        self.client_envs = {CENTRAL: self.envs} if config.fed.centralized else {env: [env] for env in self.envs}
+        """Client -> the environments it holds: one each (Fed-SE), or all in one (centralized)."""
+        self.clients = list(self.client_envs)
         self.global_adapter: Adapter | None = None
         self.base_delta: dict[str, torch.Tensor] = {}
         """Cumulative ΔW folded into the base so far (mutating aggregators), float32 on the CPU:
@@ -98,9 +104,12 @@ class Federation:
             return last
         self.store.create(self.config.model_dump(), force=force)
         self.global_adapter = self.policy.new_adapter(GLOBAL, self.spec, seed=self.config.fed.seed)
-        for client in self.clients:
-            seeds = exploration_tasks(client, self.config.buffer.expert_seeds, derived_seed("experts", client))
-            self.buffer(client).add([expert_trajectory(client, i) for i in seeds], round_=0)
+        for client, envs in self.client_envs.items():
+            experts = []
+            for env in envs:  # the same seeds an env's own client gets, pooled or not
+                seeds = exploration_tasks(env, self.config.buffer.expert_seeds, derived_seed("experts", env))
+                experts += [expert_trajectory(env, i) for i in seeds]
+            self.buffer(client).add(experts, round_=0)
         return 0
 
     def buffer(self, client: str) -> ExperienceBuffer:
@@ -199,11 +208,21 @@ class Federation:
             return {client: [] for client in clients}, ExploreRecord(round_, clients, 0, 0, 0, 0, 0.0)
         requests = {}
         for client in clients:
-            requests[client] = exploration_requests(client, client, round_, self.config.explore, self.config.fed.seed)
+            requests[client] = [
+                r
+                for env in self.client_envs[client]
+                for r in exploration_requests(
+                    env, env, round_, self.config.explore, self.config.fed.seed, adapter=client
+                )
+            ]
         stats = RolloutStats()
         label = f"explore ({len(clients)} clients)" if self.progress else None
         flat = [r for client in clients for r in requests[client]]
-        played = rollout(self.policy, flat, max_batch=self.config.explore.max_batch, stats=stats, progress=label)
+        played = (
+            rollout(self.policy, flat, max_batch=self.config.explore.max_batch, stats=stats, progress=label)
+            if flat
+            else []
+        )
         out, i = {}, 0
         for client in clients:
             out[client], i = played[i : i + len(requests[client])], i + len(requests[client])
@@ -250,12 +269,12 @@ class Federation:
     def eval_adapters(self) -> dict[str, str]:
         """env -> name of the loaded adapter to evaluate it with (personalised rules: each client's own)."""
         if not (self.aggregator.personalized and self.personal):
-            return dict.fromkeys(self.clients, GLOBAL)
+            return dict.fromkeys(self.envs, GLOBAL)
         adapters = {}
-        for client in self.clients:
+        for client, envs in self.client_envs.items():
             name = f"eval-{client}"
             self.policy.load(name, self.aggregator.client_start(self.global_adapter, self.personal.get(client)))
-            adapters[client] = name
+            adapters |= dict.fromkeys(envs, name)
         return adapters
 
     def _evaluate(self, round_: int) -> list[EvalRecord]:

@@ -191,6 +191,25 @@ class FedExLoRA(Aggregator):
         return adapter.num_bytes + dense * 4
 
 
+class LocalOnly(Aggregator):
+    """No server: the paper's Local baseline (and local-online). Clients upload nothing; each
+    keeps training its own adapter round after round, and each environment is evaluated with
+    its own client's adapter. The global adapter stays the initial one."""
+
+    name = "local"
+    personalized = True
+    uploads = ""
+
+    def aggregate(self, current, updates, state):
+        return Aggregation(current, state=state)
+
+    def client_start(self, received, local):
+        return received if local is None else local
+
+    def bytes_down(self, adapter, num_clients):
+        return 0
+
+
 def trimmed_mean(tensors: list[torch.Tensor], trim: int) -> torch.Tensor:
     """Element-wise mean after dropping the `trim` smallest and `trim` largest values of each entry."""
     ordered = torch.stack([t.double() for t in tensors]).sort(dim=0).values
@@ -243,7 +262,8 @@ class CoordinateMedian(TrimmedMean):
 
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (FedSE, FedIT, FFALoRA, FedSALoRA, FLoRA, FedExLoRA, TrimmedMean, CoordinateMedian)
+    cls.name: cls
+    for cls in (FedSE, FedIT, FFALoRA, FedSALoRA, FLoRA, FedExLoRA, TrimmedMean, CoordinateMedian, LocalOnly)
 }
 
 

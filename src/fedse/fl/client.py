@@ -69,14 +69,16 @@ def exploration_tasks(env_name: str, count: int | None, seed: int) -> list[int]:
 
 
 def exploration_requests(
-    client: str, env_name: str, round_: int, explore: ExploreConfig, seed: int = 0
+    client: str, env_name: str, round_: int, explore: ExploreConfig, seed: int = 0, adapter: str | None = None
 ) -> list[RolloutRequest]:
-    """The episodes `client` plays in round `round_`, with adapter slot `client` and per-episode seeds."""
+    """The episodes `client` plays in round `round_` on `env_name`, with adapter slot `adapter`
+    (default: `client`) and per-episode seeds derived from (seed, round, client)."""
+    adapter = adapter or client
     round_seed = derived_seed(seed, round_, client)
     tasks = exploration_tasks(env_name, explore.tasks, round_seed)
     sampling = explore.sampling
     return [
-        RolloutRequest(env_name, task, adapter=client, sampling=sampling, seed=derived_seed(round_seed, i))
+        RolloutRequest(env_name, task, adapter=adapter, sampling=sampling, seed=derived_seed(round_seed, i))
         for i, task in enumerate(tasks)
     ]
 

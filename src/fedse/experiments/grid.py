@@ -1,0 +1,114 @@
+"""An experiment: a grid of methods x seeds over one base configuration, run to completion in
+as many sittings as it takes.
+
+    # configs/experiments/table1-cpu.toml
+    name = "table1-cpu"
+    base = "../demo.toml"            # a run configuration, relative to this file
+    methods = ["pretrained", "fedit-static", "fedse"]
+    seeds = [0, 1, 2]
+    set = ["fed.rounds=3"]           # overrides for every run (before the method's own)
+
+Each run lives in `results/<name>/<method>/seed<k>/` (a normal run folder: `fedse report` and
+`fedse eval` work on it). The seed is `fed.seed`: the adapter's init, every exploration draw
+and the data order. Running the grid again skips finished runs, resumes interrupted ones and
+starts missing ones, so it can be stopped at any time. Only each run's config.json and
+metrics.jsonl are meant for git (see results/.gitignore); the experiment report is rebuilt
+from them (`fedse experiment FILE --report-only`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+
+from fedse.experiments.config import ConfigError, RunConfig, check_run_name, load_config
+from fedse.experiments.methods import METHODS, method
+from fedse.experiments.store import RunStore
+from fedse.sections import Section
+
+
+class ExperimentConfig(Section):
+    name: str
+    base: str
+    """The run configuration every cell starts from (a path relative to the experiment file)."""
+    methods: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    set: list[str] = Field(default_factory=list)
+    results: str = "results"
+    """The results folder, relative to the current directory."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_run_name(v)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown or len(set(v)) != len(v):
+            raise ValueError(f"methods must be distinct names among: {', '.join(METHODS)}")
+        return v
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    method: str
+    seed: int
+    config: RunConfig
+    root: Path
+
+    def status(self) -> str:
+        """'done' (every round completed), 'partial' (resumable) or 'absent'."""
+        last = RunStore(self.root).last_round() if self.root.exists() else None
+        if last is None:
+            return "absent"
+        return "done" if last >= self.config.fed.rounds else "partial"
+
+
+def load_experiment(path: str | Path) -> tuple[ExperimentConfig, list[Cell]]:
+    """The experiment at `path` and its cells, every cell's configuration validated up front."""
+    path = Path(path)
+    try:
+        experiment = ExperimentConfig.model_validate(tomllib.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"no experiment file at {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: bad value for {key!r}: {first['msg']}") from None
+    base = path.parent / experiment.base
+    root = Path(experiment.results) / experiment.name
+    cells = []
+    for name in experiment.methods:
+        for seed in experiment.seeds:
+            overrides = [*experiment.set, *method(name).overrides, f"fed.seed={seed}", f"name='{name}-seed{seed}'"]
+            cells.append(Cell(name, seed, load_config(base, overrides), root / name / f"seed{seed}"))
+    return experiment, cells
+
+
+def run_grid(
+    cells: list[Cell], run_cell: Callable[[Cell, bool], None], echo: Callable[[str], None] = print
+) -> dict[str, int]:
+    """Bring every cell to 'done': `run_cell(cell, resume)` runs or resumes one. Returns how
+    many cells were skipped, resumed and started."""
+    counts = {"skipped": 0, "resumed": 0, "started": 0}
+    for i, cell in enumerate(cells, start=1):
+        status = cell.status()
+        label = f"[{i}/{len(cells)}] {cell.method} seed {cell.seed}"
+        if status == "done":
+            counts["skipped"] += 1
+            echo(f"{label}: done, skipped")
+            continue
+        echo(f"{label}: {'resuming' if status == 'partial' else 'starting'} in {cell.root}")
+        run_cell(cell, status == "partial")
+        counts["resumed" if status == "partial" else "started"] += 1
+    return counts

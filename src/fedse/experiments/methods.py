@@ -1,0 +1,90 @@
+"""The methods an experiment compares, each defined once: a name, its definition, and the
+configuration it is (`--set` overrides on the experiment's base configuration).
+
+The paper's baselines (Fed-SE §5.1: Pre-Trained, Local, Centralized, FedIT, all on the static
+expert data), Fed-SE and its ablations (§6), and what the paper does not run: the online
+variants of Local and Centralized, the other aggregators under the Fed-SE loop, and a server
+learning rate. "Static" means no exploration (`explore.tasks = 0`): every round trains on the
+expert seeds only, for the same number of rounds and epochs as Fed-SE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STATIC = "explore.tasks=0"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    definition: str
+    overrides: tuple[str, ...] = ()
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("pretrained", "the base model untrained (round 0 only)", ("fed.rounds=0",)),
+        Method(
+            "local-static",
+            "each client fine-tunes on its own expert data, no server; each env is evaluated with its own client's adapter",
+            ("fed.aggregator='local'", STATIC),
+        ),
+        Method(
+            "centralized-static",
+            "one adapter trained on the pooled expert data of every environment (not private)",
+            ("fed.centralized=true", STATIC),
+        ),
+        Method(
+            "fedit-static",
+            "federated LoRA on the static expert data with FedIT's example-weighted mean of A and B",
+            ("fed.aggregator='fedit'", STATIC),
+        ),
+        Method(
+            "fedse",
+            "Fed-SE: explore, keep successes, cumulative buffer, unweighted mean of A and B",
+        ),
+        Method(
+            "local-online",
+            "each client self-evolves alone (Fed-SE's client loop, no aggregation)",
+            ("fed.aggregator='local'",),
+        ),
+        Method(
+            "centralized-online",
+            "one adapter explores every environment and trains on the pooled successes (not private)",
+            ("fed.centralized=true",),
+        ),
+        Method(
+            "fedse-no-filter",
+            "Fed-SE training on every explored trajectory, failed ones too",
+            ("explore.filter='none'",),
+        ),
+        Method(
+            "fedse-no-history",
+            "Fed-SE training each round on that round's successes only (no buffer)",
+            ("buffer.history=false",),
+        ),
+        Method(
+            "fedse-weighted",
+            "Fed-SE with the mean weighted by each client's successful trajectories (its training set: "
+            "expert seeds and kept successes), i.e. FedIT's rule",
+            ("fed.aggregator='fedit'",),
+        ),
+        *[
+            Method(f"fedse-{a}", f"the Fed-SE loop with the {a} aggregator", (f"fed.aggregator='{a}'",))
+            for a in ("ffa", "fedsa", "flora", "fedex", "trimmed", "median")
+        ],
+        Method(
+            "fedse-server-lr2",
+            "Fed-SE with a server learning rate of 2 (global += 2 × mean update)",
+            ("fed.server_lr=2.0",),
+        ),
+    ]
+}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
+    return METHODS[name]

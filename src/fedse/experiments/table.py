@@ -1,0 +1,188 @@
+"""The experiment report: the paper's Table 1 over methods x seeds, the paired bootstrap of
+Fed-SE against every other method, learning curves with bands, and what each method cost.
+
+Units of uncertainty: a (seed, environment, test task) triple. A method's interval resamples
+its triples; a comparison resamples the triples both methods played (paired: the same seed
+and task on both sides), so the task-to-task variation that both share cancels.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedse.experiments.records import RunRecords
+from fedse.experiments.store import RunStore
+from fedse.files import atomic_write_text
+
+REFERENCE = "fedse"
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def bootstrap_mean(values: list[float], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5th, 97.5th percentile) of the mean of `values` under resampling with replacement."""
+    if not values:
+        raise ValueError("bootstrap of no values")
+    data = torch.tensor(values, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randint(len(values), (samples, len(values)), generator=gen)
+    means = data[index].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(data.mean()), lo, hi
+
+
+def paired_bootstrap(
+    ours: dict[tuple, int], theirs: dict[tuple, int], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float, float, int]:
+    """Mean of ours − theirs over the units both have, its 95 % percentile interval, and the
+    number of units. Units are keys such as (seed, env, task)."""
+    common = sorted(ours.keys() & theirs.keys())
+    if not common:
+        raise ValueError("the two methods share no (seed, env, task) unit to compare")
+    mean, lo, hi = bootstrap_mean([ours[k] - theirs[k] for k in common], samples, seed)
+    return mean, lo, hi, len(common)
+
+
+@dataclass
+class SeedResult:
+    """One run's last evaluated round."""
+
+    method: str
+    seed: int
+    run: RunRecords
+    round: int
+    per_env: dict[str, tuple[int, int]]
+    """env -> (successes, tasks)."""
+    outcomes: dict[tuple, int]
+    """(seed, env, task) -> 1/0; empty for runs written before per-task outcomes were kept."""
+
+    @classmethod
+    def of(cls, method: str, seed: int, root: Path) -> SeedResult:
+        run = RunStore(root).load()
+        round_ = max(run.rounds)
+        evals = run.round(round_).evals
+        outcomes = {}
+        for e in evals:
+            outcomes |= {(seed, e.env, t): s for t, s in zip(e.task_ids, e.task_successes, strict=True)}
+        return cls(method, seed, run, round_, {e.env: (e.successes, e.tasks) for e in evals}, outcomes)
+
+    def cost(self) -> dict[str, float]:
+        run = self.run
+        seconds = sum(r.seconds for r in run.eval_avg) + sum(r.seconds for r in run.explore)
+        seconds += sum(r.train_seconds for r in run.client)
+        sent = sum(sum(a.bytes_up) + a.bytes_down * a.clients for a in run.aggregate)
+        return {"minutes": seconds / 60, "train_tokens": sum(r.train_tokens for r in run.client), "mb": sent / 1e6}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _cell(per_seed: list[float], units: list[int]) -> str:
+    mean = statistics.fmean(per_seed)
+    std = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+    if not units:
+        return f"{_pct(mean)} ± {_pct(std)}"
+    _, lo, hi = bootstrap_mean([float(u) for u in units])
+    return f"{_pct(mean)} ± {_pct(std)} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def collect(root: Path, methods: list[str], seeds: list[int]) -> dict[str, list[SeedResult]]:
+    """method -> the results of its seeds that have at least round 0 evaluated."""
+    out: dict[str, list[SeedResult]] = {}
+    for m in methods:
+        found = []
+        for s in seeds:
+            cell = root / m / f"seed{s}"
+            if (cell / "metrics.jsonl").exists() and RunStore(cell).load().rounds:
+                found.append(SeedResult.of(m, s, cell))
+        if found:
+            out[m] = found
+    return out
+
+
+def experiment_report(root: Path, methods: list[str], seeds: list[int], definitions: dict[str, str]) -> Path:
+    """Write `root/report.md` and `root/curves.png` from the runs under `root`; returns the report."""
+    results = collect(root, methods, seeds)
+    if not results:
+        raise FileNotFoundError(f"{root} holds no evaluated run of {', '.join(methods)} yet")
+    envs = list(dict.fromkeys(e for rs in results.values() for r in rs for e in r.per_env))
+    lines = [
+        f"# Experiment {root.name}",
+        "",
+        "Test success (%) at each run's last round: mean over seeds ± their standard deviation "
+        "[95 % bootstrap interval over (seed, test task)]; Avg is weighted by test tasks (Fed-SE's).",
+        "",
+        "| method | seeds | " + " | ".join(envs) + " | Avg |",
+        "|---|---|" + "---|" * (len(envs) + 1),
+    ]
+    for m, rs in results.items():
+        cells = []
+        for env in envs:
+            per_seed = [r.per_env[env][0] / r.per_env[env][1] for r in rs if env in r.per_env]
+            units = [v for r in rs for k, v in r.outcomes.items() if k[1] == env]
+            cells.append(_cell(per_seed, units) if per_seed else "–")
+        avg = [sum(s for s, _ in r.per_env.values()) / sum(t for _, t in r.per_env.values()) for r in rs]
+        cells.append(_cell(avg, [v for r in rs for v in r.outcomes.values()]))
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
+    if REFERENCE in results:
+        ours = {k: v for r in results[REFERENCE] for k, v in r.outcomes.items()}
+        lines += [
+            "",
+            "Fed-SE − method on Avg (points), paired over the (seed, test task) units both played, "
+            f"95 % percentile interval of {BOOTSTRAP_SAMPLES:,} bootstrap resamples:",
+            "",
+            "| method | Fed-SE − method | 95 % interval | units |",
+            "|---|---|---|---|",
+        ]
+        for m, rs in results.items():
+            theirs = {k: v for r in rs for k, v in r.outcomes.items()}
+            if m == REFERENCE or not ours or not theirs or not ours.keys() & theirs.keys():
+                continue
+            mean, lo, hi, n = paired_bootstrap(ours, theirs)
+            lines.append(f"| {m} | {100 * mean:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {n} |")
+    lines += [
+        "",
+        "Cost per run (mean over seeds): wall time of exploration, training and evaluation; tokens "
+        "trained; adapter bytes sent and received.",
+        "",
+        "| method | minutes | tokens trained | MB communicated |",
+        "|---|---|---|---|",
+    ]
+    for m, rs in results.items():
+        costs = [r.cost() for r in rs]
+        mean = {k: statistics.fmean(c[k] for c in costs) for k in costs[0]}
+        lines.append(f"| {m} | {mean['minutes']:.1f} | {mean['train_tokens']:,.0f} | {mean['mb']:.1f} |")
+    lines += ["", "Methods:", ""] + [f"- `{m}`: {definitions[m]}" for m in results]
+    lines += ["", "![Avg per round](curves.png)", ""]
+    _plot_curves(results, root / "curves.png")
+    out = root / "report.md"
+    atomic_write_text(out, "\n".join(lines))
+    return out
+
+
+def _plot_curves(results: dict[str, list[SeedResult]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m, rs in results.items():
+        rounds = sorted(set.intersection(*(set(r.run.rounds) for r in rs)))
+        curves = [[r.run.round(t).pooled() for t in rounds] for r in rs]
+        values = torch.tensor([[s / n for s, n in c] for c in curves], dtype=torch.float64) * 100
+        if len(rounds) == 1:
+            ax.axhline(float(values.mean()), linestyle="--", linewidth=1, label=m)
+            continue
+        (line,) = ax.plot(rounds, values.mean(0), marker="o", label=m)
+        ax.fill_between(rounds, values.min(0).values, values.max(0).values, alpha=0.15, color=line.get_color())
+    ax.set_xlabel("round")
+    ax.set_ylabel("test Avg (%)  (band: min-max over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

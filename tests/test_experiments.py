@@ -1,0 +1,166 @@
+"""Experiments: each method is what its definition says, the bootstrap on cases with known
+answers, an interrupted grid resumes, and the experiment report is built from the results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedse.agent.model import load_base
+from fedse.agent.policy import Policy
+from fedse.cli import main
+from fedse.experiments.grid import load_experiment, run_grid
+from fedse.experiments.methods import METHODS
+from fedse.experiments.run import CENTRAL, Federation
+from fedse.experiments.table import bootstrap_mean, paired_bootstrap
+from test_federation import TINY, tiny_config
+
+
+def method_run(tmp_path: Path, name: str, *extra: str) -> Federation:
+    fed = Federation(tiny_config(*METHODS[name].overrides, *extra), tmp_path / name, Policy(load_base("tiny-random")))
+    fed.run()
+    return fed
+
+
+def records(fed: Federation, event: str) -> list[dict]:
+    lines = fed.store.metrics.read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def test_local_static_never_aggregates_nor_explores_and_evaluates_each_env_with_its_own_adapter(tmp_path):
+    fed = method_run(tmp_path, "local-static")
+    start = fed.store.load_checkpoint(0, fed.clients).global_adapter
+    assert fed.global_adapter.hash == start.hash  # the server never moved
+    assert all(r["episodes"] == 0 for r in records(fed, "explore"))
+    assert all(r["bytes_up"] == [0, 0] and r["bytes_down"] == 0 for r in records(fed, "aggregate"))
+    assert fed.eval_adapters() == {"maze": "eval-maze", "wordle": "eval-wordle"}
+    own = {c: fed.personal[c].hash for c in fed.clients}
+    assert len(set(own.values())) == 2 and start.hash not in own.values()
+    # round 2 starts from each client's own round-1 adapter, not from the (unchanged) global one
+    client = records(fed, "client")
+    assert [r["train_examples"] for r in client] == [2, 2, 2, 2]
+
+
+def test_centralized_static_trains_one_adapter_on_every_clients_expert_data(tmp_path):
+    fed = method_run(tmp_path, "centralized-static")
+    assert fed.clients == [CENTRAL] and fed.envs == ["maze", "wordle"]
+    client = records(fed, "client")
+    assert {r["client"] for r in client} == {CENTRAL} and client[0]["train_examples"] == 4
+    trajectories = [json.loads(line)["trajectory"] for line in fed.store.buffer(CENTRAL).read_text().splitlines()]
+    assert sorted({t["env"] for t in trajectories}) == ["maze", "wordle"]
+    assert {e["env"] for e in records(fed, "eval")} == {"maze", "wordle"}
+    assert fed.eval_adapters() == {"maze": "global", "wordle": "global"}
+
+
+def test_centralized_online_explores_every_environment_with_the_same_draws_as_their_own_clients(tmp_path):
+    central = method_run(tmp_path, "centralized-online", "fed.rounds=1", "explore.filter='none'")
+    federated = method_run(tmp_path, "fedse", "fed.rounds=1", "explore.filter='none'")
+    assert records(central, "explore")[0]["episodes"] == records(federated, "explore")[0]["episodes"] == 4
+    assert records(central, "client")[0]["train_examples"] == 8  # 2+2 experts, 2+2 explored
+
+
+def test_no_history_trains_each_round_on_that_rounds_trajectories_only(tmp_path):
+    fed = method_run(tmp_path, "fedse-no-history", "explore.filter='none'")
+    client = [r for r in records(fed, "client") if r["client"] == "maze"]
+    assert [r["buffer"] for r in client] == [4, 6]  # the buffer keeps growing ...
+    assert [r["train_examples"] for r in client] == [2, 2]  # ... training sees one round of it
+
+
+def test_pretrained_only_evaluates_the_starting_adapter(tmp_path):
+    fed = method_run(tmp_path, "pretrained")
+    assert {r["round"] for r in records(fed, "eval")} == {0} and records(fed, "client") == []
+    assert json.loads(fed.store.state.read_text())["round"] == 0
+
+
+def test_every_method_is_a_valid_configuration():
+    for m in METHODS.values():
+        assert m.definition
+        tiny_config(*m.overrides)
+
+
+def test_bootstrap_on_cases_with_known_answers():
+    assert bootstrap_mean([1.0] * 50) == (1.0, 1.0, 1.0)
+    mean, lo, hi = bootstrap_mean([1.0] * 30 + [0.0] * 70)
+    half = 1.96 * (0.3 * 0.7 / 100) ** 0.5  # the normal approximation, 0.0898
+    assert (
+        mean == pytest.approx(0.3)
+        and lo == pytest.approx(0.3 - half, abs=0.02)
+        and hi == pytest.approx(0.3 + half, abs=0.02)
+    )
+    ours = {(s, "maze", t): 1 for s in range(3) for t in range(20)}
+    theirs = {k: (1 if k[2] < 10 else 0) for k in ours}  # we win half the units, never lose
+    diff, lo, hi, n = paired_bootstrap(ours, {**theirs, (9, "maze", 0): 1})
+    assert (diff, n) == (0.5, 60) and 0.35 < lo < 0.5 < hi < 0.65
+    same = paired_bootstrap(ours, ours)
+    assert same[:3] == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="share no"):
+        paired_bootstrap(ours, {("x", "y", 0): 1})
+
+
+def write_experiment(tmp_path: Path, methods: list[str], seeds: list[int]) -> Path:
+    (tmp_path / "base.toml").write_text("")  # the defaults; every run's settings come from `set`
+    sets = json.dumps([*TINY, "fed.rounds=1"])
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        f'name = "tiny"\nbase = "base.toml"\nmethods = {json.dumps(methods)}\nseeds = {seeds}\n'
+        f'results = "{tmp_path / "results"}"\nset = {sets}\n'
+    )
+    return path
+
+
+def test_an_interrupted_grid_skips_finished_runs_and_resumes_the_rest(tmp_path):
+    path = write_experiment(tmp_path, ["pretrained", "fedse"], [0, 1])
+    _, cells = load_experiment(path)
+    assert [(c.method, c.seed) for c in cells] == [("pretrained", 0), ("pretrained", 1), ("fedse", 0), ("fedse", 1)]
+    calls = []
+
+    def run_cell(cell, resume, stop_after_round_0=False):
+        calls.append((cell.method, cell.seed, resume))
+        fed = Federation(cell.config, cell.root, Policy(load_base("tiny-random")))
+        for done in fed.rounds(resume=resume, force=not resume):
+            if stop_after_round_0 and cell.method == "fedse" and cell.seed == 0 and done.round == 0:
+                raise KeyboardInterrupt  # stopped in the third cell, after its round 0
+
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(cells, lambda cell, resume: run_cell(cell, resume, stop_after_round_0=True), echo=lambda _: None)
+    assert [c.status() for c in cells] == ["done", "done", "partial", "absent"]
+    calls.clear()
+    counts = run_grid(cells, run_cell, echo=lambda _: None)
+    assert counts == {"skipped": 2, "resumed": 1, "started": 1}
+    assert calls == [("fedse", 0, True), ("fedse", 1, False)]
+    assert all(c.status() == "done" for c in cells)
+
+
+def test_the_experiment_command_runs_the_grid_and_rebuilds_its_report_from_the_results(tmp_path, capsys):
+    path = write_experiment(tmp_path, ["pretrained", "fedse", "local-static"], [0, 1])
+    assert main(["experiment", str(path)]) == 0
+    root = tmp_path / "results" / "tiny"
+    report = (root / "report.md").read_text()
+    assert "| pretrained | 2 |" in report and "| fedse | 2 |" in report and "| local-static | 2 |" in report
+    paired = report.split("| method | Fed-SE − method |")[1].split("Cost per run")[0]
+    assert "| local-static | +0.0 |" in paired and "| pretrained | " in paired and "| fedse |" not in paired
+    assert (root / "curves.png").stat().st_size > 0
+    assert {"config.json", "metrics.jsonl", "state.json"} <= {p.name for p in (root / "fedse" / "seed1").iterdir()}
+    first = capsys.readouterr().out
+    assert "6 started" in first
+    (root / "report.md").unlink()
+    assert main(["experiment", str(path), "--report-only"]) == 0
+    assert (root / "report.md").read_text() == report
+    assert main(["experiment", str(path)]) == 0 and "6 skipped" in capsys.readouterr().out
+    eval_record = next(
+        r
+        for r in map(json.loads, (root / "fedse" / "seed0" / "metrics.jsonl").read_text().splitlines())
+        if r["event"] == "eval"
+    )
+    assert len(eval_record["task_ids"]) == len(eval_record["task_successes"]) == eval_record["tasks"]
+    assert torch.tensor(eval_record["task_successes"]).sum().item() == eval_record["successes"]
+
+
+def test_an_unknown_method_is_a_one_line_error(tmp_path, capsys):
+    path = write_experiment(tmp_path, ["fedse", "fedavgm"], [0])
+    assert main(["experiment", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "methods" in err
