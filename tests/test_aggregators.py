@@ -247,3 +247,39 @@ def test_client_metrics_cannot_overwrite_the_records_own_keys():
     record = ClientRecord.from_metrics(2, "maze", 5, {**metrics, "round": 99, "client": "evil", "event": "aggregate"})
     assert (record.round, record.client, record.num_examples, record.event) == (2, "maze", 5, "client")
     assert '"event": "client"' in record.to_json() and '"round": 2' in record.to_json()
+
+
+def test_server_momentum_and_adam_follow_their_update_rules_and_carry_their_moments():
+    from fedse.fl.server import ServerOptimizer
+
+    current = random_factors(0)
+    updates = updates_for("fedse", current)
+    key = sorted(current.tensors)[0]
+    plain = aggregate_round(make_aggregator("fedse"), current, updates, {}).aggregation.adapter.tensors[key]
+    delta = plain.double() - current.tensors[key].double()
+    momentum = ServerOptimizer("momentum", lr=0.5, momentum=0.9)
+    first = aggregate_round(make_aggregator("fedse"), current, updates, {}, optimizer=momentum)
+    torch.testing.assert_close(
+        first.aggregation.adapter.tensors[key].double(), current.tensors[key].double() + 0.5 * delta
+    )
+    second = aggregate_round(
+        make_aggregator("fedse"), current, updates, {}, optimizer=momentum, server_state=first.server_state
+    )  # the same Δ again: m = 0.9 Δ + Δ
+    torch.testing.assert_close(
+        second.aggregation.adapter.tensors[key].double(),
+        current.tensors[key].double() + 0.5 * 1.9 * delta,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    adam = ServerOptimizer("adam", lr=0.01, momentum=0.9, beta2=0.99, eps=1e-3)
+    stepped = aggregate_round(make_aggregator("fedse"), current, updates, {}, optimizer=adam)
+    m, v = 0.1 * delta, 0.01 * delta.square()
+    torch.testing.assert_close(
+        stepped.aggregation.adapter.tensors[key].double(),
+        current.tensors[key].double() + 0.01 * m / (v.sqrt() + 1e-3),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert set(stepped.server_state) == {f"{p}.{k}" for p in "mv" for k in current.tensors}
+    with pytest.raises(ValueError, match="keeps the base model frozen"):
+        aggregate_round(make_aggregator("flora"), current, updates_for("flora", current), {}, optimizer=adam)

@@ -114,7 +114,7 @@ def write_experiment(tmp_path: Path, methods: list[str], seeds: list[int]) -> Pa
 def test_an_interrupted_grid_skips_finished_runs_and_resumes_the_rest(tmp_path):
     path = write_experiment(tmp_path, ["pretrained", "fedse"], [0, 1])
     _, cells = load_experiment(path)
-    assert [(c.method, c.seed) for c in cells] == [("pretrained", 0), ("pretrained", 1), ("fedse", 0), ("fedse", 1)]
+    assert [(c.method, c.seed) for c in cells] == [("pretrained", 0), ("fedse", 0), ("pretrained", 1), ("fedse", 1)]
     calls = []
 
     def run_cell(cell, resume, stop_after_round_0=False):
@@ -122,15 +122,15 @@ def test_an_interrupted_grid_skips_finished_runs_and_resumes_the_rest(tmp_path):
         fed = Federation(cell.config, cell.root, Policy(load_base("tiny-random")))
         for done in fed.rounds(resume=resume, force=not resume):
             if stop_after_round_0 and cell.method == "fedse" and cell.seed == 0 and done.round == 0:
-                raise KeyboardInterrupt  # stopped in the third cell, after its round 0
+                raise KeyboardInterrupt  # stopped in the second cell, after its round 0
 
     with pytest.raises(KeyboardInterrupt):
         run_grid(cells, lambda cell, resume: run_cell(cell, resume, stop_after_round_0=True), echo=lambda _: None)
-    assert [c.status() for c in cells] == ["done", "done", "partial", "absent"]
+    assert [c.status() for c in cells] == ["done", "partial", "absent", "absent"]
     calls.clear()
     counts = run_grid(cells, run_cell, echo=lambda _: None)
-    assert counts == {"skipped": 2, "resumed": 1, "started": 1}
-    assert calls == [("fedse", 0, True), ("fedse", 1, False)]
+    assert counts == {"skipped": 1, "resumed": 1, "started": 2}
+    assert calls == [("fedse", 0, True), ("pretrained", 1, False), ("fedse", 1, False)]
     assert all(c.status() == "done" for c in cells)
 
 
@@ -164,3 +164,47 @@ def test_an_unknown_method_is_a_one_line_error(tmp_path, capsys):
     assert main(["experiment", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "methods" in err
+
+
+def test_a_run_with_server_momentum_resumes_to_the_uninterrupted_run(tmp_path):
+    straight = method_run(tmp_path, "fedse-fedadam", "fed.rounds=3")
+    crashed = Federation(
+        tiny_config(*METHODS["fedse-fedadam"].overrides, "fed.rounds=2"),
+        tmp_path / "crashed",
+        Policy(load_base("tiny-random")),
+    )
+    crashed.run()
+    assert (crashed.store.checkpoint(2) / "server_state.safetensors").exists()
+    resumed = Federation(
+        tiny_config(*METHODS["fedse-fedadam"].overrides, "fed.rounds=3"),
+        tmp_path / "crashed",
+        Policy(load_base("tiny-random")),
+    )
+    resumed.run(resume=True, change_config=True)
+    assert resumed.global_adapter.hash == straight.global_adapter.hash
+    assert straight.server_state and all(
+        torch.equal(straight.server_state[k], resumed.server_state[k]) for k in straight.server_state
+    )
+
+
+def test_several_clients_per_environment_hold_disjoint_partitions_of_its_train_split(tmp_path):
+    from fedse.envs import make_env
+
+    fed = Federation(
+        tiny_config("fed.clients_per_env=3", "fed.clients=['maze']", "fed.rounds=1", "explore.filter='none'"),
+        tmp_path / "shards",
+        Policy(load_base("tiny-random")),
+    )
+    fed.run()
+    assert fed.clients == ["maze-0", "maze-1", "maze-2"]
+    tasks = {}
+    for client in fed.clients:
+        lines = fed.store.buffer(client).read_text().splitlines()
+        tasks[client] = {json.loads(line)["trajectory"]["task_id"] for line in lines}
+        assert len(lines) == 4  # 2 expert seeds + 2 explored
+    train = list(make_env("maze").splits["train"])
+    for i, client in enumerate(fed.clients):
+        assert tasks[client] <= set(train[i::3])
+    assert {e["env"] for e in records(fed, "eval")} == {"maze"}
+    with pytest.raises(Exception, match="clients_per_env > 1 needs one shared adapter"):
+        tiny_config("fed.clients_per_env=2", "fed.aggregator='fedsa'")

@@ -111,7 +111,7 @@ def test_config_errors_name_the_key_and_the_choices():
         load_config(None, ["fed.aggregator=fedavg"])
     with pytest.raises(ConfigError, match="bad value for 'train.lr'"):
         load_config(None, ["train.lr=-1"])
-    with pytest.raises(ConfigError, match="server_lr must be 1.0 with flora"):
+    with pytest.raises(ConfigError, match="server_lr must be 1.0 and server_optimizer sgd with flora"):
         load_config(None, ["fed.aggregator=flora", "fed.server_lr=5"])
     with pytest.raises(ConfigError, match="bad value for 'fed.server_lr'"):
         load_config(None, ["fed.server_lr=inf"])

@@ -41,6 +41,8 @@ KINDS = st.sampled_from(["tensor", "list", "none", "meta", "string", "float64", 
 
 def hostile(current: Adapter, aggregator, client: str, scale: float, examples, kind: str, seed: int) -> Update:
     honest = updates_for(aggregator.name, current, k=1)[0].tensors
+    if not honest:  # a rule whose clients upload nothing (local): anything sent is unexpected
+        return Update(client, {} if kind == "tensor" else {"stray.lora_A.weight": torch.zeros(2)}, examples)
     key = sorted(honest)[seed % len(honest)]
     tensors = {k: current.tensors[k] + (v - current.tensors[k]) * scale for k, v in honest.items()}
     bad = {

@@ -65,16 +65,25 @@ class FedSection(Section):
     """One client per environment (Fed-SE's setup)."""
     rounds: int = Field(20, ge=0)
     """0: evaluate the starting adapter only (the pretrained baseline)."""
-    centralized: bool = False
-    """One client, "central", holding every environment above with their pooled data: the
-    privacy-free Centralized baseline (static with explore.tasks = 0, online otherwise)."""
     aggregator: str = "fedse"
     clients_per_round: float = Field(1.0, gt=0)
     """A fraction (<= 1) or a count (> 1) of clients sampled each round; 1.0 = all."""
+    clients_per_env: int = Field(1, ge=1)
+    """Clients per environment, named <env>-<i>, each holding every clients_per_env-th train id
+    (disjoint partitions): many sites of one kind. 1: one client per environment, named <env>."""
+    centralized: bool = False
+    """One client, "central", holding every environment above with their pooled data: the
+    privacy-free Centralized baseline (static with explore.tasks = 0, online otherwise)."""
     server_lr: float = Field(1.0, gt=0)
     """The server step: global ← global + server_lr · (aggregate − global) (`fedse.fl.server.server_step`).
     1.0 is the paper's plain aggregate (and measured best in the demo's setting: see server_step).
     Not for flora/fedex (they fold updates into the base)."""
+    server_optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
+    """The server's step on the mean update (`fedse.fl.server.ServerOptimizer`): sgd with server_lr
+    (1: the paper), momentum (FedAvgM) or adam (FedAdam), both with server_lr as their step size."""
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    server_beta2: float = Field(0.99, ge=0, lt=1)
+    server_eps: float = Field(1e-3, gt=0)
     max_update_norm: float = Field(DEFAULT_MAX_UPDATE_NORM, gt=0)
     """Bound on ‖a client's uploaded factors − the global ones‖_F (`fedse.fl.update.bound_update`)."""
     update_bound: Literal["clip", "reject", "off"] = "clip"
@@ -85,9 +94,22 @@ class FedSection(Section):
     seed: int = 0
 
     @model_validator(mode="after")
+    def _clients_fit(self) -> FedSection:
+        if self.clients_per_env > 1 and (self.centralized or AGGREGATORS[self.aggregator].personalized):
+            raise ValueError(
+                "clients_per_env > 1 needs one shared adapter: not with centralized, nor with a personalized "
+                "aggregator (each environment would have several adapters to evaluate)"
+            )
+        if len(set(self.clients)) != len(self.clients):
+            raise ValueError("each environment once in clients (clients_per_env makes several clients of one)")
+        return self
+
+    @model_validator(mode="after")
     def _server_lr_fits(self) -> FedSection:
-        if self.server_lr != 1.0 and AGGREGATORS[self.aggregator].mutates_base:
-            raise ValueError(f"server_lr must be 1.0 with {self.aggregator} (it folds updates into the base model)")
+        if (self.server_lr != 1.0 or self.server_optimizer != "sgd") and AGGREGATORS[self.aggregator].mutates_base:
+            raise ValueError(
+                f"server_lr must be 1.0 and server_optimizer sgd with {self.aggregator} (it folds updates into the base model)"
+            )
         return self
 
     @field_validator("aggregator")

@@ -88,8 +88,8 @@ def load_experiment(path: str | Path) -> tuple[ExperimentConfig, list[Cell]]:
     base = path.parent / experiment.base
     root = Path(experiment.results) / experiment.name
     cells = []
-    for name in experiment.methods:
-        for seed in experiment.seeds:
+    for seed in experiment.seeds:  # seed-major: each sitting completes whole seeds of the table
+        for name in experiment.methods:
             overrides = [*experiment.set, *method(name).overrides, f"fed.seed={seed}", f"name='{name}-seed{seed}'"]
             cells.append(Cell(name, seed, load_config(base, overrides), root / name / f"seed{seed}"))
     return experiment, cells

@@ -80,6 +80,16 @@ METHODS: dict[str, Method] = {
             "Fed-SE with a server learning rate of 2 (global += 2 × mean update)",
             ("fed.server_lr=2.0",),
         ),
+        Method(
+            "fedse-fedavgm",
+            "Fed-SE with server momentum 0.9 on the mean update (FedAvgM, Hsu et al. 2019), server lr 1",
+            ("fed.server_optimizer='momentum'",),
+        ),
+        Method(
+            "fedse-fedadam",
+            "Fed-SE with FedAdam on the mean update (Reddi et al. 2021): lr 3e-3, betas 0.9/0.99, eps 1e-3 (not tuned)",
+            ("fed.server_optimizer='adam'", "fed.server_lr=0.003"),
+        ),
     ]
 }
 

@@ -36,7 +36,7 @@ from fedse.experiments.store import GLOBAL, Checkpoint, RunStore
 from fedse.files import atomic_write_json
 from fedse.fl.aggregators import make_aggregator
 from fedse.fl.client import exploration_requests, exploration_tasks, learn
-from fedse.fl.server import aggregate_round
+from fedse.fl.server import ServerOptimizer, aggregate_round
 from fedse.fl.update import Update
 from fedse.seeds import derived_seed
 
@@ -67,8 +67,16 @@ class Federation:
         except ValueError as error:
             raise UserError(f"model.target_modules: {error}") from None
         self.envs = list(config.fed.clients)
-        self.client_envs = {CENTRAL: self.envs} if config.fed.centralized else {env: [env] for env in self.envs}
+        parts = config.fed.clients_per_env
+        if config.fed.centralized:
+            self.client_envs = {CENTRAL: self.envs}
+        elif parts == 1:
+            self.client_envs = {env: [env] for env in self.envs}
+        else:
+            self.client_envs = {f"{env}-{i}": [env] for env in self.envs for i in range(parts)}
         """Client -> the environments it holds: one each (Fed-SE), or all in one (centralized)."""
+        self.partition = {c: (int(c.rsplit("-", 1)[1]), parts) if parts > 1 else (0, 1) for c in self.client_envs}
+        """Client -> (its partition, how many) of its environment's train split."""
         self.clients = list(self.client_envs)
         self.global_adapter: Adapter | None = None
         self.base_delta: dict[str, torch.Tensor] = {}
@@ -77,6 +85,8 @@ class Federation:
         850 MB a round for SmolLM2-135M), so a resumed run holds exactly what this one does."""
         self.personal: dict[str, Adapter] = {}
         self.aggregator_state: dict = {}
+        self.server_state: dict[str, torch.Tensor] = {}
+        """The server optimiser's moments (momentum / adam), float32."""
         self._buffers: dict[str, ExperienceBuffer] = {}
 
     # --- setup and resume --------------------------------------------------------------------
@@ -106,8 +116,10 @@ class Federation:
         self.global_adapter = self.policy.new_adapter(GLOBAL, self.spec, seed=self.config.fed.seed)
         for client, envs in self.client_envs.items():
             experts = []
+            part, parts = self.partition[client]
             for env in envs:  # the same seeds an env's own client gets, pooled or not
-                seeds = exploration_tasks(env, self.config.buffer.expert_seeds, derived_seed("experts", env))
+                label = derived_seed("experts", env) if parts == 1 else derived_seed("experts", client)
+                seeds = exploration_tasks(env, self.config.buffer.expert_seeds, label, part, parts)
                 experts += [expert_trajectory(env, i) for i in seeds]
             self.buffer(client).add(experts, round_=0)
         return 0
@@ -127,6 +139,7 @@ class Federation:
         if self.base_delta:
             self.policy.set_base_delta(self.base_delta)
         self.aggregator_state = checkpoint.aggregator_state
+        self.server_state = checkpoint.server_state
         self.personal = checkpoint.personal
 
     # --- the loop ----------------------------------------------------------------------------
@@ -208,11 +221,19 @@ class Federation:
             return {client: [] for client in clients}, ExploreRecord(round_, clients, 0, 0, 0, 0, 0.0)
         requests = {}
         for client in clients:
-            requests[client] = [
+            part, parts = self.partition[client]
+            requests[client] = [  # draws labelled by env (a pooled client gets each env's own) or by shard
                 r
                 for env in self.client_envs[client]
                 for r in exploration_requests(
-                    env, env, round_, self.config.explore, self.config.fed.seed, adapter=client
+                    client if parts > 1 else env,
+                    env,
+                    round_,
+                    self.config.explore,
+                    self.config.fed.seed,
+                    adapter=client,
+                    part=part,
+                    parts=parts,
                 )
             ]
         stats = RolloutStats()
@@ -256,8 +277,13 @@ class Federation:
             fed.server_lr,
             max_update_norm=fed.max_update_norm,
             bound=fed.update_bound,
+            optimizer=ServerOptimizer(
+                fed.server_optimizer, fed.server_lr, fed.server_momentum, fed.server_beta2, fed.server_eps
+            ),
+            server_state=self.server_state,
         )
         self.global_adapter, self.aggregator_state = result.aggregation.adapter, result.aggregation.state
+        self.server_state = result.server_state
         self.policy.load(GLOBAL, self.global_adapter)
         if result.aggregation.base_delta:
             for module, d in result.aggregation.base_delta.items():
@@ -318,7 +344,9 @@ class Federation:
         return result, out
 
     def _checkpoint(self, round_: int) -> None:
-        checkpoint = Checkpoint(self.global_adapter, self.base_delta, self.aggregator_state, self.personal)
+        checkpoint = Checkpoint(
+            self.global_adapter, self.base_delta, self.aggregator_state, self.personal, self.server_state
+        )
         self.store.save_checkpoint(
             round_, checkpoint, base_model=self.config.model.name, config=self.config.model_dump()
         )

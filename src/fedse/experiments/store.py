@@ -6,7 +6,7 @@
       clients/<c>/buffer.jsonl   each client's experience buffer (private to the client)
       clients/<c>/personal/round_NNN/  its own adapter, personalised aggregators (private too)
       checkpoints/round_NNN/     the server's: global adapter (PEFT format), base delta (float32),
-                                 aggregator state, and the configuration the round ran under
+                                 aggregator state, optimiser moments, the round's configuration
       state.json                 the last completed round and its global adapter's hash
       evals/                     re-evaluations of checkpoints (`fedse eval`)
 
@@ -56,6 +56,8 @@ class Checkpoint:
     personal: dict[str, Adapter] = field(default_factory=dict)
     """Each client's own adapter (personalised aggregators); stored in the client's folder,
     never in the server's checkpoint."""
+    server_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The server optimiser's moments (fed.server_optimizer momentum / adam)."""
 
 
 def _write_folder(final: Path, write) -> None:
@@ -206,6 +208,11 @@ class RunStore:
             if checkpoint.base_delta:
                 tensors = {k: v.float().contiguous() for k, v in checkpoint.base_delta.items()}
                 save_file(tensors, str(tmp / "base_delta.safetensors"))
+            if checkpoint.server_state:
+                save_file(
+                    {k: v.contiguous() for k, v in checkpoint.server_state.items()},
+                    str(tmp / "server_state.safetensors"),
+                )
             (tmp / "aggregator.json").write_text(json.dumps(checkpoint.aggregator_state))
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -237,12 +244,13 @@ class RunStore:
             raise UserError(
                 f"{self.root} has no checkpoint for round {round_}; completed rounds: {self.completed_rounds() or 'none'}"
             )
-        delta_file = ckpt / "base_delta.safetensors"
+        delta_file, server_file = ckpt / "base_delta.safetensors", ckpt / "server_state.safetensors"
         try:
             checkpoint = Checkpoint(
                 global_adapter=load_adapter(ckpt / GLOBAL),
                 base_delta=load_file(str(delta_file)) if delta_file.exists() else {},
                 aggregator_state=json.loads((ckpt / "aggregator.json").read_text()),
+                server_state=load_file(str(server_file)) if server_file.exists() else {},
                 personal={
                     c: load_adapter(self.personal(c, round_)) for c in clients if self.personal(c, round_).exists()
                 },

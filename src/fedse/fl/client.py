@@ -56,9 +56,10 @@ class ExploreConfig(Section):
         return Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 
 
-def exploration_tasks(env_name: str, count: int | None, seed: int) -> list[int]:
-    """`count` train ids (None: all), sampled without replacement while the split lasts."""
-    ids = list(make_env(env_name).splits["train"])
+def exploration_tasks(env_name: str, count: int | None, seed: int, part: int = 0, parts: int = 1) -> list[int]:
+    """`count` train ids (None: all) of partition `part` of `parts` (every parts-th id, so the
+    partitions are disjoint and cover the split), sampled without replacement while it lasts."""
+    ids = list(make_env(env_name).splits["train"])[part::parts]
     count = len(ids) if count is None else count
     rng = random.Random(seed)
     out: list[int] = []
@@ -69,13 +70,21 @@ def exploration_tasks(env_name: str, count: int | None, seed: int) -> list[int]:
 
 
 def exploration_requests(
-    client: str, env_name: str, round_: int, explore: ExploreConfig, seed: int = 0, adapter: str | None = None
+    client: str,
+    env_name: str,
+    round_: int,
+    explore: ExploreConfig,
+    seed: int = 0,
+    adapter: str | None = None,
+    part: int = 0,
+    parts: int = 1,
 ) -> list[RolloutRequest]:
-    """The episodes `client` plays in round `round_` on `env_name`, with adapter slot `adapter`
-    (default: `client`) and per-episode seeds derived from (seed, round, client)."""
+    """The episodes `client` plays in round `round_` on `env_name` (its partition `part` of
+    `parts` of the train split), with adapter slot `adapter` (default: `client`) and
+    per-episode seeds derived from (seed, round, client)."""
     adapter = adapter or client
     round_seed = derived_seed(seed, round_, client)
-    tasks = exploration_tasks(env_name, explore.tasks, round_seed)
+    tasks = exploration_tasks(env_name, explore.tasks, round_seed, part, parts)
     sampling = explore.sampling
     return [
         RolloutRequest(env_name, task, adapter=adapter, sampling=sampling, seed=derived_seed(round_seed, i))

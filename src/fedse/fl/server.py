@@ -36,6 +36,52 @@ class RoundResult:
     clipped: dict[str, float] = field(default_factory=dict)
     """Client -> the norm its update had before it was clipped to the bound."""
     diagnostics: dict = field(default_factory=dict)
+    server_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The server optimiser's moments after this round (`ServerOptimizer`)."""
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """The server's step on the round's pseudo-gradient Δ = aggregate − global, per tensor
+    (Reddi et al., ICLR 2021, "Adaptive Federated Optimization"):
+
+    - sgd: θ ← θ + lr·Δ (`server_step`; lr 1 is the rule itself);
+    - momentum (FedAvgM, Hsu et al. 2019): m ← β·m + Δ; θ ← θ + lr·m;
+    - adam (FedAdam): m ← β·m + (1−β)·Δ, v ← β2·v + (1−β2)·Δ²; θ ← θ + lr·m / (√v + eps).
+
+    The moments are float32 and travel in the checkpoint, so a resumed run steps exactly as an
+    uninterrupted one. Only for rules that keep the base frozen (like server_step)."""
+
+    kind: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-3
+
+    def step(
+        self, current: Adapter, aggregation: Aggregation, state: dict[str, torch.Tensor]
+    ) -> tuple[Aggregation, dict[str, torch.Tensor]]:
+        if self.kind == "sgd":
+            return server_step(current, aggregation, self.lr), state
+        if aggregation.base_delta:
+            raise ValueError(f"the {self.kind} server optimiser needs an aggregator that keeps the base model frozen")
+        tensors, moments = dict(aggregation.adapter.tensors), {}
+        for k, new in tensors.items():
+            old = current.tensors[k].double()
+            delta = new.double() - old
+            m = state.get("m." + k, torch.zeros_like(delta)).double()
+            if self.kind == "momentum":
+                m = self.momentum * m + delta
+                move = m
+            else:
+                v = state.get("v." + k, torch.zeros_like(delta)).double()
+                m = self.momentum * m + (1 - self.momentum) * delta
+                v = self.beta2 * v + (1 - self.beta2) * delta.square()
+                moments["v." + k] = v.float()
+                move = m / (v.sqrt() + self.eps)
+            moments["m." + k] = m.float()
+            tensors[k] = (old + self.lr * move).to(new.dtype)
+        return Aggregation(Adapter(aggregation.adapter.spec, tensors), {}, aggregation.state), moments
 
 
 def server_step(current: Adapter, aggregation: Aggregation, lr: float) -> Aggregation:
@@ -71,9 +117,12 @@ def aggregate_round(
     server_lr: float = 1.0,
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
     bound: Bound = "clip",
+    optimizer: ServerOptimizer | None = None,
+    server_state: dict[str, torch.Tensor] | None = None,
 ) -> RoundResult:
     """Drop invalid updates (saying which client and tensor), bound the norm of the rest
-    (`bound_update`), aggregate them, take the server step (`server_step`).
+    (`bound_update`), aggregate them, take the server step (`optimizer`, default plain SGD
+    with `server_lr`; `server_state` holds its moments from the previous round).
 
     With no valid update the global adapter stays as it was.
     """
@@ -101,13 +150,15 @@ def aggregate_round(
             valid.append(u)
     if rejected:
         log.warning("round continues with %d of %d clients", len(valid), len(updates))
+    optimizer = optimizer or ServerOptimizer(lr=server_lr)
+    server_state = server_state or {}
     if not valid:
-        return RoundResult(Aggregation(current, {}, state), [], rejected, clipped, {"clients": 0})
+        return RoundResult(Aggregation(current, {}, state), [], rejected, clipped, {"clients": 0}, server_state)
     # Factors a client does not send are the global ones (ffa: A), as far as the server knows.
     full = [Update(u.client, {**current.tensors, **u.tensors}, u.num_examples, u.metrics) for u in valid]
-    aggregation = server_step(current, aggregator.aggregate(current, full, state), server_lr)
+    aggregation, server_state = optimizer.step(current, aggregator.aggregate(current, full, state), server_state)
     diagnostics = round_diagnostics(aggregator, current, full, aggregation)
-    return RoundResult(aggregation, [u.client for u in valid], rejected, clipped, diagnostics)
+    return RoundResult(aggregation, [u.client for u in valid], rejected, clipped, diagnostics, server_state)
 
 
 def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Update], result: Aggregation) -> dict:
