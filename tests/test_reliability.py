@@ -387,3 +387,90 @@ def test_unknown_checkpoint_round_is_a_one_line_error(tmp_path):
         fed.store.load_checkpoint(7, fed.clients)
     with pytest.raises(ConfigError):
         load_config(None, ["checkpoints.keep_last=-1"])
+
+
+# --- corruption of every persisted file -------------------------------------------------------
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flipped":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # a well-formed file of the wrong shape
+        path.write_text('["not", "what", "fedse wrote"]\n' if path.suffix in (".json", ".jsonl") else "[]")
+
+
+def resume_outcome(root: Path, capsys) -> tuple[int, str, dict | None]:
+    rc = main(["run", "--resume", str(root), "--set", "fed.rounds=2", "--change-config"])
+    err = capsys.readouterr().err
+    if rc != 0:
+        return rc, err, None
+    metrics = [
+        {k: v for k, v in json.loads(line).items() if k not in ("seconds", "train_seconds")}
+        for line in (root / "metrics.jsonl").read_text().splitlines()
+    ]
+    buffers = {p.parent.name: p.read_text() for p in sorted(root.glob("clients/*/buffer.jsonl"))}
+    return (
+        rc,
+        err,
+        {"state": json.loads((root / "state.json").read_text())["global_adapter"], "m": metrics, "b": buffers},
+    )
+
+
+@pytest.fixture(scope="module")
+def one_round_runs(tmp_path_factory):
+    """Two 1-round runs that between them write every kind of file: fedex (a base delta) and
+    fedsa with FedAdam (personal adapters, optimiser moments)."""
+    root = tmp_path_factory.mktemp("corruption")
+    runs = {}
+    for name, extra in {
+        "fedex": ["fed.aggregator='fedex'"],
+        "fedsa": ["fed.aggregator='fedsa'", "fed.server_optimizer='adam'", "fed.server_lr=0.003"],
+    }.items():
+        fed = Federation(tiny_config("fed.rounds=1", *extra), root / name, Policy(load_base("tiny-random")))
+        fed.run()
+        (fed.store.root / ".lock").unlink()
+        runs[name] = fed.store.root
+    return runs
+
+
+def persisted_files(root: Path) -> list[str]:
+    skip = ("round_000", ".lock", ".png", "report.md")
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not any(s in str(p) for s in skip)
+    )
+
+
+@pytest.mark.parametrize("run", ["fedex", "fedsa"])
+def test_every_persisted_file_corrupted_any_way_is_a_one_line_error_or_changes_nothing(
+    tmp_path, capsys, one_round_runs, run
+):
+    import shutil
+
+    pristine = tmp_path / "pristine"
+    shutil.copytree(one_round_runs[run], pristine)
+    rc, err, expected = resume_outcome(pristine, capsys)
+    assert rc == 0, err
+    files = persisted_files(one_round_runs[run])
+    assert {"state.json", "metrics.jsonl", "config.json", "checkpoints/round_001/aggregator.json"} <= set(files)
+    silent, loud = [], []
+    for name in files:
+        for how in ("truncated", "flipped", "empty", "wrong type"):
+            copy = tmp_path / f"{name.replace('/', '_')}-{how}"
+            shutil.copytree(one_round_runs[run], copy)
+            corrupt(copy / name, how)
+            try:
+                rc, err, got = resume_outcome(copy, capsys)
+            except Exception as error:  # an escaped exception is what this test looks for
+                rc, err, got = -1, f"{type(error).__name__}: {error}", None
+            if rc == 0 and got != expected:
+                silent.append(f"{name} {how}")
+            elif rc != 0 and not (rc == 2 and err.count("\n") == 1):
+                loud.append(f"{name} {how}: {err[:200]}")
+            shutil.rmtree(copy)
+    assert (silent, loud) == ([], []), "\n".join(silent + loud)

@@ -7,6 +7,7 @@ replaced file, and every appended line that was reported written is on disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -101,6 +102,20 @@ def read_lines(path: str | Path) -> list[str]:
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     return [line for line in text.splitlines() if line.strip()]
+
+
+def file_digest(path: str | Path, size: int | None = None) -> str:
+    """SHA-256 (hex) of the file's first `size` bytes (all of it by default)."""
+    h = hashlib.sha256()
+    remaining = Path(path).stat().st_size if size is None else size
+    with Path(path).open("rb") as f:
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            remaining -= len(chunk)
+    return h.hexdigest()
 
 
 def fsync_tree(directory: str | Path, files: bool = True) -> None:

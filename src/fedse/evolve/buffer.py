@@ -17,6 +17,7 @@ can no longer be rolled back), so a resume from round t-1 still finds them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -103,6 +104,14 @@ class ExperienceBuffer:
             self.stored = [(r, t) for r, t in self.stored if r <= last_round]
             self.entries = self._window(self.stored)
             self._rewrite()
+
+    def digest(self) -> str:
+        """SHA-256 of what the buffer holds (its window, as lines): equal in a running process
+        and in one that reopened the file, whatever compaction happened in between."""
+        h = hashlib.sha256()
+        for r, t in self.entries:
+            h.update((self._line(r, t) + "\n").encode("utf-8"))
+        return h.hexdigest()
 
     def counts(self) -> dict[int, int]:
         out: dict[int, int] = {}

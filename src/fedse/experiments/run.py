@@ -101,6 +101,7 @@ class Federation:
             last = self.store.last_round()
             if last is None:
                 raise FileNotFoundError(f"{self.store.root} has no completed round to resume from (no state.json)")
+            recorded_buffers = self.store.verify(last)  # before anything is read from, or written to, the run
             recorded = self.store.checkpoint_config(last)
             if recorded is not None:
                 where = f"resuming {self.store.root} after round {last}"
@@ -110,6 +111,11 @@ class Federation:
             self.load_checkpoint(last)
             for client in self.clients:
                 self.buffer(client).truncate(last)
+                if client in recorded_buffers and self.buffer(client).digest() != recorded_buffers[client]:
+                    raise UserError(
+                        f"{self.store.buffer(client)} differs from what round {last}'s checkpoint recorded: it was "
+                        "changed or corrupted; restore it (or start the run again)"
+                    )
             self.store.trim_records(last)
             return last
         self.store.create(self.config.model_dump(), force=force)
@@ -347,8 +353,9 @@ class Federation:
         checkpoint = Checkpoint(
             self.global_adapter, self.base_delta, self.aggregator_state, self.personal, self.server_state
         )
+        buffers = {client: self.buffer(client).digest() for client in self.clients}
         self.store.save_checkpoint(
-            round_, checkpoint, base_model=self.config.model.name, config=self.config.model_dump()
+            round_, checkpoint, base_model=self.config.model.name, config=self.config.model_dump(), buffers=buffers
         )
         keep = self.config.checkpoints
         self.store.prune_checkpoints(keep.keep_last, keep.keep_every)

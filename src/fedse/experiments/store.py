@@ -7,7 +7,8 @@
       clients/<c>/personal/round_NNN/  its own adapter, personalised aggregators (private too)
       checkpoints/round_NNN/     the server's: global adapter (PEFT format), base delta (float32),
                                  aggregator state, optimiser moments, the round's configuration
-      state.json                 the last completed round and its global adapter's hash
+      state.json                 the last completed round, its global adapter's hash, and a digest
+                                 of every file that round's state lives in (`RunStore.verify`)
       evals/                     re-evaluations of checkpoints (`fedse eval`)
 
 A checkpoint is written into a temporary folder, fsynced and renamed, and only then is
@@ -33,7 +34,15 @@ from safetensors.torch import load_file, save_file
 from fedse.agent.lora import Adapter, load_adapter, save_adapter
 from fedse.errors import UserError
 from fedse.experiments.records import Record, RunRecords, parse_record
-from fedse.files import append_lines, atomic_write_json, drop_torn_tail, fsync_tree, read_lines, write_lines
+from fedse.files import (
+    append_lines,
+    atomic_write_json,
+    drop_torn_tail,
+    file_digest,
+    fsync_tree,
+    read_lines,
+    write_lines,
+)
 
 GLOBAL = "global"
 LOCK = ".lock"
@@ -147,7 +156,13 @@ class RunStore:
     def read_config(self) -> dict:
         if not self.config_path.exists():
             raise UserError(f"{self.root} is not a run directory (no config.json); start one with `fedse run`")
-        return json.loads(self.config_path.read_text())
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"{self.config_path} cannot be read ({error}); restore it") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{self.config_path} is not a configuration (a JSON object); restore it")
+        return config
 
     def append(self, *records: Record) -> None:
         append_lines(self.metrics, (r.to_json() for r in records))
@@ -166,7 +181,7 @@ class RunStore:
             raise UserError(
                 f"{self.root} is not a run directory (it needs config.json and metrics.jsonl; see `fedse run`)"
             )
-        config = json.loads(self.config_path.read_text())
+        config = self.read_config()
         run = RunRecords(name=config.get("name", self.root.name), root=self.root, config=config)
         for record in self.records():
             run.add(record)
@@ -175,7 +190,8 @@ class RunStore:
     # --- rounds and checkpoints --------------------------------------------------------------
 
     def read_state(self) -> dict | None:
-        """state.json ({"round": int, "global_adapter": hash}); None before round 0 completes."""
+        """state.json ({"round": int, "global_adapter": hash, "files": {...}, "buffers": {...}});
+        None before round 0 completes."""
         if not self.state.exists():
             return None
         try:
@@ -197,9 +213,17 @@ class RunStore:
     def completed_rounds(self) -> list[int]:
         return sorted(int(p.name.split("_")[1]) for p in (self.root / "checkpoints").glob("round_[0-9][0-9][0-9]"))
 
-    def save_checkpoint(self, round_: int, checkpoint: Checkpoint, base_model: str, config: dict | None = None) -> None:
+    def save_checkpoint(
+        self,
+        round_: int,
+        checkpoint: Checkpoint,
+        base_model: str,
+        config: dict | None = None,
+        buffers: dict[str, str] | None = None,
+    ) -> None:
         """Write round `round_`'s personal adapters (each in its client's folder) and the server's
-        checkpoint, each atomically, then mark the round completed."""
+        checkpoint, each atomically, then mark the round completed in state.json, with a digest of
+        every file the round's state lives in (`verify`) and the clients' buffer digests."""
         for client, adapter in checkpoint.personal.items():
             _write_folder(self.personal(client, round_), lambda tmp, a=adapter: save_adapter(a, tmp))
 
@@ -218,7 +242,35 @@ class RunStore:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
         _write_folder(self.checkpoint(round_), server_files)
-        atomic_write_json(self.state, {"round": round_, "global_adapter": checkpoint.global_adapter.hash})
+        files = [p for p in self.checkpoint(round_).rglob("*") if p.is_file()]
+        files += [p for c in checkpoint.personal for p in self.personal(c, round_).rglob("*") if p.is_file()]
+        digests = {str(p.relative_to(self.root)): file_digest(p) for p in sorted(files)}
+        if self.metrics.exists():  # append-only: what later rounds add does not change this prefix
+            size = self.metrics.stat().st_size
+            digests["metrics.jsonl"] = f"{size}:{file_digest(self.metrics, size)}"
+        state = {"round": round_, "global_adapter": checkpoint.global_adapter.hash, "files": digests}
+        atomic_write_json(self.state, {**state, "buffers": buffers or {}})
+
+    def verify(self, round_: int) -> dict[str, str]:
+        """Check every file state.json recorded for `round_` against its digest (the metrics file:
+        its recorded prefix); returns the clients' recorded buffer digests. A UserError names the
+        first file that is missing or differs: a run is never resumed from silently changed state."""
+        state = self.read_state() or {}
+        if state.get("round") != round_:
+            return {}
+        for name, digest in state.get("files", {}).items():
+            path = self.root / name
+            size, _, digest = digest.rpartition(":") if ":" in digest else ("", "", digest)
+            try:
+                ok = path.stat().st_size >= int(size or 0) and file_digest(path, int(size) if size else None) == digest
+            except OSError:
+                ok = False
+            if not ok:
+                raise UserError(
+                    f"{path} is missing or differs from what round {round_}'s checkpoint recorded: it was changed "
+                    "or corrupted; restore it (or start the run again)"
+                )
+        return state.get("buffers", {})
 
     def prune_checkpoints(self, keep_last: int, keep_every: int) -> list[int]:
         """Delete the checkpoints (server and personal) of rounds neither among the last
