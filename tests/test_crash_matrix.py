@@ -23,15 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from test_federation import TINY as FEDERATION_TINY
+
 pytestmark = pytest.mark.crash
 
 RUNNER = Path(__file__).with_name("crashing_run.py")
-TINY = [
-    "model.name='tiny-random'", "model.lora_rank=2", "model.lora_alpha=4",
-    "fed.clients=['maze','wordle']", "fed.rounds=2",
-    "explore.tasks=2", "explore.max_new_tokens=4", "buffer.expert_seeds=2",
-    "train.epochs=1", "train.lr=0.001", "train.max_length=512", "train.batch_tokens=1024",
-    "eval.tasks=1", "eval.max_new_tokens=4",
+TINY = [  # test_federation's tiny federation, smaller still: each kill costs two subprocesses
+    *FEDERATION_TINY, "model.lora_rank=2", "model.lora_alpha=4", "explore.max_new_tokens=4",
+    "train.max_length=512", "train.batch_tokens=1024", "eval.tasks=1", "eval.max_new_tokens=4",
+    "fed.clients=['maze','wordle']",
 ]  # fmt: skip
 FULL = os.environ.get("FEDSE_CRASH_FULL") == "1"
 CAP_DEDUP = ["explore.filter='none'", "buffer.cap=3", "buffer.dedup='exact'"]
