@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedse.envs import list_envs, make_env, replay
 from fedse.errors import UserError
+from fedse.flower.cli import add_flower_parser
 from fedse.process import set_up_process
 
 
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="output folder (default: the run's own, or <first>-vs-<second>... beside it)")
     report.set_defaults(run=cmd_report)
+    add_flower_parser(sub)
     return parser
 
 

@@ -278,6 +278,14 @@ class Policy:
                 out[name] = base.weight
         return out
 
+    def reset_base(self) -> None:
+        """Put every base weight `set_base_delta` changed back to its original value."""
+        if not self._base_original:
+            return
+        weights = self._base_weights()
+        for module, original in self._base_original.items():
+            weights[module].data.copy_(original)
+
     def set_base_delta(self, delta: dict[str, torch.Tensor]) -> None:
         """Make each named module's base weight its original value plus `delta[module]`.
 

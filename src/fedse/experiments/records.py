@@ -9,6 +9,7 @@ Every line is one JSON object `{"event": ..., "schema": SCHEMA_VERSION, <fields>
 | `explore` | per round, after the batched exploration | round, clients, episodes, turns, processed_tokens, generated_tokens, seconds |
 | `client` | per round and sampled client, after its local training | round, client, num_examples and the client's metrics |
 | `aggregate` | per round, after the server's aggregation | round, accepted, rejected, clipped and the round diagnostics |
+| `wire` | Flower runs: per round and phase (train, evaluate) | round, phase, down, up (bytes per client, measured on the messages), dropped (client -> why) |
 
 The runtime writes these types, the report and the round summaries read them, and tests
 build fake runs from them. A line without `schema` is version 1 (runs written before the
@@ -128,8 +129,20 @@ class AggregateRecord(Record):
     update_norm: list[float] | None = None
 
 
+@dataclass(frozen=True)
+class WireRecord(Record):
+    """A Flower round's messages: the bytes each client was sent and sent back, as Flower
+    serialises them, and the clients that did not reply (with the reason)."""
+
+    event: ClassVar[str] = "wire"
+    phase: str
+    down: dict[str, int]
+    up: dict[str, int]
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.event: cls for cls in (EvalRecord, EvalAvgRecord, ExploreRecord, ClientRecord, AggregateRecord)
+    cls.event: cls for cls in (EvalRecord, EvalAvgRecord, ExploreRecord, ClientRecord, AggregateRecord, WireRecord)
 }
 
 
@@ -187,6 +200,7 @@ class RunRecords:
     explore: list[ExploreRecord] = field(default_factory=list)
     client: list[ClientRecord] = field(default_factory=list)
     aggregate: list[AggregateRecord] = field(default_factory=list)
+    wire: list[WireRecord] = field(default_factory=list)
 
     def add(self, record: Record) -> None:
         getattr(self, record.event).append(record)

@@ -94,13 +94,23 @@ def _aggregate_table(run: RunRecords) -> list[str]:
         "| round | accepted | inexactness | mean pairwise update cosine | MB up (all clients) | MB down (per client) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
+    wire = {r.round: r for r in run.wire if r.phase == "train"}
+    if wire:  # a Flower run: what its messages measured, beside the adapter's nominal size
+        lines[0] += " wire MB up (all) | wire MB down (all) | dropped |"
+        lines[1] += "---:|---:|---|"
     for r in run.aggregate:
         inexact = f"{r.inexactness:.4f}" if r.inexactness is not None else "–"
         cosine = f"{_mean_off_diagonal(r.update_cosine):.3f}" if r.update_cosine else "–"
-        lines.append(
+        line = (
             f"| {r.round} | {len(r.accepted)} | {inexact} | {cosine} "
             f"| {sum(r.bytes_up) / 1e6:.1f} | {r.bytes_down / 1e6:.1f} |"
         )
+        if wire:
+            w = wire.get(r.round)
+            dropped = ", ".join(f"{c} ({why})" for c, why in w.dropped.items()) if w else ""
+            up, down = (sum(w.up.values()) / 1e6, sum(w.down.values()) / 1e6) if w else (0.0, 0.0)
+            line += f" {up:.2f} | {down:.2f} | {dropped or '–'} |"
+        lines.append(line)
     return lines
 
 

@@ -28,20 +28,50 @@ from fedse.agent.rollout import RolloutStats, rollout
 from fedse.agent.trajectory import Trajectory
 from fedse.errors import UserError
 from fedse.evolve.buffer import ExperienceBuffer
-from fedse.evolve.store import expert_trajectory
 from fedse.experiments.config import RunConfig, check_resume_changes, validate_config
 from fedse.experiments.evaluation import averages, evaluate
 from fedse.experiments.records import AggregateRecord, ClientRecord, EvalRecord, ExploreRecord, RoundRecords
 from fedse.experiments.store import GLOBAL, Checkpoint, RunStore
 from fedse.files import atomic_write_json
-from fedse.fl.aggregators import make_aggregator
-from fedse.fl.client import exploration_requests, exploration_tasks, learn
+from fedse.fl.aggregators import Aggregator, make_aggregator
+from fedse.fl.client import client_requests, expert_seeds, learn
 from fedse.fl.server import ServerOptimizer, aggregate_round
 from fedse.fl.update import Update
 from fedse.seeds import derived_seed
 
 CENTRAL = "central"
 """The one client of a centralized run (`fed.centralized`): every environment, pooled data."""
+
+
+def model_dtype(config: RunConfig, aggregator: Aggregator) -> str:
+    """The base model's dtype: the configured one; "auto" is float32 under a rule that folds
+    deltas into the base (a bf16 base would round them away)."""
+    dtype = config.model.dtype
+    return "float32" if dtype == "auto" and aggregator.mutates_base else dtype
+
+
+def lora_spec(config: RunConfig) -> LoraSpec:
+    targets = config.model.target_modules
+    return LoraSpec(
+        config.model.lora_rank,
+        config.model.lora_alpha,
+        target_modules=targets if isinstance(targets, str) else tuple(targets),
+    )
+
+
+def client_layout(config: RunConfig) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]]]:
+    """The run's clients: client -> the environments it holds (one each as in Fed-SE, all in one
+    when centralized, or `<env>-<i>` for several per environment), and client -> (its partition,
+    how many) of its environment's train split."""
+    envs, parts = list(config.fed.clients), config.fed.clients_per_env
+    if config.fed.centralized:
+        client_envs = {CENTRAL: envs}
+    elif parts == 1:
+        client_envs = {env: [env] for env in envs}
+    else:
+        client_envs = {f"{env}-{i}": [env] for env in envs for i in range(parts)}
+    partition = {c: (int(c.rsplit("-", 1)[1]), parts) if parts > 1 else (0, 1) for c in client_envs}
+    return client_envs, partition
 
 
 class Federation:
@@ -52,31 +82,16 @@ class Federation:
         self.progress = progress
         self.store = RunStore(root)
         self.aggregator = make_aggregator(config.fed.aggregator, trim=config.fed.trim)
-        dtype = config.model.dtype
-        if dtype == "auto" and self.aggregator.mutates_base:
-            dtype = "float32"
-        self.policy = policy or Policy(load_base(config.model.name, dtype=dtype))
-        targets = config.model.target_modules
-        self.spec = LoraSpec(
-            config.model.lora_rank,
-            config.model.lora_alpha,
-            target_modules=targets if isinstance(targets, str) else tuple(targets),
-        )
+        self.policy = policy or Policy(load_base(config.model.name, dtype=model_dtype(config, self.aggregator)))
+        self.spec = lora_spec(config)
         try:
             self.policy.check_spec(self.spec)
         except ValueError as error:
             raise UserError(f"model.target_modules: {error}") from None
         self.envs = list(config.fed.clients)
-        parts = config.fed.clients_per_env
-        if config.fed.centralized:
-            self.client_envs = {CENTRAL: self.envs}
-        elif parts == 1:
-            self.client_envs = {env: [env] for env in self.envs}
-        else:
-            self.client_envs = {f"{env}-{i}": [env] for env in self.envs for i in range(parts)}
-        """Client -> the environments it holds: one each (Fed-SE), or all in one (centralized)."""
-        self.partition = {c: (int(c.rsplit("-", 1)[1]), parts) if parts > 1 else (0, 1) for c in self.client_envs}
-        """Client -> (its partition, how many) of its environment's train split."""
+        self.client_envs, self.partition = client_layout(config)
+        """Client -> the environments it holds: one each (Fed-SE), or all in one (centralized);
+        client -> (its partition, how many) of its environment's train split."""
         self.clients = list(self.client_envs)
         self.global_adapter: Adapter | None = None
         self.base_delta: dict[str, torch.Tensor] = {}
@@ -109,26 +124,32 @@ class Federation:
                 if check_resume_changes(before, self.config, change_config, where):
                     self.store.write_config(self.config.model_dump())
             self.load_checkpoint(last)
-            for client in self.clients:
-                self.buffer(client).truncate(last)
-                if client in recorded_buffers and self.buffer(client).digest() != recorded_buffers[client]:
-                    raise UserError(
-                        f"{self.store.buffer(client)} differs from what round {last}'s checkpoint recorded: it was "
-                        "changed or corrupted; restore it (or start the run again)"
-                    )
+            self.check_buffers(last, recorded_buffers)
             self.store.trim_records(last)
             return last
         self.store.create(self.config.model_dump(), force=force)
         self.global_adapter = self.policy.new_adapter(GLOBAL, self.spec, seed=self.config.fed.seed)
-        for client, envs in self.client_envs.items():
-            experts = []
-            part, parts = self.partition[client]
-            for env in envs:  # the same seeds an env's own client gets, pooled or not
-                label = derived_seed("experts", env) if parts == 1 else derived_seed("experts", client)
-                seeds = exploration_tasks(env, self.config.buffer.expert_seeds, label, part, parts)
-                experts += [expert_trajectory(env, i) for i in seeds]
-            self.buffer(client).add(experts, round_=0)
+        self.seed_buffers()
         return 0
+
+    def seed_buffers(self) -> None:
+        """Start every client's buffer with its expert demonstrations (round 0)."""
+        for client, envs in self.client_envs.items():
+            part, parts = self.partition[client]
+            self.buffer(client).add(expert_seeds(client, envs, self.config.buffer.expert_seeds, part, parts), round_=0)
+
+    def check_buffers(self, last: int, recorded: dict[str, str]) -> None:
+        """Cut every buffer back to round `last` and check it is what that round's checkpoint recorded."""
+        for client in self.clients:
+            self.buffer(client).truncate(last)
+            if client in recorded and self.buffer(client).digest() != recorded[client]:
+                raise UserError(
+                    f"{self.store.buffer(client)} differs from what round {last}'s checkpoint recorded: it was "
+                    "changed or corrupted; restore it (or start the run again)"
+                )
+
+    def buffer_digests(self) -> dict[str, str]:
+        return {client: self.buffer(client).digest() for client in self.clients}
 
     def buffer(self, client: str) -> ExperienceBuffer:
         """The client's buffer, read from disk once per process."""
@@ -194,6 +215,20 @@ class Federation:
         """One round: explore, learn on every sampled client, aggregate, evaluate, checkpoint."""
         start = time.perf_counter()
         clients = self.sampled_clients(round_)
+        explore_record, updates, client_records = self.train_clients(round_, clients)
+        aggregate_record = self.aggregate(round_, updates)
+        self.store.append(aggregate_record)
+        evals, eval_avg = [], None
+        if round_ % self.config.eval.every == 0 or round_ == self.config.fed.rounds:
+            evals, eval_avg = self.evaluate_round(round_)
+        self._checkpoint(round_)
+        return RoundRecords(
+            round_, evals, eval_avg, explore_record, client_records, aggregate_record, time.perf_counter() - start
+        )
+
+    def train_clients(self, round_: int, clients: list[str]) -> tuple[ExploreRecord, list[Update], list[ClientRecord]]:
+        """The clients' half of a round (Algorithm 1, lines 4-7): explore, then learn, each client;
+        their records go to metrics.jsonl as they complete."""
         explored, explore_record = self.explore(round_, clients)
         self.store.append(explore_record)
         updates, client_records = [], []
@@ -204,15 +239,7 @@ class Federation:
             updates.append(update)
             client_records.append(ClientRecord.from_metrics(round_, client, update.num_examples, update.metrics))
             self.store.append(client_records[-1])
-        aggregate_record = self.aggregate(round_, updates)
-        self.store.append(aggregate_record)
-        evals, eval_avg = [], None
-        if round_ % self.config.eval.every == 0 or round_ == self.config.fed.rounds:
-            evals, eval_avg = self.evaluate_round(round_)
-        self._checkpoint(round_)
-        return RoundRecords(
-            round_, evals, eval_avg, explore_record, client_records, aggregate_record, time.perf_counter() - start
-        )
+        return explore_record, updates, client_records
 
     def explore(self, round_: int, clients: list[str]) -> tuple[dict[str, list[Trajectory]], ExploreRecord]:
         """Every sampled client's exploration, played in one batched rollout.
@@ -225,23 +252,12 @@ class Federation:
             self.policy.load(client, self.aggregator.client_start(self.global_adapter, self.personal.get(client)))
         if round_ < self.config.explore.first_round:
             return {client: [] for client in clients}, ExploreRecord(round_, clients, 0, 0, 0, 0, 0.0)
-        requests = {}
-        for client in clients:
-            part, parts = self.partition[client]
-            requests[client] = [  # draws labelled by env (a pooled client gets each env's own) or by shard
-                r
-                for env in self.client_envs[client]
-                for r in exploration_requests(
-                    client if parts > 1 else env,
-                    env,
-                    round_,
-                    self.config.explore,
-                    self.config.fed.seed,
-                    adapter=client,
-                    part=part,
-                    parts=parts,
-                )
-            ]
+        requests = {
+            c: client_requests(
+                c, self.client_envs[c], round_, self.config.explore, self.config.fed.seed, *self.partition[c]
+            )
+            for c in clients
+        }
         stats = RolloutStats()
         label = f"explore ({len(clients)} clients)" if self.progress else None
         flat = [r for client in clients for r in requests[client]]
@@ -353,7 +369,7 @@ class Federation:
         checkpoint = Checkpoint(
             self.global_adapter, self.base_delta, self.aggregator_state, self.personal, self.server_state
         )
-        buffers = {client: self.buffer(client).digest() for client in self.clients}
+        buffers = self.buffer_digests()
         self.store.save_checkpoint(
             round_, checkpoint, base_model=self.config.model.name, config=self.config.model_dump(), buffers=buffers
         )

@@ -46,7 +46,18 @@ from fedse.files import (
 
 GLOBAL = "global"
 LOCK = ".lock"
-RUN_ENTRIES = {"config.json", "metrics.jsonl", "state.json", "clients", "checkpoints", "evals", "report.md", LOCK}
+RUN_ENTRIES = {
+    "config.json",
+    "metrics.jsonl",
+    "state.json",
+    "clients",
+    "checkpoints",
+    "evals",
+    "report.md",
+    LOCK,
+    "flower.json",
+    "nodes",  # a Flower run's token, and its simulated nodes' folders
+}
 """What a run folder holds (plots aside); anything else means it is not only a run."""
 
 

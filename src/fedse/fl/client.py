@@ -23,6 +23,7 @@ from fedse.envs import make_env
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.evolve.filters import make_filter
 from fedse.evolve.sft import TrainConfig, train_adapter
+from fedse.evolve.store import expert_trajectory
 from fedse.fl.aggregators import Aggregator
 from fedse.fl.update import Update
 from fedse.sections import Section
@@ -90,6 +91,31 @@ def exploration_requests(
         RolloutRequest(env_name, task, adapter=adapter, sampling=sampling, seed=derived_seed(round_seed, i))
         for i, task in enumerate(tasks)
     ]
+
+
+def client_requests(
+    client: str, envs: list[str], round_: int, explore: ExploreConfig, seed: int = 0, part: int = 0, parts: int = 1
+) -> list[RolloutRequest]:
+    """Every episode `client` (holding `envs`, partition `part` of `parts`) plays in round `round_`,
+    in adapter slot `client`. Draws are labelled by environment (a pooled client gets each
+    environment's own) or, with several clients per environment, by client."""
+    return [
+        r
+        for env in envs
+        for r in exploration_requests(
+            client if parts > 1 else env, env, round_, explore, seed, adapter=client, part=part, parts=parts
+        )
+    ]
+
+
+def expert_seeds(client: str, envs: list[str], count: int | None, part: int = 0, parts: int = 1) -> list[Trajectory]:
+    """The expert demonstrations `client` starts its buffer with: `count` train tasks of each of its
+    environments (its partition), the same ones an environment's own client gets, pooled or not."""
+    experts = []
+    for env in envs:
+        label = derived_seed("experts", env) if parts == 1 else derived_seed("experts", client)
+        experts += [expert_trajectory(env, i) for i in exploration_tasks(env, count, label, part, parts)]
+    return experts
 
 
 def learn(

@@ -1,0 +1,57 @@
+"""What travels in a Flower message, and how many bytes it takes.
+
+Tensors go as a Flower `ArrayRecord` (float32 stays float32, so a round trip is bit-exact);
+scalars as a `MetricRecord`; the run configuration and evaluation outcomes as JSON in a
+`ConfigRecord`. `wire_bytes` is the size of a message as Flower serialises it: the sum of
+every object of its tree (message, records, arrays, array chunks) as `deflate` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+TENSOR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
+"""What numpy (Flower's array format) can hold; bfloat16 cannot cross."""
+
+
+def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    bad = [k for k, t in tensors.items() if t.dtype not in TENSOR_DTYPES]
+    if bad:
+        raise TypeError(f"tensors {bad[:3]} have a dtype Flower cannot carry ({tensors[bad[0]].dtype})")
+    return ArrayRecord({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()})
+
+
+def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of an `ArrayRecord`, in its key order, as writable torch tensors."""
+    return {k: torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
+
+
+def json_record(value: object) -> ConfigRecord:
+    return ConfigRecord({"json": json.dumps(value)})
+
+
+def record_json(record: ConfigRecord) -> object:
+    return json.loads(record["json"])
+
+
+def metrics_record(metrics: dict[str, float]) -> MetricRecord:
+    return MetricRecord({k: v for k, v in metrics.items()})
+
+
+def wire_bytes(obj) -> int:
+    """Bytes of `obj` (a Message or any record) as Flower serialises it: every distinct object of
+    its tree once (Flower sends an object id once, so equal chunks count once, as on the wire)."""
+    seen: set[str] = set()
+
+    def walk(o) -> int:
+        total = len(o.deflate())
+        for object_id, child in (o.children or {}).items():
+            if object_id not in seen:
+                seen.add(object_id)
+                total += walk(child)
+        return total
+
+    return walk(obj)

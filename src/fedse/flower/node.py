@@ -1,0 +1,194 @@
+"""A client of a Flower federation: its round, on its own machine, with its own data.
+
+`NodeClient` does for one client what `fedse.experiments.run.Federation` does for each of its
+clients, with the same functions (`client_requests`, `rollout`, `learn`, `evaluate`): the
+round's episodes, the success filter, the buffer, local SFT and the update. Everything it keeps
+(buffer, personal adapter) lives under its node directory, `<data-dir>/<run token>/<client>/`;
+nothing but the update's tensors and scalar metrics leaves it.
+
+The base model is the expensive part: `cached_policy` loads it once per process and keeps it
+across messages (a Ray actor in simulation, the `fedse flower worker` process in deployment).
+The node's state is read from disk on every message, so any process of the node can serve the
+next one, and a restarted node continues where its files are.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flwr.app import RecordDict
+
+from fedse.agent.lora import Adapter, load_adapter, save_adapter
+from fedse.agent.model import load_base
+from fedse.agent.policy import Policy
+from fedse.agent.rollout import RolloutStats, rollout
+from fedse.evolve.buffer import ExperienceBuffer
+from fedse.experiments.config import RunConfig, validate_config
+from fedse.experiments.evaluation import evaluate
+from fedse.experiments.records import EvalRecord
+from fedse.experiments.run import client_layout, lora_spec, model_dtype
+from fedse.fl.aggregators import make_aggregator
+from fedse.fl.client import client_requests, expert_seeds, learn
+from fedse.fl.update import Update
+from fedse.flower.codec import json_record, metrics_record, record_tensors, tensors_record
+
+_POLICIES: dict[tuple[str, str], Policy] = {}
+
+
+def cached_policy(config: RunConfig) -> Policy:
+    """The frozen base model for `config`, loaded once per process."""
+    aggregator = make_aggregator(config.fed.aggregator, trim=config.fed.trim)
+    key = (config.model.name, model_dtype(config, aggregator))
+    if key not in _POLICIES:
+        _POLICIES.clear()  # one base model per process: a node serves one federation at a time
+        _POLICIES[key] = Policy(load_base(key[0], dtype=key[1]))
+    return _POLICIES[key]
+
+
+@dataclass
+class TrainResult:
+    update: Update
+    stats: RolloutStats
+
+
+class NodeClient:
+    """Client `client` of the run `config` describes, keeping its state under `directory`."""
+
+    def __init__(self, config: RunConfig, client: str, directory: str | Path, policy: Policy | None = None) -> None:
+        client_envs, partition = client_layout(config)
+        if client not in client_envs:
+            raise ValueError(f"this run has no client {client!r} (its clients: {', '.join(client_envs)})")
+        self.config, self.client = config, client
+        self.envs, (self.part, self.parts) = client_envs[client], partition[client]
+        self.directory = Path(directory)
+        self.aggregator = make_aggregator(config.fed.aggregator, trim=config.fed.trim)
+        self.policy = policy or cached_policy(config)
+        self.spec = lora_spec(config)
+
+    # --- state on disk -----------------------------------------------------------------------
+
+    def buffer(self, round_: int) -> ExperienceBuffer:
+        """The buffer as it stood after round `round_ - 1`, seeded with the experts on first use:
+        what an earlier attempt at `round_` (a crash, a resumed server) left is dropped."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        buffer = ExperienceBuffer(self.directory / "buffer.jsonl", self.config.buffer)
+        if buffer.path.exists():
+            buffer.truncate(round_ - 1)
+        if not buffer.stored:
+            buffer.add(expert_seeds(self.client, self.envs, self.config.buffer.expert_seeds, self.part, self.parts), 0)
+        return buffer
+
+    def personal(self, round_: int) -> Adapter | None:
+        """The adapter this client kept after round `round_` or the latest before it (personalized rules)."""
+        rounds = sorted(int(p.name[6:]) for p in self.directory.glob("round_[0-9][0-9][0-9]") if p.is_dir())
+        rounds = [r for r in rounds if r <= round_]
+        return load_adapter(self.directory / f"round_{rounds[-1]:03d}") if rounds else None
+
+    def _keep_personal(self, round_: int, adapter: Adapter) -> None:
+        final = self.directory / f"round_{round_:03d}"
+        partial = self.directory / f".round_{round_:03d}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        save_adapter(adapter, partial, base_model=self.config.model.name)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+
+    # --- the round ---------------------------------------------------------------------------
+
+    def start_adapter(self, round_: int, received: Adapter, slot: str) -> None:
+        """Load the adapter this client works with in `round_` into `slot` (Federation.explore's rule)."""
+        self.policy.load(slot, self.aggregator.client_start(received, self.personal(round_)))
+
+    def set_base(self, base_delta: dict) -> None:
+        """The server's cumulative ΔW folded into the base (mutating rules), float32 as it keeps it."""
+        self.policy.reset_base()  # the process may have served another run
+        if base_delta:
+            self.policy.set_base_delta({m: d.float() for m, d in base_delta.items()})
+
+    def train(self, round_: int, received: Adapter, base_delta: dict) -> TrainResult:
+        """Explore, filter, grow the buffer, train, and return the update (Algorithm 1, lines 4-7)."""
+        self.set_base(base_delta)
+        self.start_adapter(round_ - 1, received, self.client)
+        stats = RolloutStats()
+        explored = []
+        if round_ >= self.config.explore.first_round:
+            requests = client_requests(
+                self.client, self.envs, round_, self.config.explore, self.config.fed.seed, self.part, self.parts
+            )
+            explored = rollout(self.policy, requests, max_batch=self.config.explore.max_batch, stats=stats)
+        update, trained = learn(
+            self.policy,
+            self.client,
+            explored,
+            self.buffer(round_),
+            round_,
+            self.config.explore,
+            self.config.train,
+            self.aggregator,
+            seed=self.config.fed.seed,
+        )
+        if self.aggregator.personalized:
+            self._keep_personal(round_, trained)
+        return TrainResult(update, stats)
+
+    def evaluate(self, round_: int, received: Adapter, base_delta: dict, envs: list[str]) -> list[EvalRecord]:
+        """Greedy test episodes of `envs` with the adapter this client holds after `round_`."""
+        unknown = [e for e in envs if e not in self.envs]
+        if unknown:
+            raise ValueError(f"client {self.client} holds {self.envs}, not {unknown}")
+        self.set_base(base_delta)
+        slot = f"eval-{self.client}"
+        self.start_adapter(round_, received, slot)
+        ev = self.config.eval
+        return evaluate(
+            self.policy,
+            dict.fromkeys(envs, slot),
+            round_,
+            tasks=ev.tasks,
+            max_new_tokens=ev.max_new_tokens,
+            max_batch=self.config.explore.max_batch,
+        )
+
+
+# --- message content <-> NodeClient (fedse.flower.client_app) ------------------------------------
+
+
+def _received(client: NodeClient, content) -> tuple[Adapter, dict]:
+    received = Adapter(client.spec, record_tensors(content["global"]))
+    return received, record_tensors(content["base"]) if "base" in content else {}
+
+
+def _client(config: dict, directory: Path) -> NodeClient:
+    return NodeClient(validate_config(config["run"], where="the server's train message"), config["client"], directory)
+
+
+def train_content(content, config: dict, directory: Path):
+    """A train message's reply content: `update` (the factors the rule uploads) and `metrics`."""
+    client = _client(config, directory)
+    received, base = _received(client, content)
+    result = client.train(int(config["round"]), received, base)
+    s = result.stats
+    metrics = {"num_examples": result.update.num_examples, **result.update.metrics}
+    explore = {
+        "episodes": s.episodes,
+        "turns": s.turns,
+        "processed_tokens": s.processed_tokens,
+        "generated_tokens": s.generated_tokens,
+        "seconds": s.seconds,
+    }
+    return RecordDict(
+        {
+            "update": tensors_record(result.update.tensors),
+            "metrics": metrics_record(metrics),
+            "explore": metrics_record(explore),
+        }
+    )
+
+
+def evaluate_content(content, config: dict, directory: Path):
+    """An evaluate message's reply content: `eval`, one entry per environment tested."""
+    client = _client(config, directory)
+    received, base = _received(client, content)
+    records = client.evaluate(int(config["round"]), received, base, list(config["envs"]))
+    return RecordDict({"eval": json_record([asdict(r) for r in records])})

@@ -1,0 +1,289 @@
+"""fedse's Flower ServerApp: the server round of `fedse run`, with the clients behind Flower's Grid.
+
+`FlowerFederation` is `fedse.experiments.run.Federation` with the clients' half of a round
+(`train_clients`) and the evaluation (`_evaluate`) sent as messages to SuperNodes instead of
+played in this process. Everything else — validation, bounding and aggregation of updates,
+diagnostics, server optimiser, checkpoints, `metrics.jsonl`, resume, report — is the same code.
+Buffers and personal adapters live on the nodes (`fedse.flower.node`); the server keeps the
+global state only. Each round also writes a `wire` record: the bytes of every message as Flower
+serialises them, and which clients did not reply.
+
+Run options come from Flower's run config (`flwr run ... --run-config "config='a.toml' ..."`),
+see `FlowerOptions`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedse.agent.policy import Policy
+from fedse.agent.rollout import RolloutStats
+from fedse.errors import UserError
+from fedse.experiments.config import RunConfig, load_config
+from fedse.experiments.records import ClientRecord, EvalRecord, ExploreRecord, WireRecord
+from fedse.experiments.run import Federation
+from fedse.files import atomic_write_json
+from fedse.fl.update import Update
+from fedse.flower.codec import json_record, record_json, record_tensors, tensors_record, wire_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FlowerOptions:
+    """The ServerApp's run config (Flower's `--run-config`, keys with dashes)."""
+
+    config: str = ""
+    """The fedse TOML of the run (a path on the server machine)."""
+    run_dir: str = ""
+    """The run folder (default: runs/<name>)."""
+    resume: bool = False
+    """Continue the run folder from its last completed round."""
+    force: bool = False
+    overrides: str = ""
+    """`--set`-style overrides, space-separated: "fed.rounds=2 explore.tasks=4"."""
+    min_clients: int = 1
+    """Fewest clients whose updates a round needs; with fewer replies the run stops (resumable)."""
+    round_timeout: float = 3600.0
+    """Seconds to wait for the replies of one phase before going on with those that came."""
+    wait_for_nodes: float = 120.0
+    """Seconds to wait at the start for every client's SuperNode to connect."""
+    node_root: str = ""
+    """Where nodes without a `data-dir` keep their files (simulation; default <run-dir>/nodes)."""
+    poll: float = 0.5
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> FlowerOptions:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values, unknown = {}, {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            (values if name in known else unknown)[name] = value
+        if not values.get("config"):
+            raise UserError(
+                "the fedse ServerApp needs a config: flwr run ... --run-config \"config='path/to/run.toml'\""
+            )
+        return cls(**values, extra=unknown)
+
+
+class FlowerFederation(Federation):
+    def __init__(
+        self, config: RunConfig, root: str | Path, grid: Grid, options: FlowerOptions, policy: Policy | None = None
+    ) -> None:
+        super().__init__(config, root, policy)
+        self.grid, self.options = grid, options
+        self.node_of: dict[str, int] = {}
+        """Client -> the SuperNode serving it (learnt by a `query` message)."""
+        self.token = ""
+
+    # --- state the nodes keep -----------------------------------------------------------------
+
+    def start(self, resume: bool = False, force: bool = False, change_config: bool = False) -> int:
+        last = super().start(resume=resume, force=force, change_config=change_config)
+        path = self.store.root / "flower.json"
+        if not resume or not path.exists():
+            atomic_write_json(path, {"token": uuid.uuid4().hex[:16]})
+        self.token = json.loads(path.read_text())["token"]
+        self.discover(self.options.wait_for_nodes)
+        return last
+
+    def seed_buffers(self) -> None:
+        """Nodes seed their own buffers (`NodeClient.buffer`)."""
+
+    def check_buffers(self, last: int, recorded: dict[str, str]) -> None:
+        """Nodes cut their own buffers back when a round is played again."""
+
+    def buffer_digests(self) -> dict[str, str]:
+        return {}
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def _config(self, round_: int, client: str, **extra) -> dict:
+        return {
+            "round": round_,
+            "client": client,
+            "clients": self.clients,
+            "run": self.config.model_dump(),
+            "token": self.token,
+            "node_root": self.options.node_root or str((self.store.root / "nodes").resolve()),
+            **extra,
+        }
+
+    def discover(self, wait: float) -> None:
+        """Map clients to SuperNodes: ask every unmapped node which client it is, until all
+        clients have one or `wait` seconds passed."""
+        deadline = time.monotonic() + wait
+        while True:
+            connected = set(self.grid.get_node_ids())
+            self.node_of = {c: n for c, n in self.node_of.items() if n in connected}
+            unknown = connected - set(self.node_of.values())
+            if unknown:
+                messages = {
+                    n: Message(
+                        RecordDict({"config": json_record({"clients": self.clients})}), n, "query", group_id="discover"
+                    )
+                    for n in unknown
+                }
+                replies, _ = self._exchange(messages, timeout=max(30.0, wait))
+                for node, reply in replies.items():
+                    client = record_json(reply.content["config"])["client"]
+                    if client not in self.clients:
+                        log.warning("SuperNode %s says it is client %r, which this run does not have", node, client)
+                    elif client in self.node_of and self.node_of[client] != node:
+                        log.warning("SuperNodes %s and %s both say they are %r", self.node_of[client], node, client)
+                    else:
+                        self.node_of[client] = node
+            if set(self.clients) <= set(self.node_of) or time.monotonic() >= deadline:
+                break
+            time.sleep(self.options.poll)
+        missing = [c for c in self.clients if c not in self.node_of]
+        if missing:
+            log.warning("no SuperNode for %s yet", ", ".join(missing))
+
+    def _exchange(self, messages: dict, timeout: float) -> tuple[dict, dict[object, str]]:
+        """Push `messages` (key -> Message) and pull their replies until all came, their nodes
+        left, or `timeout` passed. Returns (key -> reply, key -> why there is none)."""
+        keys = list(messages)
+        ids = list(self.grid.push_messages([messages[k] for k in keys]))
+        pending = {i: k for i, k in zip(ids, keys) if i}
+        replies: dict = {}
+        missing: dict = {k: "the SuperLink did not accept the message" for i, k in zip(ids, keys) if not i}
+        deadline = time.monotonic() + timeout
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                key = pending.pop(reply.metadata.reply_to_message_id, None)
+                if key is None:
+                    continue
+                if reply.has_error():
+                    missing[key] = f"error from the node: {reply.error.reason}"
+                else:
+                    replies[key] = reply
+            if not pending:
+                break
+            connected = set(self.grid.get_node_ids())
+            for i, key in list(pending.items()):
+                if messages[key].metadata.dst_node_id not in connected:
+                    missing[key] = "its SuperNode disconnected"
+                    del pending[i]
+            if time.monotonic() >= deadline:
+                for key in pending.values():
+                    missing[key] = f"no reply within {timeout:g} s"
+                break
+            time.sleep(self.options.poll)
+        return replies, missing
+
+    def _phase(self, kind: str, round_: int, targets: dict[str, dict]) -> tuple[dict[str, Message], WireRecord]:
+        """Send `kind` messages (train, evaluate) for `round_` to each target client's node."""
+        self.discover(0.0)
+        messages, dropped = {}, {}
+        for client, extra in targets.items():
+            if client not in self.node_of:
+                dropped[client] = "no SuperNode connected for it"
+                continue
+            content = RecordDict(
+                {
+                    "global": tensors_record(self.global_adapter.tensors),
+                    "config": json_record(self._config(round_, client, **extra)),
+                }
+            )
+            if self.base_delta:
+                content["base"] = tensors_record(self.base_delta)
+            messages[client] = Message(content, self.node_of[client], kind, group_id=str(round_))
+        down = {c: wire_bytes(m) for c, m in messages.items()}
+        replies, missing = self._exchange(messages, self.options.round_timeout)
+        dropped |= missing
+        for client, why in dropped.items():
+            log.warning("round %d %s: client %s dropped out (%s)", round_, kind, client, why)
+            self.node_of.pop(client, None)  # ask again next round: it may come back on another node
+        up = {c: wire_bytes(r) for c, r in replies.items()}
+        return replies, WireRecord(round_, kind, down, up, dropped)
+
+    # --- the clients' half of a round, and evaluation, over Flower --------------------------------
+
+    def train_clients(self, round_: int, clients: list[str]) -> tuple[ExploreRecord, list[Update], list[ClientRecord]]:
+        replies, wire = self._phase("train", round_, {c: {} for c in clients})
+        done = [c for c in clients if c in replies]
+        if len(done) < min(self.options.min_clients, len(clients)):
+            self.store.append(wire)
+            raise UserError(
+                f"round {round_}: {len(done)} of {len(clients)} clients replied ({', '.join(wire.dropped)} did not), "
+                f"fewer than min-clients = {self.options.min_clients}; resume the run once their nodes are back"
+            )
+        stats, updates, records = RolloutStats(), [], []
+        for client in done:
+            content = replies[client].content
+            explore = dict(content["explore"])
+            stats.episodes += int(explore["episodes"])
+            stats.turns += int(explore["turns"])
+            stats.processed_tokens += int(explore["processed_tokens"])
+            stats.generated_tokens += int(explore["generated_tokens"])
+            stats.seconds = max(stats.seconds, float(explore["seconds"]))
+            metrics = dict(content["metrics"])
+            num_examples = metrics.pop("num_examples")
+            updates.append(Update(client, record_tensors(content["update"]), num_examples, metrics))
+            records.append(ClientRecord.from_metrics(round_, client, num_examples, metrics))
+        explore_record = ExploreRecord(
+            round_,
+            done,
+            stats.episodes,
+            stats.turns,
+            stats.processed_tokens,
+            stats.generated_tokens,
+            stats.seconds,
+        )
+        self.store.append(explore_record, *records, wire)
+        return explore_record, updates, records
+
+    def _evaluate(self, round_: int) -> list[EvalRecord]:
+        """Each environment is tested on the node of the (last) client holding it, with the
+        adapter that client holds (the global one, or its personal one)."""
+        tester = {env: client for client, envs in self.client_envs.items() for env in envs}
+        targets: dict[str, dict] = {}
+        for env in self.envs:
+            targets.setdefault(tester[env], {"envs": []})["envs"].append(env)
+        replies, wire = self._phase("evaluate", round_, targets)
+        self.store.append(wire)
+        records = {}
+        for reply in replies.values():
+            for r in record_json(reply.content["eval"]):
+                records[r["env"]] = EvalRecord(**r)
+        if not records:
+            raise UserError(f"round {round_}: no node evaluated ({'; '.join(wire.dropped.values())})")
+        return [records[env] for env in self.envs if env in records]
+
+
+def run_federation(grid: Grid, options: FlowerOptions, policy: Policy | None = None) -> Path:
+    """The whole run on the server side; returns the run folder (its report written)."""
+    from fedse.experiments.report import round_summary, write_report
+
+    overrides = options.overrides.split() if options.overrides else []
+    config = load_config(options.config, overrides)
+    root = Path(options.run_dir or Path("runs") / config.name)
+    federation = FlowerFederation(config, root, grid, options, policy)
+    for records in federation.rounds(resume=options.resume, force=options.force):
+        print(round_summary(records, config.fed.rounds, config.fed.aggregator), flush=True)
+    write_report([root])
+    return root
+
+
+def make_server_app(options: FlowerOptions | None = None, policy: Policy | None = None) -> ServerApp:
+    """A ServerApp running `run_federation` with `options` (default: from the run config)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, options or FlowerOptions.from_run_config(dict(context.run_config)), policy)
+
+    return server
+
+
+app = make_server_app()

@@ -1,0 +1,130 @@
+"""A long-lived process per SuperNode that holds the base model across messages.
+
+Flower's deployment engine starts a fresh `flwr-clientapp` process for every message, which
+would load the base model every round. `fedse flower node` therefore runs this worker beside
+the SuperNode: it listens on `<data-dir>/worker.sock` (a Unix socket, mode 0600, so only the
+node's user can talk to it) and answers each message with `client_app.handle`, keeping the
+model loaded in between. The ClientApp process only forwards the message content to it.
+
+The framing is fedse's own, local to one machine: a JSON header naming each record and its
+kind, then each record's payload (safetensors for an ArrayRecord, JSON otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import traceback
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+SOCKET_NAME = "worker.sock"
+
+
+def worker_socket(node_config: dict) -> Path | None:
+    """The worker's socket for this node, when `fedse flower node` runs one."""
+    data_dir = node_config.get("data-dir")
+    path = Path(str(data_dir)).expanduser() / SOCKET_NAME if data_dir else None
+    return path if path is not None and path.is_socket() else None
+
+
+def pack(content: RecordDict) -> bytes:
+    from fedse.flower.codec import record_tensors
+
+    header, payloads = [], []
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            tensors = record_tensors(record)
+            data, kind, order = save_tensors(tensors) if tensors else b"", "arrays", list(tensors)
+        elif isinstance(record, MetricRecord):
+            data, kind, order = json.dumps(dict(record)).encode(), "metrics", []
+        else:
+            data, kind, order = json.dumps(dict(record)).encode(), "config", []
+        header.append({"name": name, "kind": kind, "size": len(data), "order": order})
+        payloads.append(data)
+    head = json.dumps(header).encode()
+    return struct.pack("!Q", len(head)) + head + b"".join(payloads)
+
+
+def unpack(data: bytes) -> RecordDict:
+    (size,) = struct.unpack("!Q", data[:8])
+    header, at = json.loads(data[8 : 8 + size]), 8 + size
+    out = RecordDict()
+    for entry in header:
+        payload, at = data[at : at + entry["size"]], at + entry["size"]
+        if entry["kind"] == "arrays":
+            tensors = load_tensors(payload) if payload else {}
+            out[entry["name"]] = ArrayRecord({k: tensors[k] for k in entry["order"]}) if tensors else ArrayRecord()
+        elif entry["kind"] == "metrics":
+            out[entry["name"]] = MetricRecord(json.loads(payload))
+        else:
+            out[entry["name"]] = ConfigRecord(json.loads(payload))
+    return out
+
+
+def _send(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(struct.pack("!Q", len(data)) + data)
+
+
+def _receive(conn: socket.socket) -> bytes:
+    def exactly(n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = conn.recv(min(n, 1 << 20))
+            if not chunk:
+                raise ConnectionError("the other side closed the connection mid-message")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    (size,) = struct.unpack("!Q", exactly(8))
+    return exactly(size)
+
+
+def forward(path: Path, message_type: str, content: RecordDict) -> RecordDict:
+    """Have the worker at `path` answer one message; its error is raised here."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(path))
+        _send(conn, message_type.encode() + b"\n" + pack(content))
+        reply = _receive(conn)
+    if reply[:1] == b"E":
+        raise RuntimeError(f"fedse worker at {path}: {reply[1:].decode()}")
+    return unpack(reply[1:])
+
+
+def serve(node_config: dict, ready=None) -> None:
+    """Answer messages on `<data-dir>/worker.sock` until the process is stopped."""
+    from fedse.flower.client_app import handle
+
+    path = Path(str(node_config["data-dir"])).expanduser() / SOCKET_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        old = os.umask(0o177)
+        try:
+            server.bind(str(path))
+        finally:
+            os.umask(old)
+        server.listen(4)
+        if ready is not None:
+            ready()
+        try:
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    try:
+                        request = _receive(conn)
+                        kind, _, body = request.partition(b"\n")
+                        reply = b"O" + pack(handle(kind.decode(), unpack(body), node_config))
+                    except Exception as error:  # the ClientApp reports it to the server as the node's error
+                        reply = b"E" + f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}".encode()
+                    with contextlib.suppress(OSError):  # the ClientApp went away: nothing to tell
+                        _send(conn, reply)
+        finally:
+            path.unlink(missing_ok=True)

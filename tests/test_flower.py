@@ -1,0 +1,239 @@
+"""fedse on Flower: the same algorithm as the embedded runtime, what crosses the wire, faults,
+and the deployment engine on loopback (SuperLink + SuperNodes as real processes, TLS, node auth).
+
+Most tests drive `FlowerFederation` through `LoopbackGrid`, a Grid that hands each message to
+fedse's ClientApp in this process: Flower's Message objects and records, fedse's client and
+server code, no network. The deployment tests start Flower's own processes."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import uuid
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from tests.test_federation import TINY, tiny_config
+
+from fedse.agent.lora import factor_keys
+from fedse.agent.model import load_base
+from fedse.agent.policy import Policy
+from fedse.errors import UserError
+from fedse.experiments.run import Federation
+from fedse.flower import client_app
+from fedse.flower.codec import record_json, wire_bytes
+from fedse.flower.deploy import APP_DIR, run_local
+from fedse.flower.server_app import FlowerFederation, FlowerOptions
+from fedse.flower.worker import pack, unpack
+
+HANDLERS = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
+
+
+class LoopbackGrid:
+    """The part of Flower's Grid that FlowerFederation uses, delivering in this process.
+
+    `leave[(round, phase)] = node`: that node disconnects when that phase's messages are pushed
+    (it never replies), and connects again for the next phase."""
+
+    def __init__(self, node_configs: list[dict]) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
+        self.node_configs = {i + 1: c for i, c in enumerate(node_configs)}
+        self.connected = set(self.node_configs)
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+        self.leave: dict[tuple[str, str], int] = {}
+
+    def get_node_ids(self):
+        return sorted(self.connected)
+
+    def push_messages(self, messages):
+        self.connected = set(self.node_configs)
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex
+            ids.append(mid)
+            self.sent.append(m)
+            node = m.metadata.dst_node_id
+            if self.leave.get((m.metadata.group_id, m.metadata.message_type)) == node:
+                self.connected.discard(node)
+                continue
+            context = Context(1, node, self.node_configs[node], RecordDict(), {})
+            # the node's copy of the message, its content through the worker's framing
+            copy = Message(unpack(pack(m.content)), node, m.metadata.message_type, group_id=m.metadata.group_id)
+            copy.metadata.__dict__["_message_id"] = mid
+            reply = HANDLERS[m.metadata.message_type](copy, context)
+            self.received.append(reply)
+            self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+def records(root: Path, drop=("wire",)) -> list[dict]:
+    """metrics.jsonl without wall-clock fields (and Flower's wire records)."""
+    out = []
+    for line in (root / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["event"] not in drop:
+            out.append({k: v for k, v in r.items() if k not in ("seconds", "train_seconds")})
+    return out
+
+
+def flower_run(tmp_path, grid, *extra, name="flower", resume=False, **options) -> FlowerFederation:
+    fed = FlowerFederation(
+        tiny_config(*extra),
+        tmp_path / name,
+        grid,
+        FlowerOptions(config="tiny", wait_for_nodes=0.0, poll=0.0, **options),
+        Policy(load_base("tiny-random")),
+    )
+    fed.run(resume=resume)
+    return fed
+
+
+def nodes() -> list[dict]:
+    return [{"client": "maze"}, {"client": "wordle"}]
+
+
+@pytest.mark.parametrize("aggregator", ["fedse", "fedsa", "fedex"])
+def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
+    """Same config and seed: the same final global adapter and the same records (seconds aside).
+    fedsa keeps B on the nodes across rounds; fedex sends the base delta down."""
+    embedded = Federation(
+        tiny_config(f"fed.aggregator='{aggregator}'"), tmp_path / "emb", Policy(load_base("tiny-random"))
+    )
+    embedded.run()
+    flower = flower_run(tmp_path, LoopbackGrid(nodes()), f"fed.aggregator='{aggregator}'")
+    assert flower.global_adapter.hash == embedded.global_adapter.hash
+    assert records(flower.store.root) == records(embedded.store.root)
+    assert not (flower.store.root / "clients").exists()  # buffers and personal adapters stay on the nodes
+    if aggregator == "fedsa":  # each node kept its own B for every round
+        kept = sorted(p.name for p in (flower.store.root / "nodes").rglob("round_*"))
+        assert kept == ["round_001", "round_001", "round_002", "round_002"]
+
+
+def test_a_train_reply_carries_only_the_uploaded_factors_and_scalars(tmp_path):
+    grid = LoopbackGrid(nodes())
+    fed = flower_run(tmp_path, grid, "fed.aggregator='ffa'", "fed.rounds=1")
+    replies = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert len(replies) == 2
+    for reply in replies:
+        content = reply.content
+        assert set(content.keys()) == {"update", "metrics", "explore"}
+        assert set(content.array_records) == {"update"}
+        assert list(content["update"].keys()) == factor_keys(fed.global_adapter.tensors, "B")  # ffa: B only
+        assert all(isinstance(v, int | float) for v in content["metrics"].values())
+        assert all(isinstance(v, int | float) for v in content["explore"].values())
+    wire = [json.loads(line) for line in fed.store.metrics.read_text().splitlines() if '"wire"' in line]
+    train = next(w for w in wire if w["phase"] == "train")
+    assert train["up"] == {"maze": wire_bytes(replies[0]), "wordle": wire_bytes(replies[1])}
+    assert all(b > 0 for b in train["down"].values())
+    from fedse.experiments.report import write_report
+
+    assert "wire MB up (all)" in write_report([fed.store.root]).read_text()  # beside the nominal sizes
+
+
+def test_a_node_that_leaves_mid_round_is_recorded_and_rejoins_the_next(tmp_path):
+    grid = LoopbackGrid(nodes())
+    grid.leave[("1", "train")] = 2  # wordle's SuperNode disappears during round 1's training
+    fed = flower_run(tmp_path, grid)
+    log = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
+    wire1 = next(r for r in log if r["event"] == "wire" and r["round"] == 1 and r["phase"] == "train")
+    assert wire1["dropped"] == {"wordle": "its SuperNode disconnected"}
+    agg = {r["round"]: r for r in log if r["event"] == "aggregate"}
+    assert agg[1]["accepted"] == ["maze"]
+    assert agg[2]["accepted"] == ["maze", "wordle"]  # back in round 2
+    assert [r["client"] for r in log if r["event"] == "client" and r["round"] == 1] == ["maze"]
+
+
+def test_too_few_replies_stop_the_run_and_a_resume_finishes_it_like_an_uninterrupted_one(tmp_path):
+    uninterrupted = flower_run(tmp_path, LoopbackGrid(nodes()), name="whole")
+    grid = LoopbackGrid(nodes())
+    grid.leave[("2", "train")] = 1
+    with pytest.raises(UserError, match="1 of 2 clients replied"):
+        flower_run(tmp_path, grid, name="cut", min_clients=2)
+    cut = tmp_path / "cut"
+    assert json.loads((cut / "state.json").read_text())["round"] == 1
+    resumed = flower_run(tmp_path, LoopbackGrid(nodes()), name="cut", resume=True, min_clients=2)
+    assert resumed.global_adapter.hash == uninterrupted.global_adapter.hash
+    assert records(cut) == records(uninterrupted.store.root)
+
+
+def test_a_node_for_a_client_the_run_lacks_is_ignored(tmp_path):
+    fed = flower_run(tmp_path, LoopbackGrid([*nodes(), {"client": "webshop"}]), "fed.rounds=1")
+    assert sorted(fed.node_of) == ["maze", "wordle"]
+
+
+def test_a_node_without_a_client_says_how_to_start_it():
+    with pytest.raises(ValueError, match='--node-config "client=<env>'):
+        client_app.node_client_name({}, ["maze"])
+
+
+def test_the_app_declares_every_run_option_with_the_servers_defaults():
+    declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = FlowerOptions(config="x")
+    names = {f.name.replace("_", "-") for f in fields(FlowerOptions)} - {"extra"}
+    assert set(declared) == names
+    assert all(declared[k] == getattr(defaults, k.replace("-", "_")) for k in declared if k != "config")
+
+
+def test_the_worker_framing_round_trips_records():
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    content = RecordDict(
+        {
+            "a": ArrayRecord({"z.weight": torch.arange(6.0).reshape(2, 3), "b.weight": torch.ones(2)}),
+            "m": MetricRecord({"loss": 0.25, "n": 3}),
+            "c": ConfigRecord({"json": json.dumps({"round": 2})}),
+        }
+    )
+    back = unpack(pack(content))
+    assert list(back["a"].keys()) == ["z.weight", "b.weight"]
+    assert back["a"]["z.weight"].numpy().tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert dict(back["m"]) == {"loss": 0.25, "n": 3} and record_json(back["c"]) == {"round": 2}
+
+
+# --- the deployment engine on loopback: Flower's own processes ----------------------------------
+
+
+def tiny_toml(tmp_path: Path) -> Path:
+    lines = []
+    for item in TINY:
+        key, value = item.split("=", 1)
+        lines.append(f"{key} = {value}")
+    path = tmp_path / "tiny.toml"
+    path.write_text('name = "tiny"\n' + "\n".join(lines) + "\n")
+    return path
+
+
+def test_deployment_engine_on_loopback_reproduces_the_embedded_run(tmp_path):
+    config = tiny_toml(tmp_path)
+    embedded = Federation(tiny_config(), tmp_path / "emb", Policy(load_base("tiny-random")))
+    embedded.run()
+    done = run_local(config, tmp_path / "run", tmp_path / "work", timeout=500, options={"poll": 0.2})
+    assert done.run.returncode == 0, done.run.stdout[-3000:] + done.run.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["global_adapter"] == embedded.global_adapter.hash
+    assert records(tmp_path / "run") == records(embedded.store.root)
+    wire = [r for r in records(tmp_path / "run", drop=()) if r["event"] == "wire"]
+    assert {r["phase"] for r in wire} == {"train", "evaluate"} and all(r["up"] and r["down"] for r in wire)
+
+
+def test_tls_with_node_auth_runs_and_refuses_an_unregistered_supernode(tmp_path):
+    config = tiny_toml(tmp_path)
+    done = run_local(
+        config, tmp_path / "run", tmp_path / "work", overrides=["fed.rounds=1"], node_auth=True, intruder=True,
+        timeout=500, options={"poll": 0.2},
+    )  # fmt: skip
+    assert done.run.returncode == 0, done.run.stdout[-3000:] + done.run.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["round"] == 1
+    assert done.exit_codes["node-intruder"] not in (None, 0)  # refused: it exited on its own
+    assert "No SuperNode found with the given public key" in (done.logs / "superlink.log").read_text()
+    accepted = [r["accepted"] for r in records(tmp_path / "run") if r["event"] == "aggregate"]
+    assert accepted == [["maze", "wordle"]]
