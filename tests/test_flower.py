@@ -8,6 +8,8 @@ server code, no network. The deployment tests start Flower's own processes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 import tomllib
 import uuid
 from dataclasses import fields
@@ -25,7 +27,7 @@ from fedse.errors import UserError
 from fedse.experiments.run import Federation
 from fedse.flower import client_app
 from fedse.flower.codec import record_json, wire_bytes
-from fedse.flower.deploy import APP_DIR, run_local
+from fedse.flower.deploy import APP_DIR, LocalDeployment, run_local
 from fedse.flower.server_app import FlowerFederation, FlowerOptions
 from fedse.flower.worker import pack, unpack
 
@@ -100,10 +102,11 @@ def nodes() -> list[dict]:
     return [{"client": "maze"}, {"client": "wordle"}]
 
 
-@pytest.mark.parametrize("aggregator", ["fedse", "fedsa", "fedex"])
+@pytest.mark.parametrize("aggregator", ["fedsa", "fedex"])
 def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
     """Same config and seed: the same final global adapter and the same records (seconds aside).
-    fedsa keeps B on the nodes across rounds; fedex sends the base delta down."""
+    fedsa keeps B on the nodes across rounds; fedex sends the base delta down. (fedse: the
+    deployment test below; all seven rules were checked once by hand.)"""
     embedded = Federation(
         tiny_config(f"fed.aggregator='{aggregator}'"), tmp_path / "emb", Policy(load_base("tiny-random"))
     )
@@ -237,3 +240,72 @@ def test_tls_with_node_auth_runs_and_refuses_an_unregistered_supernode(tmp_path)
     assert "No SuperNode found with the given public key" in (done.logs / "superlink.log").read_text()
     accepted = [r["accepted"] for r in records(tmp_path / "run") if r["event"] == "aggregate"]
     assert accepted == [["maze", "wordle"]]
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:g} s")
+        time.sleep(poll)
+
+
+def events(root: Path) -> list[dict]:
+    path = root / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_after_a_restart(tmp_path):
+    config = tiny_toml(tmp_path)
+    run = tmp_path / "run"
+    with LocalDeployment(config, tmp_path / "work", ["fed.rounds=3", "eval.every=3"]) as deployment:
+        server = subprocess.Popen(
+            deployment.run_command(run, options={"poll": 0.2, "round-timeout": 30.0}),
+            env=deployment.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:  # kill wordle's node once round 1's messages are out, bring it back after round 1
+            wait_for(lambda: any(r["event"] == "eval_avg" for r in events(run)), 300, "round 0")
+            deployment.kill_node("wordle")
+            wait_for(lambda: any(r["event"] == "aggregate" for r in events(run)), 300, "round 1")
+            deployment.start_node("wordle")
+            out, _ = server.communicate(timeout=400)
+        finally:
+            server.kill()
+    assert server.returncode == 0, out[-3000:]
+    log = events(run)
+    wire = {(r["round"], r["phase"]): r for r in log if r["event"] == "wire"}
+    assert set(wire[(1, "train")]["dropped"]) == {"wordle"}
+    accepted = {r["round"]: r["accepted"] for r in log if r["event"] == "aggregate"}
+    assert accepted[1] == ["maze"]
+    assert accepted[3] == ["maze", "wordle"]  # the restarted node is back
+    assert json.loads((run / "state.json").read_text())["round"] == 3
+
+
+def test_a_killed_server_app_resumes_from_its_last_completed_round(tmp_path):
+    config = tiny_toml(tmp_path)
+    embedded = Federation(tiny_config("eval.every=2"), tmp_path / "emb", Policy(load_base("tiny-random")))
+    embedded.run()
+    run = tmp_path / "run"
+    with LocalDeployment(config, tmp_path / "work", ["eval.every=2"]) as deployment:
+        server = subprocess.Popen(
+            deployment.run_command(run, options={"poll": 0.2}), env=deployment.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for(
+                lambda: (run / "state.json").exists() and '"round": 1' in (run / "state.json").read_text(),
+                300,
+                "round 1",
+            )
+            assert deployment.kill_server_app() >= 1
+        finally:  # `flwr run --stream` may keep waiting on the dead run: it is only a log stream
+            server.kill()
+            server.wait(30)
+        assert json.loads((run / "state.json").read_text())["round"] == 1  # round 2 was cut short
+        done = deployment.run(run, resume=True, options={"poll": 0.2}, timeout=400)
+    assert done.run.returncode == 0, done.run.stdout[-3000:] + done.run.stderr[-3000:]
+    assert json.loads((run / "state.json").read_text())["global_adapter"] == embedded.global_adapter.hash
+    assert records(run) == records(embedded.store.root)

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedse"
-LAYERS = ["envs", "agent", "evolve", "fl", "experiments", "cli"]  # each may import only those before it
+LAYERS = ["envs", "agent", "evolve", "fl", "experiments", "flower", "cli"]  # each may import only those before it
 LEAVES = {"files", "seeds", "progress", "process", "sections", "errors"}  # import nothing of fedse's but errors
 
 

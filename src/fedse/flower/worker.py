@@ -20,9 +20,9 @@ import struct
 import traceback
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
 
 SOCKET_NAME = "worker.sock"
 
@@ -35,13 +35,12 @@ def worker_socket(node_config: dict) -> Path | None:
 
 
 def pack(content: RecordDict) -> bytes:
-    from fedse.flower.codec import record_tensors
-
+    """Records -> bytes, with numpy and safetensors only (no torch in the forwarding process)."""
     header, payloads = [], []
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            tensors = record_tensors(record)
-            data, kind, order = save_tensors(tensors) if tensors else b"", "arrays", list(tensors)
+            arrays = {k: a.numpy() for k, a in record.items()}
+            data, kind, order = save_arrays(arrays) if arrays else b"", "arrays", list(arrays)
         elif isinstance(record, MetricRecord):
             data, kind, order = json.dumps(dict(record)).encode(), "metrics", []
         else:
@@ -59,8 +58,8 @@ def unpack(data: bytes) -> RecordDict:
     for entry in header:
         payload, at = data[at : at + entry["size"]], at + entry["size"]
         if entry["kind"] == "arrays":
-            tensors = load_tensors(payload) if payload else {}
-            out[entry["name"]] = ArrayRecord({k: tensors[k] for k in entry["order"]}) if tensors else ArrayRecord()
+            arrays = load_arrays(payload) if payload else {}
+            out[entry["name"]] = ArrayRecord({k: Array(arrays[k]) for k in entry["order"]})
         elif entry["kind"] == "metrics":
             out[entry["name"]] = MetricRecord(json.loads(payload))
         else:
