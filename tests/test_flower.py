@@ -180,7 +180,7 @@ def test_a_node_without_a_client_says_how_to_start_it():
 def test_the_app_declares_every_run_option_with_the_servers_defaults():
     declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     defaults = FlowerOptions(config="x")
-    names = {f.name.replace("_", "-") for f in fields(FlowerOptions)} - {"extra"}
+    names = {f.name.replace("_", "-") for f in fields(FlowerOptions)}
     assert set(declared) == names
     assert all(declared[k] == getattr(defaults, k.replace("-", "_")) for k in declared if k != "config")
 

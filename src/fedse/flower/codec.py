@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
 # torch is imported where tensors are made: the ClientApp process that only forwards a message to
 # the node's worker (fedse.flower.worker) starts ~2 s sooner without it, on every message.
@@ -40,10 +40,6 @@ def json_record(value: object) -> ConfigRecord:
 
 def record_json(record: ConfigRecord) -> object:
     return json.loads(record["json"])
-
-
-def metrics_record(metrics: dict[str, float]) -> MetricRecord:
-    return MetricRecord({k: v for k, v in metrics.items()})
 
 
 def wire_bytes(obj) -> int:

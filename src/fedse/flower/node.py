@@ -18,7 +18,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flwr.app import RecordDict
+from flwr.app import MetricRecord, RecordDict
 
 from fedse.agent.lora import Adapter, load_adapter, save_adapter
 from fedse.agent.model import load_base
@@ -32,7 +32,7 @@ from fedse.experiments.run import client_layout, lora_spec, model_dtype
 from fedse.fl.aggregators import make_aggregator
 from fedse.fl.client import client_requests, expert_seeds, learn
 from fedse.fl.update import Update
-from fedse.flower.codec import json_record, metrics_record, record_tensors, tensors_record
+from fedse.flower.codec import json_record, record_tensors, tensors_record
 
 _POLICIES: dict[tuple[str, str], Policy] = {}
 
@@ -180,8 +180,8 @@ def train_content(content, config: dict, directory: Path):
     return RecordDict(
         {
             "update": tensors_record(result.update.tensors),
-            "metrics": metrics_record(metrics),
-            "explore": metrics_record(explore),
+            "metrics": MetricRecord(metrics),
+            "explore": MetricRecord(explore),
         }
     )
 

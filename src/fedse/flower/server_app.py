@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
@@ -59,20 +59,17 @@ class FlowerOptions:
     node_root: str = ""
     """Where nodes without a `data-dir` keep their files (simulation; default <run-dir>/nodes)."""
     poll: float = 0.5
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FlowerOptions:
-        known = {f.name for f in fields(cls)} - {"extra"}
-        values, unknown = {}, {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            (values if name in known else unknown)[name] = value
+        """The options among `run_config`'s keys (Flower already refuses keys the app does not declare)."""
+        known = {f.name for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in known}
         if not values.get("config"):
             raise UserError(
                 "the fedse ServerApp needs a config: flwr run ... --run-config \"config='path/to/run.toml'\""
             )
-        return cls(**values, extra=unknown)
+        return cls(**values)
 
 
 class FlowerFederation(Federation):
@@ -185,18 +182,14 @@ class FlowerFederation(Federation):
         """Send `kind` messages (train, evaluate) for `round_` to each target client's node."""
         self.discover(0.0)
         messages, dropped = {}, {}
+        shared = {"global": tensors_record(self.global_adapter.tensors)}  # converted once, sent to every node
+        if self.base_delta:
+            shared["base"] = tensors_record(self.base_delta)
         for client, extra in targets.items():
             if client not in self.node_of:
                 dropped[client] = "no SuperNode connected for it"
                 continue
-            content = RecordDict(
-                {
-                    "global": tensors_record(self.global_adapter.tensors),
-                    "config": json_record(self._config(round_, client, **extra)),
-                }
-            )
-            if self.base_delta:
-                content["base"] = tensors_record(self.base_delta)
+            content = RecordDict({**shared, "config": json_record(self._config(round_, client, **extra))})
             messages[client] = Message(content, self.node_of[client], kind, group_id=str(round_))
         down = {c: wire_bytes(m) for c, m in messages.items()}
         replies, missing = self._exchange(messages, self.options.round_timeout)
