@@ -9,10 +9,11 @@ import torch
 from fedse.agent.chat import ChatLayout
 from fedse.agent.lora import LoraSpec
 from fedse.agent.rollout import RolloutRequest, Sampling, rollout
+from fedse.evolve.agenttraj import AgentTrajError, from_agenttraj, to_agenttraj
 from fedse.evolve.buffer import BufferConfig, ExperienceBuffer
 from fedse.evolve.filters import KeepAllFilter, RewardThresholdFilter, SuccessFilter, make_filter
 from fedse.evolve.sft import TrainConfig, encode_examples, mean_loss, train_adapter
-from fedse.evolve.store import append_jsonl, expert_trajectory, from_agenttraj, read_jsonl, to_agenttraj
+from fedse.evolve.store import append_jsonl, expert_trajectory, read_jsonl
 
 
 def experts(env="maze", ids=(13, 14, 15)):
@@ -86,7 +87,7 @@ def test_jsonl_and_agenttraj_round_trips(tmp_path):
     assert [c["loss"] for c in record["conversations"][:4]] == [None, False, None, True]
     back = from_agenttraj(record)
     assert (back.env, back.task_id, back.outputs, back.success) == ("wordle", 0, trajectories[0].outputs, True)
-    with pytest.raises(ValueError, match="unknown AgentTraj item_id 'alfworld_3'"):
+    with pytest.raises(AgentTrajError, match="item_id 'alfworld_3' is not '<prefix><task id>'"):
         from_agenttraj({"item_id": "alfworld_3", "conversations": []})
 
 

@@ -202,6 +202,33 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_env(args: argparse.Namespace) -> int:
+    from fedse.envs.server import serve
+
+    serve(args.env, host=args.host, port=args.port, ttl=args.ttl)
+    return 0
+
+
+def cmd_traj(args: argparse.Namespace) -> int:
+    from fedse.evolve.agenttraj import read_agenttraj, write_agenttraj
+    from fedse.evolve.buffer import ExperienceBuffer
+
+    if args.action == "check":
+        for path in args.paths:
+            records = read_agenttraj(path)
+            print(f"{path}: {len(records)} AgentTraj records, {sum(r.success for r in records)} successful")
+        return 0
+    if len(args.paths) != 1 or not args.out:
+        raise UserError("traj export takes one run folder and --out FILE.json")
+    buffers = sorted((Path(args.paths[0]) / "clients").glob("*/buffer.jsonl"))
+    if not buffers:
+        raise UserError(f"{args.paths[0]}: no client buffers (clients/*/buffer.jsonl); is it a fedse run folder?")
+    kept = [t for path in buffers for _, t in ExperienceBuffer(path).entries if t.success or args.all]
+    count = write_agenttraj(kept, args.out)
+    print(f"wrote {count} trajectories from {len(buffers)} client buffers to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedse", description="Federated self-evolution of LLM agents.")
     parser.add_argument(
@@ -250,6 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="output folder (default: the run's own, or <first>-vs-<second>... beside it)")
     report.set_defaults(run=cmd_report)
+    serve_env = sub.add_parser("serve-env", help="serve an environment over AgentGym's HTTP protocol")
+    from fedse.envs.server import SERVERS
+
+    serve_env.add_argument("env", choices=list(SERVERS), help="an environment, or lmrlgym (maze and wordle)")
+    serve_env.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve_env.add_argument("--port", type=int, default=36001)
+    serve_env.add_argument("--ttl", type=float, default=600.0, help="seconds an idle session lives")
+    serve_env.set_defaults(run=cmd_serve_env)
+    traj = sub.add_parser("traj", help="AgentTraj files: check them, or export a run's trajectories as one")
+    traj.add_argument("action", choices=["check", "export"])
+    traj.add_argument("paths", nargs="+", metavar="PATH", help="check: AgentTraj JSON files; export: a run folder")
+    traj.add_argument("--out", help="export: the AgentTraj JSON file to write")
+    traj.add_argument("--all", action="store_true", help="export: every kept trajectory, not only successful ones")
+    traj.set_defaults(run=cmd_traj)
     add_flower_parser(sub)
     return parser
 

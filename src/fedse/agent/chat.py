@@ -19,7 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from fedse.envs.base import ACK
 
-Message = dict[str, str]
+Message = dict
+"""{"role": "user" | "assistant", "content": str}, and optionally "loss": bool | None (an
+imported AgentTraj turn's own flag: False keeps that assistant turn out of the loss)."""
 
 
 def episode_messages(instruction: str, observations: list[str], outputs: list[str]) -> list[Message]:
@@ -53,9 +55,11 @@ class ChatLayout:
             ids.add(end)
         return {i for i in ids if i is not None}
 
-    def prefix_text(self, instruction: str) -> str:
-        """The text shared by every episode of an environment (system, instruction, ACK)."""
-        return self.render(episode_messages(instruction, [], []), generation_prompt=False)
+    def prefix_text(self, instruction: str, acknowledgement: str = ACK) -> str:
+        """The text shared by every episode of an environment (system, instruction, ACK); an
+        imported AgentTraj episode brings its own acknowledgement."""
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": acknowledgement}]
+        return self.render(messages, generation_prompt=False)
 
     def continuation(self, messages: list[Message], consumed: str) -> str:
         """The text to feed after `consumed` so the model answers the last message of `messages`."""
@@ -71,16 +75,18 @@ class ChatLayout:
         """Token ids of a whole episode and its loss mask.
 
         The mask is 1 on every assistant content after the acknowledgement and on the
-        end-of-turn token right after it; 0 elsewhere.
+        end-of-turn token right after it, except contents whose message says "loss": False;
+        0 elsewhere.
         """
-        consumed = self.prefix_text(messages[0]["content"])
+        consumed = self.prefix_text(messages[0]["content"], messages[1]["content"])
         pieces: list[tuple[list[int], bool]] = [(self.encode(consumed), False)]
         for k in range(2, len(messages)):
             if messages[k]["role"] != "assistant":
                 continue
             head = self.continuation(messages[:k], consumed)  # observation + assistant header
             content = messages[k]["content"]
-            pieces += [(self.encode(head), False), (self.encode(content), True)]
+            trained = messages[k].get("loss") is not False
+            pieces += [(self.encode(head), False), (self.encode(content), trained)]
             consumed += head + content
         tail = self.render(messages, generation_prompt=False)[len(consumed) :]
         pieces.append((self.encode(tail), False))

@@ -27,13 +27,19 @@ class Trajectory:
     generated_tokens: int = 0
     logprobs: list[list[float]] | None = field(default=None, repr=False)
     """Per turn, the log-probability of each generated token (None if not recorded)."""
+    extra: dict = field(default_factory=dict, repr=False)
+    """Fields of an imported record that fedse does not interpret, written back unchanged on
+    export (`fedse.evolve.agenttraj`); empty for fedse's own episodes."""
 
     @property
     def outputs(self) -> list[str]:
         return [m["content"] for m in self.messages[3::2]]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        record = asdict(self)
+        if not record["extra"]:  # files written before the field existed stay byte-identical
+            del record["extra"]
+        return json.dumps(record, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, line: str) -> Trajectory:

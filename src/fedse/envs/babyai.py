@@ -120,10 +120,21 @@ class BabyAIEnv(TextEnv):
         self.score = 0.0
         return f"Your goal: {self.goal}\n{self.view.description}{action_list_text(self.view.actions)}"
 
-    def _step(self, model_output: str) -> StepResult:
-        action = parse_action_single_line(model_output)
-        if action is None:
-            return StepResult(ONLY_ONE_ACTION, 0.0, False, False, "")
+    rejection = ONLY_ONE_ACTION
+
+    @staticmethod
+    def success_of(reward: float, done: bool) -> bool:
+        return done  # done only through an accomplished mission; the score is never exactly 1
+
+    @property
+    def last_reward(self) -> float:
+        """minigrid's reward of the last primitive run (the server's per-step `reward`)."""
+        return self._last_reward
+
+    def parse_action(self, model_output: str) -> str | None:
+        return parse_action_single_line(model_output)
+
+    def act(self, action: str) -> StepResult:
         message, done = self._apply(action.lower().strip())
         self.score += self._last_reward
         # done only ever becomes true through an accomplished mission (see the module docstring)

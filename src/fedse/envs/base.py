@@ -44,7 +44,11 @@ class TextEnv(ABC):
     """Base class: task-id checks, call-order checks and splits; subclasses do the game.
 
     Subclasses set `name`, `instruction`, `max_turns` and `num_tasks` and implement
-    `_reset`, `_step` and `expert`.
+    `_reset`, `parse_action`, `act` and `expert`. A step is split where AgentGym splits
+    it: `parse_action` is the client's half (model text -> action string, or None for a
+    reply the client rejects without calling the server) and `act` the server's half
+    (action string -> what happened), so the same game runs in process, behind
+    `fedse serve-env`, or on an AgentGym server driven by `RemoteEnv`.
     """
 
     name: ClassVar[str]
@@ -52,6 +56,10 @@ class TextEnv(ABC):
     max_turns: ClassVar[int]
     num_tasks: ClassVar[int | None]
     """Valid task ids are 0 .. num_tasks-1; None means any non-negative integer."""
+    rejection: ClassVar[str] = ""
+    """What the client answers, without a server call, to a reply `parse_action` rejects."""
+    rejection_shows_observation: ClassVar[bool] = False
+    """Whether that answer is followed by the current observation (WebShop's client)."""
 
     def __init__(self) -> None:
         self.task_id: int | None = None
@@ -83,11 +91,25 @@ class TextEnv(ABC):
 
     def step(self, model_output: str) -> StepResult:
         """Parse the raw model output, apply its action, return what happened."""
+        self._check_running()
+        action = self.parse_action(model_output)
+        if action is None:
+            text = self.rejection + (self.observation() if self.rejection_shows_observation else "")
+            return self._count(StepResult(text, 0.0, False, False, ""))
+        return self._count(self.act(action))
+
+    def step_action(self, action: str) -> StepResult:
+        """Apply an action a client already parsed (what an environment server does)."""
+        self._check_running()
+        return self._count(self.act(action))
+
+    def _check_running(self) -> None:
         if self.task_id is None:
             raise EnvError(f"{self.name}: call reset(task_id) before step()")
         if self.done:
             raise EnvError(f"{self.name}: task {self.task_id} is finished; call reset(task_id) to start another")
-        result = self._step(model_output)
+
+    def _count(self, result: StepResult) -> StepResult:
         self.turns += 1
         self.done = result.done
         return result
@@ -96,7 +118,24 @@ class TextEnv(ABC):
     def _reset(self, task_id: int) -> str: ...
 
     @abstractmethod
-    def _step(self, model_output: str) -> StepResult: ...
+    def parse_action(self, model_output: str) -> str | None:
+        """The client's half of a step: the action AgentGym's client would send, or None."""
+
+    @abstractmethod
+    def act(self, action: str) -> StepResult:
+        """The server's half of a step: apply an already parsed action."""
+
+    @staticmethod
+    def success_of(reward: float, done: bool) -> bool:
+        """Success from what a server reports (Fed-SE keeps trajectories with R = 1)."""
+        return done and reward == 1.0
+
+    def close(self) -> None:
+        """Release what the environment holds outside this process (nothing, in process)."""
+
+    def observation(self) -> str:
+        """The current observation, for environments whose rejections repeat it."""
+        raise NotImplementedError(f"{self.name} does not repeat its observation")
 
     @abstractmethod
     def expert(self, task_id: int) -> list[str]:

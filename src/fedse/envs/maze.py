@@ -104,8 +104,10 @@ class MazeEnv(TextEnv):
         self.env_steps = 0
         return describe(self.position)
 
-    def _step(self, model_output: str) -> StepResult:
-        action = parse_action_lmrl(model_output)
+    def parse_action(self, model_output: str) -> str:
+        return parse_action_lmrl(model_output)
+
+    def act(self, action: str) -> StepResult:
         self.env_steps += 1
         if action in MOVES:
             dr, dc = MOVES[action]

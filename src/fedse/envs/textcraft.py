@@ -118,10 +118,12 @@ class TextCraftEnv(TextEnv):
 
         return list(walk(goal, frozenset()))
 
-    def _step(self, model_output: str) -> StepResult:
-        action = parse_action_single_line(model_output)
-        if action is None:
-            return StepResult(ONLY_ONE_ACTION, 0.0, False, False, "")
+    rejection = ONLY_ONE_ACTION
+
+    def parse_action(self, model_output: str) -> str | None:
+        return parse_action_single_line(model_output)
+
+    def act(self, action: str) -> StepResult:
         try:
             observation, crafted = self._apply(action)
         except _Failed as failure:

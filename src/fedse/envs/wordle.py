@@ -66,8 +66,10 @@ class WordleEnv(TextEnv):
         self.guesses = 0
         return START
 
-    def _step(self, model_output: str) -> StepResult:
-        action = parse_action_lmrl(model_output)
+    def parse_action(self, model_output: str) -> str:
+        return parse_action_lmrl(model_output)
+
+    def act(self, action: str) -> StepResult:
         guess = action.replace(" ", "")
         self.guesses += 1
         out_of_guesses = self.guesses >= MAX_GUESSES

@@ -35,6 +35,9 @@ class BufferConfig(Section):
 
     expert_seeds: int | None = Field(None, ge=0)
     """Expert demonstrations that seed each buffer (None: one per train id, like AgentTraj)."""
+    seed_file: str | None = None
+    """An AgentTraj file (`fedse.evolve.agenttraj`) whose successful records also seed the buffers,
+    each client taking its environments' records; set expert_seeds = 0 to seed from it alone."""
     cap: int | None = Field(None, ge=1)
     """Keep only the newest N entries (None: unbounded, the paper)."""
     dedup: Literal["none", "exact"] = "none"

@@ -75,7 +75,7 @@ def encode_examples(
         messages = t.messages[:-1] if t.messages[-1]["role"] == "user" else t.messages
         ids, mask = layout.encode_episode(messages)
         if len(ids) > max_length:
-            keep_head = len(layout.encode(layout.prefix_text(messages[0]["content"])))
+            keep_head = len(layout.encode(layout.prefix_text(messages[0]["content"], messages[1]["content"])))
             if keep_head >= max_length:
                 raise ValueError(f"max_length {max_length} cannot even hold the instruction ({keep_head} tokens)")
             tail = max_length - keep_head

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedse.agent.model import KNOWN_MODELS, model_available
-from fedse.envs import list_envs
+from fedse.envs import EnvBackend, list_envs
 from fedse.errors import UserError
 from fedse.evolve.buffer import BufferConfig
 from fedse.evolve.sft import TrainConfig
@@ -180,6 +180,17 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalSection = EvalSection()
     checkpoints: CheckpointSection = CheckpointSection()
+    env: dict[str, EnvBackend] = Field(default_factory=dict)
+    """Per environment, where its games run: `[env.maze] backend = "http"`, `url = "http://host:port"`
+    (an AgentGym server or `fedse serve-env`); environments not listed run in process."""
+
+    @field_validator("env")
+    @classmethod
+    def _known_env_backends(cls, v: dict[str, EnvBackend]) -> dict[str, EnvBackend]:
+        unknown = sorted(set(v) - set(list_envs()))
+        if unknown:
+            raise ValueError(f"[env.{unknown[0]}]: not an environment; one of: {', '.join(list_envs())}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -189,9 +200,9 @@ class RunConfig(Section):
         return v
 
 
-CHANGEABLE_ON_RESUME = ("fed.rounds", "eval.", "explore.max_batch", "checkpoints.")
+CHANGEABLE_ON_RESUME = ("fed.rounds", "eval.", "explore.max_batch", "checkpoints.", "env.")
 """What a resumed run may change (with `fedse run --resume … --change-config`): how long it runs,
-how it is evaluated and kept, how wide it batches. Everything else shapes the rounds already
+how it is evaluated and kept, how wide it batches, where its environments' servers are. Everything else shapes the rounds already
 done (a rank, a client, a seed, a learning rate), so it needs a new run."""
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fedse.agent.policy import Policy
-from fedse.agent.rollout import RolloutRequest, Sampling, rollout
-from fedse.envs import make_env
+from fedse.agent.rollout import RolloutRequest, Sampling, on_backends, rollout
+from fedse.envs import EnvBackend, make_env
 from fedse.experiments.records import EvalAvgRecord, EvalRecord
 
 
@@ -32,6 +32,7 @@ def evaluate(
     max_new_tokens: int,
     max_batch: int,
     progress: str | None = None,
+    backends: dict[str, EnvBackend] | None = None,
 ) -> list[EvalRecord]:
     """Greedy rollouts on each environment's test split; `adapters` maps env -> adapter name."""
     sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens)
@@ -40,7 +41,7 @@ def evaluate(
         requests += [
             RolloutRequest(env_name, i, adapter=adapter, sampling=sampling) for i in evaluation_tasks(env_name, tasks)
         ]
-    trajectories = rollout(policy, requests, max_batch=max_batch, progress=progress)
+    trajectories = rollout(policy, on_backends(requests, backends or {}), max_batch=max_batch, progress=progress)
     out = []
     for env_name in adapters:
         mine = [t for t in trajectories if t.env == env_name]

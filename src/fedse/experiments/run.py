@@ -24,7 +24,7 @@ import torch
 from fedse.agent.lora import Adapter, LoraSpec
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
-from fedse.agent.rollout import RolloutStats, rollout
+from fedse.agent.rollout import RolloutStats, on_backends, rollout
 from fedse.agent.trajectory import Trajectory
 from fedse.errors import UserError
 from fedse.evolve.buffer import ExperienceBuffer
@@ -134,9 +134,10 @@ class Federation:
 
     def seed_buffers(self) -> None:
         """Start every client's buffer with its expert demonstrations (round 0)."""
+        buf = self.config.buffer
         for client, envs in self.client_envs.items():
             part, parts = self.partition[client]
-            self.buffer(client).add(expert_seeds(client, envs, self.config.buffer.expert_seeds, part, parts), round_=0)
+            self.buffer(client).add(expert_seeds(client, envs, buf.expert_seeds, part, parts, buf.seed_file), round_=0)
 
     def check_buffers(self, last: int, recorded: dict[str, str]) -> None:
         """Cut every buffer back to round `last` and check it is what that round's checkpoint recorded."""
@@ -264,7 +265,7 @@ class Federation:
         }
         stats = RolloutStats()
         label = f"explore ({len(clients)} clients)" if self.progress else None
-        flat = [r for client in clients for r in requests[client]]
+        flat = on_backends([r for client in clients for r in requests[client]], self.config.env)
         played = (
             rollout(self.policy, flat, max_batch=self.config.explore.max_batch, stats=stats, progress=label)
             if flat
@@ -339,6 +340,7 @@ class Federation:
             max_new_tokens=ev.max_new_tokens,
             max_batch=self.config.explore.max_batch,
             progress=f"eval round {round_}" if self.progress else None,
+            backends=self.config.env,
         )
 
     def evaluate_round(self, round_: int):

@@ -20,6 +20,7 @@ from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling
 from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
+from fedse.evolve.agenttraj import read_agenttraj
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.evolve.filters import make_filter
 from fedse.evolve.sft import TrainConfig, train_adapter
@@ -108,13 +109,26 @@ def client_requests(
     ]
 
 
-def expert_seeds(client: str, envs: list[str], count: int | None, part: int = 0, parts: int = 1) -> list[Trajectory]:
-    """The expert demonstrations `client` starts its buffer with: `count` train tasks of each of its
-    environments (its partition), the same ones an environment's own client gets, pooled or not."""
+def expert_seeds(
+    client: str,
+    envs: list[str],
+    count: int | None,
+    part: int = 0,
+    parts: int = 1,
+    seed_file: str | None = None,
+) -> list[Trajectory]:
+    """The demonstrations `client` starts its buffer with: `count` expert episodes on train tasks
+    of each of its environments (its partition), the same ones an environment's own client gets,
+    pooled or not; then the successful records of `seed_file` (AgentTraj) on its environments,
+    every parts-th of them for partition `part`."""
     experts = []
     for env in envs:
         label = derived_seed("experts", env) if parts == 1 else derived_seed("experts", client)
         experts += [expert_trajectory(env, i) for i in exploration_tasks(env, count, label, part, parts)]
+    if seed_file is not None:
+        for env in envs:
+            mine = [t for t in read_agenttraj(seed_file) if t.env == env and t.success]
+            experts += mine[part::parts]
     return experts
 
 

@@ -23,7 +23,7 @@ from flwr.app import MetricRecord, RecordDict
 from fedse.agent.lora import Adapter, load_adapter, save_adapter
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
-from fedse.agent.rollout import RolloutStats, rollout
+from fedse.agent.rollout import RolloutStats, on_backends, rollout
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.experiments.config import RunConfig, validate_config
 from fedse.experiments.evaluation import evaluate
@@ -77,7 +77,17 @@ class NodeClient:
         if buffer.path.exists():
             buffer.truncate(round_ - 1)
         if not buffer.stored:
-            buffer.add(expert_seeds(self.client, self.envs, self.config.buffer.expert_seeds, self.part, self.parts), 0)
+            buffer.add(
+                expert_seeds(
+                    self.client,
+                    self.envs,
+                    self.config.buffer.expert_seeds,
+                    self.part,
+                    self.parts,
+                    self.config.buffer.seed_file,
+                ),
+                0,
+            )
         return buffer
 
     def personal(self, round_: int) -> Adapter | None:
@@ -116,6 +126,7 @@ class NodeClient:
             requests = client_requests(
                 self.client, self.envs, round_, self.config.explore, self.config.fed.seed, self.part, self.parts
             )
+            requests = on_backends(requests, self.config.env)
             explored = rollout(self.policy, requests, max_batch=self.config.explore.max_batch, stats=stats)
         update, trained = learn(
             self.policy,
@@ -148,6 +159,7 @@ class NodeClient:
             tasks=ev.tasks,
             max_new_tokens=ev.max_new_tokens,
             max_batch=self.config.explore.max_batch,
+            backends=self.config.env,
         )
 
 

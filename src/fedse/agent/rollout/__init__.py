@@ -9,7 +9,7 @@
 from fedse.agent.rollout.block import MAX_DRAFT
 from fedse.agent.rollout.engine import RolloutEngine, rollout
 from fedse.agent.rollout.reference import naive_rollout
-from fedse.agent.rollout.types import GREEDY, RolloutRequest, RolloutStats, Sampling, sample_token
+from fedse.agent.rollout.types import GREEDY, RolloutRequest, RolloutStats, Sampling, on_backends, sample_token
 
 __all__ = [
     "GREEDY",
@@ -19,6 +19,7 @@ __all__ = [
     "RolloutStats",
     "Sampling",
     "naive_rollout",
+    "on_backends",
     "rollout",
     "sample_token",
 ]

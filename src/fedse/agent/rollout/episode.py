@@ -20,7 +20,7 @@ from fedse.agent.chat import ChatLayout, Message, episode_messages
 from fedse.agent.lookup import PromptLookup
 from fedse.agent.rollout.types import RolloutRequest, RolloutStats
 from fedse.agent.trajectory import Trajectory
-from fedse.envs import StepResult, TextEnv
+from fedse.envs import EnvServerError, StepResult, TextEnv
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class Episode:
         unfed = [self.next_token] if self.next_token is not None else []  # the turn hit max_new_tokens
         try:
             result = self.env.step(text)
+        except EnvServerError:
+            raise  # a server that is down ends the round loudly, not this episode quietly
         except Exception as error:  # one environment's bug ends its own episode, not the batch
             log.warning(
                 "%s task %s: step() raised %r; the episode ends unsuccessful",
@@ -115,6 +117,7 @@ class Episode:
                 return
             self.finish = "context"
         self.status = Status.FINISHED
+        self.env.close()  # a server-side game (RemoteEnv) is freed as soon as its episode ends
 
     def trajectory(self, adapter_hash: str | None) -> Trajectory:
         return Trajectory(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from fedse.envs import TextEnv, make_env
+from fedse.envs import EnvBackend, TextEnv, make_env
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,18 @@ class RolloutRequest:
     seed: int = 0
     max_turns: int | None = None
     """Defaults to the environment's own limit."""
+    backend: EnvBackend | None = None
+    """Where a named environment's games run (None: in process)."""
 
     def make_env(self) -> TextEnv:
-        return make_env(self.env) if isinstance(self.env, str) else self.env()
+        return make_env(self.env, self.backend) if isinstance(self.env, str) else self.env()
+
+
+def on_backends(requests: list[RolloutRequest], backends: dict[str, EnvBackend]) -> list[RolloutRequest]:
+    """`requests` with each named environment played where `backends` says (the run's [env.*])."""
+    return [
+        replace(r, backend=backends[r.env]) if isinstance(r.env, str) and r.env in backends else r for r in requests
+    ]
 
 
 @dataclass

@@ -193,10 +193,13 @@ class WebShopEnv(TextEnv):
         self.page = Page()
         return self.observation()
 
-    def _step(self, model_output: str) -> StepResult:
-        action = parse_react_action(model_output)
-        if not action:
-            return StepResult(INVALID + self.observation(), 0.0, False, False, "")
+    rejection = INVALID
+    rejection_shows_observation = True
+
+    def parse_action(self, model_output: str) -> str | None:
+        return parse_react_action(model_output) or None
+
+    def act(self, action: str) -> StepResult:
         reward, done = self._act(action)
         return StepResult(self.observation(), reward, done, done and reward == 1.0, action)
 

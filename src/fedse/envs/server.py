@@ -1,0 +1,274 @@
+"""fedse's environments behind AgentGym's HTTP protocol (`fedse serve-env ENV`).
+
+The endpoints, field names and reply shapes are those of AgentGym's own servers
+(environments.md §8, and `fedse.envs.remote.DIALECTS` for the client side), so AgentGym's
+client classes and evaluation scripts run against fedse's games unmodified. Like upstream,
+a failed request answers HTTP 200 with `{"error": "..."}`; unlike upstream, every request
+is checked first (unknown id, missing field, wrong type, oversized body) and the server
+keeps serving whatever a client sends.
+
+Each `create` makes one session with its own environment instance; a session's calls are
+serialised by its lock, different sessions run concurrently, and a session idle for longer
+than `ttl` seconds is dropped.
+"""
+
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedse.envs.base import EnvError, StepResult, TextEnv
+from fedse.envs.remote import DIALECTS
+from fedse.errors import UserError
+
+MAX_BODY = 64 * 1024
+"""Bytes a request body may have; a longer one (a 1 MB action) is refused, not parsed."""
+
+GREETINGS = {
+    "babyai": "This is environment BabyAI.",
+    "lmrlgym": "This is environment LMRL-Gym.",
+    "textcraft": "This is environment TextCraft.",
+    "webshop": "ok",
+}
+SERVERS = {"babyai": ["babyai"], "lmrlgym": ["maze", "wordle"], "textcraft": ["textcraft"], "webshop": ["webshop"]}
+"""What `fedse serve-env` can serve, as AgentGym groups its servers: LMRL-Gym holds Maze and Wordle."""
+for _env in ("maze", "wordle"):
+    SERVERS[_env] = [_env]
+
+
+class RequestError(Exception):
+    """A request the server refuses; its text goes back as {"error": ...}."""
+
+
+@dataclass
+class Session:
+    env: TextEnv
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    used: float = field(default_factory=time.monotonic)
+
+
+class SessionTable:
+    """The environment instances of one server, by id; idle ones expire."""
+
+    def __init__(self, make: Callable[[], TextEnv], ttl: float, max_sessions: int) -> None:
+        self.make, self.ttl, self.max_sessions = make, ttl, max_sessions
+        self.sessions: dict[int, Session] = {}
+        self.ids = itertools.count()
+        self.lock = threading.Lock()
+
+    def create(self) -> int:
+        env = self.make()
+        with self.lock:
+            self.expire()
+            if len(self.sessions) >= self.max_sessions:
+                raise RequestError(f"server full: {self.max_sessions} sessions open; close some with POST /close")
+            id_ = next(self.ids)
+            self.sessions[id_] = Session(env)
+        return id_
+
+    def get(self, id_: int) -> Session:
+        with self.lock:
+            self.expire()
+            session = self.sessions.get(id_)
+            if session is None:
+                raise RequestError(
+                    f"unknown id {id_}: create an environment with POST /create first "
+                    f"(sessions expire after {self.ttl:g} s idle)"
+                )
+            session.used = time.monotonic()
+            return session
+
+    def close(self, id_: int) -> bool:
+        with self.lock:
+            return self.sessions.pop(id_, None) is not None
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for id_ in [i for i, s in self.sessions.items() if now - s.used > self.ttl]:
+            del self.sessions[id_]
+
+
+def _int(body: dict, key: str) -> int:
+    value = body.get(key)
+    if key not in body:
+        raise RequestError(f"missing field {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"field {key!r} must be an integer, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _str(body: dict, key: str) -> str:
+    if key not in body:
+        raise RequestError(f"missing field {key!r}")
+    if not isinstance(body[key], str):
+        raise RequestError(f"field {key!r} must be a string, got {json.dumps(body[key])[:40]}")
+    return body[key]
+
+
+@dataclass
+class EnvService:
+    """One environment's endpoints, as pure functions of parsed JSON (the app only routes)."""
+
+    name: str
+    table: SessionTable
+
+    @property
+    def dialect(self):
+        return DIALECTS[self.name]
+
+    def create(self, body: dict) -> Any:
+        id_ = self.table.create()
+        if self.name == "webshop":
+            return id_
+        if self.name == "textcraft":  # upstream resets a new instance with data_idx = id
+            return {"id": id_, "observation": self._reset(id_, id_), "done": False, "reward": 0}
+        return {"id": id_}
+
+    def reset(self, body: dict) -> Any:
+        d = self.dialect
+        id_, task = _int(body, d.id_field), _int(body, d.task_field)
+        observation = self._reset(id_, task)
+        return {
+            "babyai": {"observation": observation, "reward": 0.0, "score": 0.0, "deleted": False, "done": False},
+            "maze": {"observation": observation},
+            "wordle": {"id": id_, "observation": observation},
+            "textcraft": {"id": id_, "observation": observation, "done": False, "reward": 0},
+            "webshop": [observation, None],
+        }[self.name]
+
+    def step(self, body: dict) -> Any:
+        id_, action = _int(body, self.dialect.id_field), _str(body, "action")
+        session = self.table.get(id_)
+        with session.lock:
+            env = session.env
+            if env.task_id is None:
+                raise RequestError(f"environment {id_} has no task yet: POST /reset first")
+            if env.done:
+                raise RequestError(f"The task with environment {id_} has finished.")
+            result: StepResult = env.step_action(action)
+            per_step = env.last_reward if self.name == "babyai" else result.reward
+        if self.name == "webshop":
+            return {"state": result.observation, "reward": result.reward, "done": result.done, "info": None}
+        if self.name == "babyai":
+            return {"observation": result.observation, "reward": per_step, "score": result.reward, "done": result.done}
+        return {"observation": result.observation, "reward": result.reward, "done": result.done}
+
+    def observation(self, id_: int) -> Any:
+        session = self.table.get(id_)
+        with session.lock:
+            if session.env.task_id is None:
+                raise RequestError(f"environment {id_} has no task yet: POST /reset first")
+            return session.env.observation()
+
+    def available_actions(self, id_: int | None) -> Any:
+        if self.name == "maze":
+            from fedse.envs.maze import MOVES
+
+            return list(MOVES)
+        session = self.table.get(id_)
+        with session.lock:
+            env = session.env
+            if env.task_id is None:
+                raise RequestError(f"environment {id_} has no task yet: POST /reset first")
+            return {"has_search_bar": env.page.kind == "start", "clickables": list(env.clickables())}
+
+    def close(self, body: dict) -> bool:
+        return self.table.close(_int(body, self.dialect.id_field))
+
+    def _reset(self, id_: int, task: int) -> str:
+        session = self.table.get(id_)
+        with session.lock:
+            return session.env.reset(task)
+
+
+def make_app(
+    server: str, *, ttl: float = 600.0, max_sessions: int = 4096, make_env: Callable[[str], TextEnv] | None = None
+):
+    """A FastAPI app serving `server` (an environment, or 'lmrlgym' for Maze and Wordle)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    from fedse.envs import make_env as default_make_env
+
+    if server not in SERVERS:
+        raise UserError(f"unknown environment server {server!r}; choose one of: {', '.join(SERVERS)}")
+    make_env = make_env or default_make_env
+    app = FastAPI(title=f"fedse {server}", docs_url=None, redoc_url=None, openapi_url=None)
+    greeting = GREETINGS.get(server) or GREETINGS["lmrlgym"]
+
+    async def answer(request: Request, work: Callable[[dict], Any], *, body: bool = True) -> JSONResponse:
+        try:
+            parsed: Any = {}
+            if body:
+                raw = await request.body()
+                if len(raw) > MAX_BODY:
+                    raise RequestError(f"request body of {len(raw)} bytes is over the limit of {MAX_BODY}")
+                parsed = json.loads(raw) if raw.strip() else {}
+                if not isinstance(parsed, dict):
+                    raise RequestError("the request body must be a JSON object")
+            else:
+                parsed = dict(request.query_params)
+            reply = await run_in_threadpool(work, parsed)
+        except (RequestError, EnvError) as e:
+            reply = {"error": str(e)}
+        except ValueError as e:  # a body that is not JSON
+            reply = {"error": f"bad request: {e}"}
+        except Exception as e:  # keep serving whatever one request did
+            reply = {"error": f"internal error: {type(e).__name__}: {e}"}
+        return JSONResponse(reply)
+
+    def query_id(service: EnvService, query: dict) -> int:
+        key = service.dialect.id_field
+        if key not in query:
+            raise RequestError(f"missing query parameter {key!r}")
+        try:
+            return int(query[key])
+        except ValueError:
+            raise RequestError(f"query parameter {key!r} must be an integer, got {query[key][:40]!r}") from None
+
+    @app.get("/")
+    async def hello():
+        return greeting
+
+    app.state.sessions = {}  # env -> its SessionTable, for inspection
+    for env_name in SERVERS[server]:
+        service = EnvService(env_name, SessionTable(lambda n=env_name: make_env(n), ttl, max_sessions))
+        app.state.sessions[env_name] = service.table
+        prefix = DIALECTS[env_name].prefix
+
+        def add(
+            path: str, method: str, work: Callable[[EnvService, dict], Any], body: bool = True, s=service, prefix=prefix
+        ) -> None:
+            async def endpoint(request: Request) -> JSONResponse:
+                return await answer(request, lambda parsed: work(s, parsed), body=body)
+
+            app.add_api_route(prefix + path, endpoint, methods=[method])
+
+        add("/create", "POST", EnvService.create)
+        add("/reset", "POST", EnvService.reset)
+        add("/step", "POST", EnvService.step)
+        add("/close", "POST", EnvService.close)
+        if env_name == "webshop":
+            add("/observation", "GET", lambda s, q: s.observation(query_id(s, q)), body=False)
+            add("/available_actions", "GET", lambda s, q: s.available_actions(query_id(s, q)), body=False)
+            add("/list_envs", "GET", lambda s, q: sorted(s.table.sessions), body=False)
+        if env_name == "maze":
+            add("/available_actions", "GET", lambda s, q: s.available_actions(None), body=False)
+        if env_name == "wordle":
+            from fedse.envs.wordle import VOCAB
+
+            add("/filtered_vocab", "GET", lambda s, q: list(VOCAB), body=False)
+    return app
+
+
+def serve(server: str, host: str = "127.0.0.1", port: int = 36001, ttl: float = 600.0) -> None:
+    """Run the server until interrupted (uvicorn, one process, sessions in threads)."""
+    import uvicorn
+
+    app = make_app(server, ttl=ttl)
+    print(f"fedse: serving {server} ({', '.join(SERVERS[server])}) at http://{host}:{port}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
