@@ -132,6 +132,7 @@ class TextEnv(ABC):
 
     def close(self) -> None:
         """Release what the environment holds outside this process (nothing, in process)."""
+        return None
 
     def observation(self) -> str:
         """The current observation, for environments whose rejections repeat it."""
