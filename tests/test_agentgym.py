@@ -385,6 +385,13 @@ def test_a_federation_seeded_from_an_agenttraj_file_trains_on_it(tmp_path):
     client = next(json.loads(x) for x in fed.store.metrics.read_text().splitlines() if '"client": "maze"' in x)
     assert client["train_tokens"] > 0
 
+    from fedse.cli import main
+
+    assert main(["traj", "export", str(fed.store.root), "--out", str(tmp_path / "kept.json")]) == 0
+    kept = json.loads((tmp_path / "kept.json").read_text())
+    assert kept == records  # the seeds come back as they went in (a run kept nothing else here)
+    assert main(["traj", "export", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2  # not a run folder
+
 
 @pytest.mark.parametrize(
     ("text", "message"),
