@@ -108,6 +108,13 @@ def _str(body: dict, key: str) -> str:
     return body[key]
 
 
+def started(session: Session, id_: int) -> TextEnv:
+    """The session's environment, once a task was reset in it (call with its lock held)."""
+    if session.env.task_id is None:
+        raise RequestError(f"environment {id_} has no task yet: POST /reset first")
+    return session.env
+
+
 @dataclass
 class EnvService:
     """One environment's endpoints, as pure functions of parsed JSON (the app only routes)."""
@@ -143,9 +150,7 @@ class EnvService:
         id_, action = _int(body, self.dialect.id_field), _str(body, "action")
         session = self.table.get(id_)
         with session.lock:
-            env = session.env
-            if env.task_id is None:
-                raise RequestError(f"environment {id_} has no task yet: POST /reset first")
+            env = started(session, id_)
             if env.done:
                 raise RequestError(f"The task with environment {id_} has finished.")
             result: StepResult = env.step_action(action)
@@ -159,9 +164,7 @@ class EnvService:
     def observation(self, id_: int) -> Any:
         session = self.table.get(id_)
         with session.lock:
-            if session.env.task_id is None:
-                raise RequestError(f"environment {id_} has no task yet: POST /reset first")
-            return session.env.observation()
+            return started(session, id_).observation()
 
     def available_actions(self, id_: int | None) -> Any:
         if self.name == "maze":
@@ -170,9 +173,7 @@ class EnvService:
             return list(MOVES)
         session = self.table.get(id_)
         with session.lock:
-            env = session.env
-            if env.task_id is None:
-                raise RequestError(f"environment {id_} has no task yet: POST /reset first")
+            env = started(session, id_)
             return {"has_search_bar": env.page.kind == "start", "clickables": list(env.clickables())}
 
     def close(self, body: dict) -> bool:

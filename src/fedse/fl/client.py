@@ -126,9 +126,9 @@ def expert_seeds(
         label = derived_seed("experts", env) if parts == 1 else derived_seed("experts", client)
         experts += [expert_trajectory(env, i) for i in exploration_tasks(env, count, label, part, parts)]
     if seed_file is not None:
+        records = read_agenttraj(seed_file)
         for env in envs:
-            mine = [t for t in read_agenttraj(seed_file) if t.env == env and t.success]
-            experts += mine[part::parts]
+            experts += [t for t in records if t.env == env and t.success][part::parts]
     return experts
 
 
