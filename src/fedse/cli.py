@@ -172,7 +172,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from fedse.experiments.grid import load_experiment, run_grid
+    from fedse.experiments.grid import load_experiment, machine_record, record_sitting, run_grid
     from fedse.experiments.methods import METHODS
     from fedse.experiments.run import Federation
     from fedse.experiments.table import experiment_report
@@ -191,7 +191,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
         def run_cell(cell, resume):
             federation = Federation(cell.config, cell.root, progress=True)
-            for records in federation.rounds(resume=resume, force=not resume):
+            for i, records in enumerate(federation.rounds(resume=resume, force=not resume)):
+                if i == 0:  # after start(): a fresh run's folder has been (re)created by now
+                    record_sitting(cell.root, machine_record(federation.policy.dtype, resume))
                 print(f"  {cell.method} seed {cell.seed}: round {records.round} done")
 
         counts = run_grid(cells, run_cell)

@@ -11,24 +11,35 @@ as many sittings as it takes.
 Each run lives in `results/<name>/<method>/seed<k>/` (a normal run folder: `fedse report` and
 `fedse eval` work on it). The seed is `fed.seed`: the adapter's init, every exploration draw
 and the data order. Running the grid again skips finished runs, resumes interrupted ones and
-starts missing ones, so it can be stopped at any time. Only each run's config.json and
-metrics.jsonl are meant for git (see results/.gitignore); the experiment report is rebuilt
-from them (`fedse experiment FILE --report-only`).
+starts missing ones, so it can be stopped at any time. Only each run's config.json,
+metrics.jsonl and machine.jsonl are meant for git (see results/.gitignore); the experiment report
+is rebuilt from them (`fedse experiment FILE --report-only`).
+
+A grid completed over several sittings may run on several machines, and a bf16 run on one CPU is
+not bit-comparable with an fp32 run on another: each sitting of a run appends one line to its
+`machine.jsonl` (CPU model, base dtype, torch, threads), and the report lists them per method.
 """
 
 from __future__ import annotations
 
+import json
+import platform
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from pydantic import Field, ValidationError, field_validator
 
+from fedse.agent.dtype import cpu_model
 from fedse.experiments.config import ConfigError, RunConfig, check_run_name, load_config
 from fedse.experiments.methods import METHODS, method
 from fedse.experiments.store import RunStore
+from fedse.files import append_lines, read_lines
 from fedse.sections import Section
+
+MACHINE_FILE = "machine.jsonl"
 
 
 class ExperimentConfig(Section):
@@ -112,3 +123,26 @@ def run_grid(
         run_cell(cell, status == "partial")
         counts["resumed" if status == "partial" else "started"] += 1
     return counts
+
+
+def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
+    """Where a sitting of a run executes: what decides its speed and its bits."""
+    return {
+        "cpu": cpu_model(),
+        "arch": platform.machine(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "resumed": resumed,
+    }
+
+
+def record_sitting(root: Path, record: dict) -> None:
+    """Append one sitting's `machine_record` to the run's machine.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    append_lines(root / MACHINE_FILE, [json.dumps(record, sort_keys=True)])
+
+
+def sittings(root: Path) -> list[dict]:
+    """The machine records of a run's sittings, oldest first ([] for runs before they were kept)."""
+    return [json.loads(line) for line in read_lines(root / MACHINE_FILE)]

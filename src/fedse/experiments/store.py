@@ -49,6 +49,7 @@ LOCK = ".lock"
 RUN_ENTRIES = {
     "config.json",
     "metrics.jsonl",
+    "machine.jsonl",  # an experiment cell's sittings (fedse.experiments.grid)
     "state.json",
     "clients",
     "checkpoints",

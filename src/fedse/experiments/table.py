@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fedse.experiments.grid import sittings
 from fedse.experiments.records import RunRecords
 from fedse.experiments.store import RunStore
 from fedse.files import atomic_write_text
@@ -75,6 +76,18 @@ class SeedResult:
         seconds += sum(r.train_seconds for r in run.client)
         sent = sum(sum(a.bytes_up) + a.bytes_down * a.clients for a in run.aggregate)
         return {"minutes": seconds / 60, "train_tokens": sum(r.train_tokens for r in run.client), "mb": sent / 1e6}
+
+
+def machines(results: list[SeedResult], roots: dict[int, Path]) -> str:
+    """The machines a method's seeds ran on, e.g. "Xeon (bfloat16) ×3" ("not recorded": a run
+    from before machine.jsonl was kept)."""
+    seen: dict[str, int] = {}
+    for r in results:
+        records = sittings(roots[r.seed])
+        names = dict.fromkeys(f"{m['cpu']} ({m['dtype']})" for m in records) or {"not recorded": None}
+        for name in names:
+            seen[name] = seen.get(name, 0) + 1
+    return "; ".join(f"{name} ×{n}" for name, n in seen.items())
 
 
 def _pct(x: float) -> str:
@@ -147,15 +160,17 @@ def experiment_report(root: Path, methods: list[str], seeds: list[int], definiti
     lines += [
         "",
         "Cost per run (mean over seeds): wall time of exploration, training and evaluation; tokens "
-        "trained; adapter bytes sent and received.",
+        "trained; adapter bytes sent and received; the machines the runs ran on (minutes compare only "
+        "within one machine).",
         "",
-        "| method | minutes | tokens trained | MB communicated |",
-        "|---|---|---|---|",
+        "| method | minutes | tokens trained | MB communicated | ran on (CPU, base dtype) × seeds |",
+        "|---|---|---|---|---|",
     ]
     for m, rs in results.items():
         costs = [r.cost() for r in rs]
         mean = {k: statistics.fmean(c[k] for c in costs) for k in costs[0]}
-        lines.append(f"| {m} | {mean['minutes']:.1f} | {mean['train_tokens']:,.0f} | {mean['mb']:.1f} |")
+        ran_on = machines(rs, {r.seed: root / m / f"seed{r.seed}" for r in rs})
+        lines.append(f"| {m} | {mean['minutes']:.1f} | {mean['train_tokens']:,.0f} | {mean['mb']:.1f} | {ran_on} |")
     lines += ["", "Methods:", ""] + [f"- `{m}`: {definitions[m]}" for m in results]
     lines += ["", "![Avg per round](curves.png)", ""]
     _plot_curves(results, root / "curves.png")
