@@ -12,7 +12,7 @@ Each run lives in `results/<name>/<method>/seed<k>/` (a normal run folder: `feds
 `fedse eval` work on it). The seed is `fed.seed`: the adapter's init, every exploration draw
 and the data order. Running the grid again skips finished runs, resumes interrupted ones and
 starts missing ones, so it can be stopped at any time. Only each run's config.json,
-metrics.jsonl and machine.jsonl are meant for git (see results/.gitignore); the experiment report
+metrics.jsonl, state.json and machine.jsonl are meant for git (see results/.gitignore); the experiment report
 is rebuilt from them (`fedse experiment FILE --report-only`).
 
 A grid completed over several sittings may run on several machines, and a bf16 run on one CPU is
@@ -139,7 +139,6 @@ def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
 
 def record_sitting(root: Path, record: dict) -> None:
     """Append one sitting's `machine_record` to the run's machine.jsonl."""
-    root.mkdir(parents=True, exist_ok=True)
     append_lines(root / MACHINE_FILE, [json.dumps(record, sort_keys=True)])
 
 

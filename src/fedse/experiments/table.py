@@ -78,12 +78,12 @@ class SeedResult:
         return {"minutes": seconds / 60, "train_tokens": sum(r.train_tokens for r in run.client), "mb": sent / 1e6}
 
 
-def machines(results: list[SeedResult], roots: dict[int, Path]) -> str:
+def machines(method_dir: Path, results: list[SeedResult]) -> str:
     """The machines a method's seeds ran on, e.g. "Xeon (bfloat16) ×3" ("not recorded": a run
     from before machine.jsonl was kept)."""
     seen: dict[str, int] = {}
     for r in results:
-        records = sittings(roots[r.seed])
+        records = sittings(method_dir / f"seed{r.seed}")
         names = dict.fromkeys(f"{m['cpu']} ({m['dtype']})" for m in records) or {"not recorded": None}
         for name in names:
             seen[name] = seen.get(name, 0) + 1
@@ -169,7 +169,7 @@ def experiment_report(root: Path, methods: list[str], seeds: list[int], definiti
     for m, rs in results.items():
         costs = [r.cost() for r in rs]
         mean = {k: statistics.fmean(c[k] for c in costs) for k in costs[0]}
-        ran_on = machines(rs, {r.seed: root / m / f"seed{r.seed}" for r in rs})
+        ran_on = machines(root / m, rs)
         lines.append(f"| {m} | {mean['minutes']:.1f} | {mean['train_tokens']:,.0f} | {mean['mb']:.1f} | {ran_on} |")
     lines += ["", "Methods:", ""] + [f"- `{m}`: {definitions[m]}" for m in results]
     lines += ["", "![Avg per round](curves.png)", ""]
