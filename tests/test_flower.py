@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from tests.test_federation import TINY, tiny_config
@@ -27,7 +28,7 @@ from fedse.errors import UserError
 from fedse.experiments.run import Federation
 from fedse.flower import client_app
 from fedse.flower.codec import record_json, wire_bytes
-from fedse.flower.deploy import APP_DIR, LocalDeployment, run_local
+from fedse.flower.deploy import APP_DIR, LocalDeployment, node_threads, run_local
 from fedse.flower.server_app import FlowerFederation, FlowerOptions
 from fedse.flower.worker import pack, unpack
 
@@ -205,6 +206,19 @@ def test_the_worker_framing_round_trips_records():
 # --- the deployment engine on loopback: Flower's own processes ----------------------------------
 
 
+def embedded_like_the_nodes(tmp_path: Path, *extra: str) -> Federation:
+    """The embedded run at the nodes' torch thread count: with another count a bf16 matmul
+    (AMX) may sum in another order, and the hashes compared would differ in their last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(node_threads(len(tiny_config().fed.clients)))
+    try:
+        embedded = Federation(tiny_config(*extra), tmp_path / "emb", Policy(load_base("tiny-random")))
+        embedded.run()
+    finally:
+        torch.set_num_threads(threads)
+    return embedded
+
+
 def tiny_toml(tmp_path: Path) -> Path:
     lines = []
     for item in TINY:
@@ -217,8 +231,7 @@ def tiny_toml(tmp_path: Path) -> Path:
 
 def test_deployment_engine_on_loopback_reproduces_the_embedded_run(tmp_path):
     config = tiny_toml(tmp_path)
-    embedded = Federation(tiny_config(), tmp_path / "emb", Policy(load_base("tiny-random")))
-    embedded.run()
+    embedded = embedded_like_the_nodes(tmp_path)
     done = run_local(config, tmp_path / "run", tmp_path / "work", timeout=500, options={"poll": 0.2})
     assert done.run.returncode == 0, done.run.stdout[-3000:] + done.run.stderr[-3000:]
     state = json.loads((tmp_path / "run" / "state.json").read_text())
@@ -286,8 +299,7 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_after_a_restart(tmp
 
 def test_a_killed_server_app_resumes_from_its_last_completed_round(tmp_path):
     config = tiny_toml(tmp_path)
-    embedded = Federation(tiny_config("eval.every=2"), tmp_path / "emb", Policy(load_base("tiny-random")))
-    embedded.run()
+    embedded = embedded_like_the_nodes(tmp_path, "eval.every=2")
     run = tmp_path / "run"
     with LocalDeployment(config, tmp_path / "work", ["eval.every=2"]) as deployment:
         server = subprocess.Popen(

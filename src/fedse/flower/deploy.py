@@ -321,6 +321,11 @@ def node_command(
     return cmd
 
 
+def node_threads(nodes: int) -> int:
+    """Torch threads per SuperNode when `nodes` of them share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // nodes)
+
+
 class LocalDeployment:
     """Flower's deployment engine on this machine for the run `config` describes: a SuperLink and
     one SuperNode (with its worker) per client, each a process in its own group, files and logs
@@ -356,7 +361,7 @@ class LocalDeployment:
         write_connection(self.home, "fedse", self.address, self.certs.ca if self.certs else None)
         self.env = flower_env(self.home)  # Flower installs the app bundle under FLWR_HOME: keep it here
         cores = os.cpu_count() or 1
-        self.env["FEDSE_THREADS"] = str(max(1, cores // len(self.clients)))
+        self.env["FEDSE_THREADS"] = str(node_threads(len(self.clients)))
         if len(self.clients) > cores:  # more nodes than cores: threads that wait must not spin
             self.env["OMP_WAIT_POLICY"] = "PASSIVE"
 
