@@ -68,6 +68,7 @@ def test_buffer_history_cap_and_dedup(tmp_path):
     no_history.add(experts(ids=(13, 14)), 0)
     no_history.add(experts(ids=(15,)), 1)
     assert [t.task_id for t in no_history.training_set(1)] == [15]
+    assert [t.task_id for t in no_history.training_set(1, warmup=True)] == [13, 14]  # nobody explored yet
     capped = ExperienceBuffer(tmp_path / "b.jsonl", BufferConfig(cap=2))
     capped.add(experts(ids=(13, 14, 15)), 0)
     assert [t.task_id for t in ExperienceBuffer(tmp_path / "b.jsonl", BufferConfig(cap=2)).training_set(0)] == [14, 15]

@@ -71,6 +71,13 @@ def test_no_history_trains_each_round_on_that_rounds_trajectories_only(tmp_path)
     assert [r["train_examples"] for r in client] == [2, 2]  # ... training sees one round of it
 
 
+def test_no_history_trains_on_the_seeds_in_a_round_before_exploration_starts(tmp_path):
+    fed = method_run(tmp_path, "fedse-no-history", "explore.filter='none'", "explore.first_round=2")
+    client = [r for r in records(fed, "client") if r["client"] == "maze"]
+    assert [r["buffer"] for r in client] == [2, 4]
+    assert [r["train_examples"] for r in client] == [2, 2]  # the seeds, then round 2's episodes
+
+
 def test_pretrained_only_evaluates_the_starting_adapter(tmp_path):
     fed = method_run(tmp_path, "pretrained")
     assert {r["round"] for r in records(fed, "eval")} == {0} and records(fed, "client") == []

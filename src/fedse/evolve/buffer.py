@@ -3,7 +3,8 @@
 D_train^{k,0} = expert demonstrations; D_train^{k,t} = D_train^{k,t-1} ∪ D_succ^{k,t}, without a
 capacity limit by default (the paper). Options: `cap` keeps only the newest N entries;
 `dedup="exact"` skips a trajectory whose env, task and agent turns are already in the buffer;
-`history=False` trains on the current round's additions only (the "w/o history" ablation).
+`history=False` trains on the current round's additions only (the "w/o history" ablation); in a
+warm-up round, before anyone explores, the seeds are what that round brings, so it trains on them.
 
 On disk: one JSON line per entry, `{"round": t, "trajectory": {...}}`, seeds at round 0. The file
 is appended to and fsynced; rewrites (cap, truncation) replace it atomically (`fedse.files`),
@@ -93,11 +94,13 @@ class ExperienceBuffer:
         self.entries = self._window(self.stored)
         return len(new)
 
-    def training_set(self, round_: int) -> list[Trajectory]:
-        """Everything (history) or only what round `round_` added."""
+    def training_set(self, round_: int, warmup: bool = False) -> list[Trajectory]:
+        """Everything (history) or only what round `round_` added; a `warmup` round (one that
+        does not explore) adds nothing itself, so without history it trains on the seeds."""
         if self.config.history:
             return [t for _, t in self.entries]
-        return [t for r, t in self.entries if r == round_]
+        fresh = 0 if warmup else round_
+        return [t for r, t in self.entries if r == fresh]
 
     def truncate(self, last_round: int) -> None:
         """Forget entries from rounds after `last_round` (resuming after a crash mid-round),

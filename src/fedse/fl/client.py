@@ -149,7 +149,7 @@ def learn(
     keep = make_filter(explore.filter)
     kept = [t for t in explored if keep.keep(t)]
     added = buffer.add(kept, round_)
-    data = buffer.training_set(round_)
+    data = buffer.training_set(round_, warmup=round_ < explore.first_round)
     report = train_adapter(
         policy,
         client,
