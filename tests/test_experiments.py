@@ -13,6 +13,7 @@ from fedse.agent.dtype import cpu_model
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.cli import main
+from fedse.experiments.config import ConfigError
 from fedse.experiments.grid import load_experiment, run_grid, sittings
 from fedse.experiments.methods import METHODS
 from fedse.experiments.run import CENTRAL, Federation
@@ -141,6 +142,12 @@ def test_an_interrupted_grid_skips_finished_runs_and_resumes_the_rest(tmp_path):
     assert counts == {"skipped": 1, "resumed": 1, "started": 2}
     assert calls == [("fedse", 0, True), ("pretrained", 1, False), ("fedse", 1, False)]
     assert all(c.status() == "done" for c in cells)
+    # an edited experiment does not keep finished runs it did not make
+    edited = path.read_text().replace('"fed.rounds=1"', '"fed.rounds=1", "train.lr=0.01"')
+    path.write_text(edited)
+    _, changed = load_experiment(path)
+    with pytest.raises(ConfigError, match=r"4 finished run\(s\).*train\.lr.*delete those folders"):
+        run_grid(changed, run_cell, echo=lambda _: None)
 
 
 def test_the_experiment_command_runs_the_grid_and_rebuilds_its_report_from_the_results(tmp_path, capsys):

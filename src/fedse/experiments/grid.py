@@ -33,7 +33,14 @@ import torch
 from pydantic import Field, ValidationError, field_validator
 
 from fedse.agent.dtype import cpu_model
-from fedse.experiments.config import ConfigError, RunConfig, check_run_name, load_config
+from fedse.experiments.config import (
+    ConfigError,
+    RunConfig,
+    check_run_name,
+    config_changes,
+    load_config,
+    validate_config,
+)
 from fedse.experiments.methods import METHODS, method
 from fedse.experiments.store import RunStore
 from fedse.files import append_lines, read_lines
@@ -82,6 +89,15 @@ class Cell:
             return "absent"
         return "done" if last >= self.config.fed.rounds else "partial"
 
+    def changes(self) -> list[str]:
+        """The keys in which the run on disk differs from this cell's configuration ([] if
+        there is no run yet): an edited base or method makes a finished run stale."""
+        store = RunStore(self.root)
+        if not store.config_path.exists():
+            return []
+        recorded = validate_config(store.read_config(), where=str(store.config_path))
+        return config_changes(recorded, self.config)
+
 
 def load_experiment(path: str | Path) -> tuple[ExperimentConfig, list[Cell]]:
     """The experiment at `path` and its cells, every cell's configuration validated up front."""
@@ -110,7 +126,10 @@ def run_grid(
     cells: list[Cell], run_cell: Callable[[Cell, bool], None], echo: Callable[[str], None] = print
 ) -> dict[str, int]:
     """Bring every cell to 'done': `run_cell(cell, resume)` runs or resumes one. Returns how
-    many cells were skipped, resumed and started."""
+    many cells were skipped, resumed and started. A finished run whose configuration is no
+    longer the cell's is not silently kept in the table: a ConfigError names it, before
+    anything runs (a partial one is checked when it resumes)."""
+    check_not_stale(cells)
     counts = {"skipped": 0, "resumed": 0, "started": 0}
     for i, cell in enumerate(cells, start=1):
         status = cell.status()
@@ -123,6 +142,18 @@ def run_grid(
         run_cell(cell, status == "partial")
         counts["resumed" if status == "partial" else "started"] += 1
     return counts
+
+
+def check_not_stale(cells: list[Cell]) -> None:
+    """A ConfigError listing the finished runs that another configuration produced."""
+    stale = [(cell, changes) for cell in cells if cell.status() == "done" and (changes := cell.changes())]
+    if stale:
+        shown = "; ".join(f"{cell.root} ({', '.join(changes[:3])})" for cell, changes in stale[:3])
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        raise ConfigError(
+            f"{len(stale)} finished run(s) were made with another configuration than the experiment's "
+            f"now: {shown}{more}. Restore the experiment's settings, or delete those folders to rerun them"
+        )
 
 
 def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
