@@ -91,6 +91,18 @@ def test_every_method_is_a_valid_configuration():
         tiny_config(*m.overrides)
 
 
+def test_the_shipped_presets_load_and_the_committed_results_are_their_own(monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the presets' results folder is relative to the repository
+    for preset in sorted((root / "configs" / "experiments").glob("table1-*.toml")):
+        if preset.stem.endswith("-base"):
+            continue
+        _, cells = load_experiment(preset)
+        assert len(cells) == len({c.root for c in cells}) > 0
+        finished = [c for c in cells if c.status() == "done"]
+        assert all(c.changes() == [] for c in finished), f"{preset.name}: a committed run is stale"
+
+
 def test_bootstrap_on_cases_with_known_answers():
     assert bootstrap_mean([1.0] * 50) == (1.0, 1.0, 1.0)
     mean, lo, hi = bootstrap_mean([1.0] * 30 + [0.0] * 70)
