@@ -18,7 +18,7 @@ from fedse.experiments.grid import load_experiment, run_grid, sittings
 from fedse.experiments.methods import METHODS
 from fedse.experiments.run import CENTRAL, Federation
 from fedse.experiments.store import RunStore
-from fedse.experiments.table import bootstrap_mean, paired_bootstrap
+from fedse.experiments.table import bootstrap_mean, collect, paired_bootstrap
 from test_federation import TINY, tiny_config
 
 
@@ -149,6 +149,9 @@ def test_an_interrupted_grid_skips_finished_runs_and_resumes_the_rest(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_grid(cells, lambda cell, resume: run_cell(cell, resume, stop_after_round_0=True), echo=lambda _: None)
     assert [c.status() for c in cells] == ["done", "partial", "absent", "absent"]
+    # the table holds finished runs only: the partial one's round-0 score would count as its result
+    partial = collect(cells[1].root.parents[1], ["pretrained", "fedse"], [0, 1])
+    assert {m: [r.seed for r in rs] for m, rs in partial.items()} == {"pretrained": [0]}
     calls.clear()
     counts = run_grid(cells, run_cell, echo=lambda _: None)
     assert counts == {"skipped": 1, "resumed": 1, "started": 2}
@@ -168,8 +171,17 @@ def test_the_experiment_command_runs_the_grid_and_rebuilds_its_report_from_the_r
     root = tmp_path / "results" / "tiny"
     report = (root / "report.md").read_text()
     assert "| pretrained | 2 |" in report and "| fedse | 2 |" in report and "| local-static | 2 |" in report
-    paired = report.split("| method | Fed-SE − method |")[1].split("Cost per run")[0]
+    paired = report.split("| method | Fed-SE − method |")[1].split("Exploration:")[0]
     assert "| local-static | +0.0 |" in paired and "| pretrained | " in paired and "| fedse |" not in paired
+    explored = report.split("| method | successes / explored |")[1].split("Cost per run")[0]
+    assert "| pretrained | – |" in explored and "| local-static | – |" in explored
+    tally: dict[int, list[int]] = {}
+    for seed in (0, 1):
+        for r in map(json.loads, (root / "fedse" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()):
+            if r["event"] == "client" and r["explored"]:
+                t = tally.setdefault(r["round"], [0, 0])
+                t[0], t[1] = t[0] + round(r["explore_success"] * r["explored"]), t[1] + r["explored"]
+    assert tally and f"| fedse | {' · '.join(f'r{k} {a}/{b}' for k, (a, b) in sorted(tally.items()))} |" in explored
     assert (root / "curves.png").stat().st_size > 0
     assert {"config.json", "metrics.jsonl", "state.json"} <= {p.name for p in (root / "fedse" / "seed1").iterdir()}
     first = capsys.readouterr().out

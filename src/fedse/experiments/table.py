@@ -1,5 +1,6 @@
 """The experiment report: the paper's Table 1 over methods x seeds, the paired bootstrap of
-Fed-SE against every other method, learning curves with bands, and what each method cost.
+Fed-SE against every other method, what exploration found round by round, learning curves with
+bands, and what each method cost.
 
 Units of uncertainty: a (seed, environment, test task) triple. A method's interval resamples
 its triples; a comparison resamples the triples both methods played (paired: the same seed
@@ -78,6 +79,19 @@ class SeedResult:
         return {"minutes": seconds / 60, "train_tokens": sum(r.train_tokens for r in run.client), "mb": sent / 1e6}
 
 
+def exploration(results: list[SeedResult]) -> str:
+    """Successful episodes / episodes explored per round, summed over seeds, e.g.
+    "r2 9/54 · r3 14/54" ("–" for a method that never explores)."""
+    found: dict[int, list[int]] = {}
+    for r in results:
+        for c in r.run.client:
+            if c.explored:
+                tally = found.setdefault(c.round, [0, 0])
+                tally[0] += round(c.explore_success * c.explored)
+                tally[1] += c.explored
+    return " · ".join(f"r{k} {s}/{n}" for k, (s, n) in sorted(found.items())) or "–"
+
+
 def machines(method_dir: Path, results: list[SeedResult]) -> str:
     """The machines a method's seeds ran on, e.g. "Xeon (bfloat16) ×3" ("not recorded": a run
     from before machine.jsonl was kept)."""
@@ -103,14 +117,22 @@ def _cell(per_seed: list[float], units: list[int]) -> str:
     return f"{_pct(mean)} ± {_pct(std)} [{_pct(lo)}, {_pct(hi)}]"
 
 
+def finished(cell: Path) -> bool:
+    """Whether the run in `cell` completed every round its configuration asks for: an
+    interrupted run's last evaluation is an earlier round's and would drag its method down."""
+    store = RunStore(cell)
+    last = store.last_round() if store.config_path.exists() else None
+    return last is not None and last >= store.read_config()["fed"]["rounds"] and bool(store.load().rounds)
+
+
 def collect(root: Path, methods: list[str], seeds: list[int]) -> dict[str, list[SeedResult]]:
-    """method -> the results of its seeds that have at least round 0 evaluated."""
+    """method -> the results of its finished seeds (unfinished ones are left out)."""
     out: dict[str, list[SeedResult]] = {}
     for m in methods:
         found = []
         for s in seeds:
             cell = root / m / f"seed{s}"
-            if (cell / "metrics.jsonl").exists() and RunStore(cell).load().rounds:
+            if finished(cell):
                 found.append(SeedResult.of(m, s, cell))
         if found:
             out[m] = found
@@ -126,7 +148,7 @@ def experiment_report(root: Path, methods: list[str], seeds: list[int], definiti
     lines = [
         f"# Experiment {root.name}",
         "",
-        "Test success (%) at each run's last round: mean over seeds ± their standard deviation "
+        "Test success (%) after each finished run's last round (unfinished runs are left out): mean over seeds ± their standard deviation "
         "[95 % bootstrap interval over (seed, test task)]; Avg is weighted by test tasks (Fed-SE's).",
         "",
         "| method | seeds | " + " | ".join(envs) + " | Avg |",
@@ -157,6 +179,15 @@ def experiment_report(root: Path, methods: list[str], seeds: list[int], definiti
                 continue
             mean, lo, hi, n = paired_bootstrap(ours, theirs)
             lines.append(f"| {m} | {100 * mean:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {n} |")
+    lines += [
+        "",
+        "Exploration: successful episodes / episodes explored at temperature 1.0 on train tasks, "
+        "per round, summed over seeds (what self-evolution has to learn from):",
+        "",
+        "| method | successes / explored |",
+        "|---|---|",
+    ]
+    lines += [f"| {m} | {exploration(rs)} |" for m, rs in results.items()]
     lines += [
         "",
         "Cost per run (mean over seeds): wall time of exploration, training and evaluation; tokens "
