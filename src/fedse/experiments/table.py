@@ -121,8 +121,8 @@ def finished(cell: Path) -> bool:
     """Whether the run in `cell` completed every round its configuration asks for: an
     interrupted run's last evaluation is an earlier round's and would drag its method down."""
     store = RunStore(cell)
-    last = store.last_round() if store.config_path.exists() else None
-    return last is not None and last >= store.read_config()["fed"]["rounds"] and bool(store.load().rounds)
+    last = store.last_round()  # round 0 completes with its evaluation, so a finished run has one
+    return last is not None and store.config_path.exists() and last >= store.read_config()["fed"]["rounds"]
 
 
 def collect(root: Path, methods: list[str], seeds: list[int]) -> dict[str, list[SeedResult]]:
