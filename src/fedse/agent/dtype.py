@@ -7,7 +7,7 @@ without bf16 units they take a slow path, ~3x slower (Zen 3, shared stack notes)
 choice is measured: a ~1 s micro-benchmark of the model's own linear shapes, fp32 against
 bf16, interleaved so that a busy neighbour slows both alike, at the first load on a machine;
 bf16 is chosen when it is at least `SPEEDUP_NEEDED` faster. The decision is cached in
-`$FEDSE_CACHE/dtype/` per CPU model, torch version, thread count and shape, and `fedse info`
+`$FEDSE_CACHE/dtype/` per CPU model, torch version, thread count, shape and oneDNN ISA cap, and `fedse info`
 prints it with its figures. LoRA factors stay fp32 whatever the base runs in.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -95,8 +96,14 @@ def measure_linears(hidden: int, intermediate: int, seconds: float = 1.0) -> tup
     return median[torch.float32], median[torch.bfloat16]
 
 
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+"""Environment variables that cap the instructions oneDNN uses: with AMX capped off, bf16 took
+2.0 ms against fp32's 1.35 ms on a Xeon where AMX gave 0.2 ms (256x576x1536, 2 threads)."""
+
+
 def _cache_file(cache: Path, hidden: int, intermediate: int) -> Path:
-    key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()}|{hidden}|{intermediate}"
+    caps = ",".join(os.environ.get(name, "") for name in ISA_CAPS)
+    key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()}|{hidden}|{intermediate}|{caps}"
     return cache / "dtype" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
