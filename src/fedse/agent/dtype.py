@@ -7,8 +7,8 @@ without bf16 units they take a slow path, ~3x slower (Zen 3, shared stack notes)
 choice is measured: a ~1 s micro-benchmark of the model's own linear shapes, fp32 against
 bf16, interleaved so that a busy neighbour slows both alike, at the first load on a machine;
 bf16 is chosen when it is at least `SPEEDUP_NEEDED` faster. The decision is cached in
-`$FEDSE_CACHE/dtype/` per CPU model, torch version, thread count, shape and oneDNN ISA cap, and `fedse info`
-prints it with its figures. LoRA factors stay fp32 whatever the base runs in.
+`$FEDSE_CACHE/dtype/` per CPU model, torch version, thread count, shape and oneDNN ISA cap,
+and `fedse info` prints it with its figures. LoRA factors stay fp32 whatever the base runs in.
 """
 
 from __future__ import annotations
