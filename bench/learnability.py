@@ -10,7 +10,10 @@ buffer is seeded with), then
 - test: greedy success on `--test` test tasks, spread over the test split as evaluation does;
 - explore: success at temperature 1.0 on `--explore` train tasks, each with its own seed, as a
   client explores. Self-evolution can start only where this is above 0: the filter keeps
-  successes, and nothing else grows the buffer beyond the experts.
+  successes, and nothing else grows the buffer beyond the experts;
+- stuck: how many of the failed exploration episodes ended repeating one action (their last
+  three), whatever the environment answered: the agent has not learnt to react to feedback,
+  which the experts' flawless demonstrations never show it.
 
 `--federate LR...` also puts the per-env adapters of the largest N through one Fed-SE server
 step (the unweighted mean of A and of B, over the environments studied) moved by each server
@@ -33,6 +36,8 @@ from fedse.agent.lora import LoraSpec
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling, rollout
+from fedse.agent.trajectory import Trajectory
+from fedse.envs import make_env
 from fedse.evolve.sft import TrainConfig, train_adapter
 from fedse.evolve.store import expert_trajectory
 from fedse.experiments.evaluation import evaluation_tasks
@@ -52,10 +57,20 @@ def rate(successes: int, n: int) -> str:
 
 def successes(policy: Policy, requests: list[RolloutRequest], max_batch: int) -> dict[str, int]:
     """Successes per env of `requests` played in one batched rollout."""
-    out: dict[str, int] = {}
-    for t in rollout(policy, requests, max_batch=max_batch):
-        out[t.env] = out.get(t.env, 0) + int(t.success)
-    return out
+    return tally(rollout(policy, requests, max_batch=max_batch))[0]
+
+
+def tally(played: list[Trajectory]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per env: the successes, and the failures that ended stuck (their last three actions one
+    repeated action, whatever the environment answered)."""
+    won: dict[str, int] = {}
+    stuck: dict[str, int] = {}
+    envs = {name: make_env(name) for name in {t.env for t in played}}  # WebShop's builds its index
+    for t in played:
+        won[t.env] = won.get(t.env, 0) + int(t.success)
+        actions = {envs[t.env].parse_action(o) for o in t.outputs[-3:]}
+        stuck[t.env] = stuck.get(t.env, 0) + int(not t.success and len(t.outputs) >= 3 and len(actions) == 1)
+    return won, stuck
 
 
 def main() -> None:
@@ -87,8 +102,11 @@ def main() -> None:
         f"batch {args.batch_tokens} tokens; {args.test} test and {args.explore} exploration tasks per env; "
         f"{torch.get_num_threads()} threads\n"
     )
-    print("| env | N demos | train tokens | train s | tok/s | test success | explore success (T 1.0) | rollouts s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| env | N demos | train tokens | train s | tok/s | test success | explore success (T 1.0) "
+        "| explore failures stuck | rollouts s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     init = policy.new_adapter("init", spec, seed=0)
     trained = {}
     for env in args.envs:
@@ -101,10 +119,12 @@ def main() -> None:
             report = train_adapter(policy, env, demos[:n], train, seed=0)
             start = time.perf_counter()
             test = successes(policy, tests, args.max_batch).get(env, 0)
-            found = successes(policy, explores, args.max_batch).get(env, 0)
+            won, stuck = tally(rollout(policy, explores, max_batch=args.max_batch))
+            found = won.get(env, 0)
             print(
                 f"| {env} | {n} | {report.tokens} | {report.seconds:.0f} | {report.tokens_per_s:.0f} "
-                f"| {rate(test, len(tests))} | {rate(found, len(explores))} | {time.perf_counter() - start:.0f} |",
+                f"| {rate(test, len(tests))} | {rate(found, len(explores))} "
+                f"| {stuck.get(env, 0)}/{len(explores) - found} | {time.perf_counter() - start:.0f} |",
                 flush=True,
             )
         trained[env] = policy.get(env)
