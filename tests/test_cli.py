@@ -1,9 +1,11 @@
 """The `fedse` command line: envs, play, experts, and one-line errors for bad input."""
 
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fedse.cli import build_parser, cmd_play, main
 from fedse.envs import make_env
@@ -127,3 +129,17 @@ def test_a_bad_key_in_a_runs_config_json_is_a_one_line_error(tmp_path, capsys):
 def test_eval_refuses_a_negative_task_count(capsys, tmp_path):
     assert main(["eval", str(tmp_path), "--tasks", "-1"]) == 2
     assert "--tasks must be 0 (the whole test split) or a positive count, got -1" in capsys.readouterr().err
+
+
+def test_run_says_and_records_the_machine_and_dtype_it_ran_in(tmp_path, capsys):
+    from test_federation import TINY
+
+    sets = [f"--set={s}" for s in [*TINY, "fed.rounds=1", "fed.clients=['maze']"]]
+    assert main(["run", "--runs-dir", str(tmp_path), "--name", "r", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "base model in float32, " in out and "bf16 measured slower" not in out  # tiny: fp32 by rule
+    lines = (tmp_path / "r" / "machine.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    sitting = json.loads(lines[0])
+    assert sitting["dtype"] == "float32" and sitting["resumed"] is False and sitting["cpu"]
+    assert sitting["threads"] == torch.get_num_threads()

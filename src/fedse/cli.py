@@ -110,9 +110,11 @@ def _run_config(root: Path):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fedse.agent.model import TINY
     from fedse.experiments.config import check_run_name, load_config
+    from fedse.experiments.grid import machine_record, record_sitting
     from fedse.experiments.report import round_summary, write_report
-    from fedse.experiments.run import Federation
+    from fedse.experiments.run import Federation, model_dtype
 
     _quiet_libraries()
     if args.resume:
@@ -132,7 +134,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     federation = Federation(config, root, progress=True)
-    for records in federation.rounds(resume=bool(args.resume), force=args.force, change_config=args.change_config):
+    sitting = machine_record(federation.policy.dtype, bool(args.resume))
+    auto_fp32 = model_dtype(config, federation.aggregator) == "auto" and sitting["dtype"] == "float32"
+    slower = " (bf16 measured slower here; the README's demo times are bf16's, expect 1.5-4x)"
+    print(
+        f"on {sitting['cpu']}: base model in {sitting['dtype']}, {sitting['threads']} threads"
+        f"{slower if auto_fp32 and config.model.name != TINY else ''}; `fedse info` says why"
+    )
+    for i, records in enumerate(
+        federation.rounds(resume=bool(args.resume), force=args.force, change_config=args.change_config)
+    ):
+        if i == 0:  # after start(): a fresh run's folder has been (re)created by now
+            record_sitting(root, sitting)
         print(round_summary(records, config.fed.rounds, config.fed.aggregator))
     report = write_report([root])
     print(

@@ -49,7 +49,7 @@ LOCK = ".lock"
 RUN_ENTRIES = {
     "config.json",
     "metrics.jsonl",
-    "machine.jsonl",  # an experiment cell's sittings (fedse.experiments.grid)
+    "machine.jsonl",  # where each sitting of the run ran (fedse.experiments.grid.machine_record)
     "state.json",
     "clients",
     "checkpoints",
