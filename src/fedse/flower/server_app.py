@@ -33,6 +33,7 @@ from fedse.experiments.run import Federation
 from fedse.files import atomic_write_json
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_json, record_tensors, tensors_record, wire_bytes
+from fedse.process import set_up_process
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,9 @@ def make_server_app(options: FlowerOptions | None = None, policy: Policy | None 
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        # Flower starts this process, not fedse's CLI, so $FEDSE_THREADS and the allocator setting
+        # are applied here; a float64 sum's last bits depend on the thread count it runs at.
+        set_up_process()
         run_federation(grid, options or FlowerOptions.from_run_config(dict(context.run_config)), policy)
 
     return server
