@@ -17,9 +17,11 @@ buffer is seeded with), then
 
 `--federate LR...` also puts the per-env adapters of the largest N through one Fed-SE server
 step (the unweighted mean of A and of B, over the environments studied) moved by each server
-learning rate given (1: the paper's plain mean), and evaluates the result on every env. Each
-client's update reaches that model at about 1/K of its strength under the plain mean; this
-shows what that costs and whether a larger server step recovers it.
+learning rate given (1: the paper's plain mean), and plays the result on every env, greedy on
+the test tasks and at temperature 1.0 on the exploration tasks: what a federation's first
+exploring round starts from. Each client's update reaches that model at about 1/K of its
+strength under the plain mean; this shows what that costs and whether a larger server step
+recovers it.
 
 Prints one markdown row per (env, N) and per server step, with 95 % Wilson intervals, the
 training tokens and seconds. Test tasks and exploration tasks are the same for every row.
@@ -130,24 +132,34 @@ def main() -> None:
         trained[env] = policy.get(env)
 
     if args.federate:
-        print(f"\nOne Fed-SE server step over {len(trained)} clients trained on {max(args.demos)} demos each:\n")
-        print("| server lr | " + " | ".join(args.envs) + " | Avg | seconds |")
-        print("|---|" + "---|" * (len(args.envs) + 2))
+        print(
+            f"\nOne Fed-SE server step over {len(trained)} clients trained on {max(args.demos)} demos each, "
+            "test (greedy) and exploration (T 1.0) successes of the global adapter:\n"
+        )
+        print(
+            "| server lr | "
+            + " | ".join(f"{env} test | {env} explore" for env in args.envs)
+            + " | test Avg | seconds |"
+        )
+        print("|---|" + "---|---|" * len(args.envs) + "---|---|")
         aggregator = FedSE()
         updates = [Update(env, a.tensors, 1, {}) for env, a in trained.items()]
         mean = aggregator.aggregate(init, updates, {})
         for lr in args.federate:
             start = time.perf_counter()
             policy.load("global", server_step(init, mean, lr).adapter)
-            requests = [
+            tests = [
                 RolloutRequest(env, i, adapter="global", sampling=greedy)
                 for env in args.envs
                 for i in evaluation_tasks(env, args.test)
             ]
-            found = successes(policy, requests, args.max_batch)
-            cells = [rate(found.get(env, 0), args.test) for env in args.envs]
-            total = sum(found.values())
-            cells.append(rate(total, args.test * len(args.envs)))
+            explores = [r for env in args.envs for r in exploration_requests(env, env, 1, explore, adapter="global")]
+            found = successes(policy, tests, args.max_batch)
+            won = successes(policy, explores, args.max_batch)
+            cells = [
+                f"{rate(found.get(env, 0), args.test)} | {rate(won.get(env, 0), args.explore)}" for env in args.envs
+            ]
+            cells.append(rate(sum(found.values()), args.test * len(args.envs)))
             print(f"| {lr:g} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
 
 

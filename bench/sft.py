@@ -33,7 +33,7 @@ from fedse.agent.policy import Policy
 from fedse.envs import list_envs, make_env
 from fedse.evolve.sft import TrainConfig, encode_examples, train_adapter
 from fedse.evolve.store import expert_trajectory
-from fedse.process import set_up_process
+from fedse.process import keeping_freed_memory, set_up_process
 from roof import matmul_gflops
 
 
@@ -85,7 +85,8 @@ def main() -> None:
     fedse_flop = 4 * body * report.tokens + 4 * hidden * vocab * report.loss_tokens
     fedse_rate = report.tokens / report.seconds
 
-    tokens, heads, seconds = plain_loop(load_base(dtype=str(dtype).removeprefix("torch.")), examples, args.lr)
+    with keeping_freed_memory():  # the allocator fedse's trainer runs under, so only the loops differ
+        tokens, heads, seconds = plain_loop(load_base(dtype=str(dtype).removeprefix("torch.")), examples, args.lr)
     plain_flop = 4 * body * tokens + 4 * hidden * vocab * heads
     plain_rate = tokens / seconds
 

@@ -26,6 +26,8 @@ from pydantic import Field
 from fedse.agent.chat import ChatLayout
 from fedse.agent.policy import Policy
 from fedse.agent.trajectory import Trajectory
+from fedse.evolve.loss import cross_entropy
+from fedse.process import keeping_freed_memory
 from fedse.progress import progress_bar
 from fedse.sections import Section
 
@@ -128,9 +130,9 @@ def batch_loss(policy: Policy, name: str | None, ids, attention, target_mask) ->
     agent token, and only there."""
     predict = torch.zeros_like(target_mask)
     predict[:, :-1] = target_mask[:, 1:]
-    logits = policy.logits([name] * ids.shape[0], ids, keep=predict, attention_mask=attention).float()
+    logits = policy.logits([name] * ids.shape[0], ids, keep=predict, attention_mask=attention)
     targets = ids[:, 1:][target_mask[:, 1:]]
-    return torch.nn.functional.cross_entropy(logits, targets), int(predict.sum())
+    return cross_entropy(logits, targets), int(predict.sum())
 
 
 def _step(
@@ -181,7 +183,7 @@ def train_adapter(
         return report
     pad = policy.tokenizer.pad_token_id or 0
     bar = progress_bar(total_steps, progress, unit="step")
-    with policy.training(name, factors) as params:
+    with keeping_freed_memory(), policy.training(name, factors) as params:
         anchor = [p.detach().clone() for p in params] if config.fedprox_mu > 0 else None
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
