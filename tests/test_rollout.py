@@ -107,6 +107,22 @@ def test_sample_token_is_greedy_at_zero_and_keeps_only_the_top_p_nucleus():
     assert unrestricted == {0, 1, 2}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_picks_taken_a_block_of_rows_at_a_time_equal_the_whole_pass(dtype):
+    import torch
+
+    from fedse.agent.rollout.block import PICK_ROWS, _Picked
+
+    rows = 2 * PICK_ROWS + 5
+    logits = 4 * torch.randn(rows, 1000, generator=torch.Generator().manual_seed(0))
+    logits = logits.to(getattr(torch, dtype))
+    wanted = [(i, 0) for i in range(rows)]
+    picked = _Picked.of(logits, wanted)
+    whole = torch.log_softmax(logits.float(), dim=-1)
+    assert picked.best == whole.argmax(-1).tolist()
+    assert picked.best_logprob == whole.max(-1).values.tolist()
+
+
 def test_a_single_adapter_rollout_is_merged_and_leaves_the_base_untouched(tiny_policy):
     """One adapter for the whole rollout runs with it folded into the weights; same episodes, base restored exactly."""
     import torch

@@ -132,7 +132,8 @@ def _setup(run: RunRecords) -> str:
         f"`{run.root}`: model `{c['model']['name']}` with LoRA r={c['model']['lora_rank']}, "
         f"clients {', '.join(fed['clients'])}, aggregator `{fed['aggregator']}`, {fed['rounds']} rounds planned, "
         f"seed {fed['seed']}; per round each client explores {explore['tasks']} train tasks at temperature "
-        f"{explore['temperature']} (from round {explore.get('first_round', 1)}) and trains {train['epochs']} epochs "
+        f"{explore['temperature']} (from round {explore.get('first_round', 1)}) and trains {train['epochs']} "
+        f"epoch{'s' * (train['epochs'] != 1)} "
         f"at lr {train['lr']:g}; server lr {fed.get('server_lr', 1.0):g}; "
         f"evaluation: {ev['tasks'] or 'all'} test tasks per env, greedy."
     )
