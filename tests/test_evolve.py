@@ -137,6 +137,23 @@ def test_fused_lora_gives_the_loss_and_gradients_of_pefts_forward(dtype, rel, gr
     assert float(torch.nn.functional.cosine_similarity(fast_grad, reference_grad, dim=0)) > 0.998
 
 
+@pytest.mark.parametrize(
+    "options, fusable_expected",
+    [({}, True), ({"lora_dropout": 0.1}, False), ({"use_dora": True}, False), ({"lora_bias": True}, False)],
+)
+def test_only_plain_lora_layers_take_the_fused_path(options, fusable_expected):
+    """Dropout, DoRA and a bias on B are PEFT computations the fused layer does not do."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from fedse.agent.policy import fusable
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], **options))
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == 1 and fusable(layers[0], "default") is fusable_expected
+    assert not fusable(layers[0], "another")
+
+
 def test_fused_bf16_lora_trains_like_pefts_fp32_lora_path_over_many_steps():
     """Steps must see the factors the optimizer just changed (autocast's cast cache would not)."""
     from fedse.agent.model import load_base

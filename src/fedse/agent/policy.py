@@ -34,10 +34,11 @@ from fedse.agent.model import BaseModel
 
 def fusable(module: LoraLinear, name: str) -> bool:
     """Whether `fused_lora_linear` computes what PEFT's forward does for adapter `name` here:
-    plain LoRA (no variant such as DoRA), no dropout, not merged."""
+    plain LoRA (no variant such as DoRA, no bias on B), no dropout, not merged."""
     return (
         name in module.lora_A
         and name not in getattr(module, "lora_variant", {})
+        and module.lora_B[name].bias is None
         and isinstance(module.lora_dropout[name], torch.nn.Identity)
         and not module.merged
     )
