@@ -154,6 +154,27 @@ def test_only_plain_lora_layers_take_the_fused_path(options, fusable_expected):
     assert not fusable(layers[0], "another")
 
 
+def test_a_fused_layer_still_honours_pefts_disabled_adapters():
+    """Rows run without the adapter while it trains get the base model's logits, as under PEFT."""
+    from fedse.agent.lora import Adapter
+    from fedse.agent.model import load_base
+    from fedse.agent.policy import Policy
+
+    policy = Policy(load_base("tiny-random", dtype="float32"))
+    start = policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    policy.load(
+        "client", Adapter(start.spec, {k: torch.randn(v.shape, generator=gen) for k, v in start.tensors.items()})
+    )
+    ids = torch.randint(0, 100, (1, 12), generator=gen)
+    with torch.no_grad():
+        base, adapted = policy.logits([None], ids), policy.logits(["client"], ids)
+        with policy.training("client"):
+            assert torch.equal(policy.logits([None], ids), base)
+            assert torch.allclose(policy.logits(["client"], ids), adapted, atol=1e-5)
+    assert not torch.allclose(base, adapted, atol=1e-3)
+
+
 def test_fused_bf16_lora_trains_like_pefts_fp32_lora_path_over_many_steps():
     """Steps must see the factors the optimizer just changed (autocast's cast cache would not)."""
     from fedse.agent.model import load_base

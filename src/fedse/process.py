@@ -17,6 +17,7 @@ THREADS_ENV = "FEDSE_THREADS"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc's malloc.h)
 ROLLOUT_MMAP_THRESHOLD = 4 << 20
 TRAINING_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for this setting on 64-bit
+TRAINING_TRIM_THRESHOLD = 1 << 30  # keep freed heap memory for the next step
 GLIBC_TRIM_THRESHOLD = 128 << 10  # glibc's default
 
 
@@ -62,7 +63,7 @@ def keeping_freed_memory() -> Iterator[None]:
         yield
         return
     libc.mallopt(M_MMAP_THRESHOLD, TRAINING_MMAP_THRESHOLD)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, TRAINING_TRIM_THRESHOLD)
     try:
         yield
     finally:
