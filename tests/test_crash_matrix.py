@@ -42,6 +42,7 @@ SETTINGS = {
     "fedse": [],
     "fedsa_cap-dedup": ["fed.aggregator='fedsa'", *CAP_DEDUP],
     "flora_retention": ["fed.aggregator='flora'", *RETENTION],
+    "subspace": ["fed.aggregator='subspace'"],
 }
 if FULL:
     SETTINGS |= {
@@ -51,6 +52,8 @@ if FULL:
         "fedsa": ["fed.aggregator='fedsa'"],
         "flora": ["fed.aggregator='flora'"],
         "fedex": ["fed.aggregator='fedex'"],
+        "sum": ["fed.aggregator='sum'"],
+        "subspace_rank_retention": ["fed.aggregator='subspace'", "fed.merge_rank=2", *RETENTION],
         "trimmed": ["fed.aggregator='trimmed'", "fed.trim=0.4"],
         "cap-dedup": CAP_DEDUP,
         "no-history": NO_HISTORY,

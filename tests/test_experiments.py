@@ -150,7 +150,7 @@ def test_an_interrupted_grid_skips_finished_runs_and_resumes_the_rest(tmp_path):
         run_grid(cells, lambda cell, resume: run_cell(cell, resume, stop_after_round_0=True), echo=lambda _: None)
     assert [c.status() for c in cells] == ["done", "partial", "absent", "absent"]
     # the table holds finished runs only: the partial one's round-0 score would count as its result
-    partial = collect(cells[1].root.parents[1], ["pretrained", "fedse"], [0, 1])
+    partial = collect(cells[1].root.parents[1], {"pretrained": [0, 1], "fedse": [0, 1]})
     assert {m: [r.seed for r in rs] for m, rs in partial.items()} == {"pretrained": [0]}
     calls.clear()
     counts = run_grid(cells, run_cell, echo=lambda _: None)
@@ -171,7 +171,7 @@ def test_the_experiment_command_runs_the_grid_and_rebuilds_its_report_from_the_r
     root = tmp_path / "results" / "tiny"
     report = (root / "report.md").read_text()
     assert "| pretrained | 2 |" in report and "| fedse | 2 |" in report and "| local-static | 2 |" in report
-    paired = report.split("| method | Fed-SE − method |")[1].split("Exploration:")[0]
+    paired = report.split("| method | fedse − method |")[1].split("Exploration:")[0]
     assert "| local-static | +0.0 |" in paired and "| pretrained | " in paired and "| fedse |" not in paired
     explored = report.split("| method | successes / explored |")[1].split("Cost per run")[0]
     assert "| pretrained | – |" in explored and "| local-static | – |" in explored
@@ -256,3 +256,33 @@ def test_several_clients_per_environment_hold_disjoint_partitions_of_its_train_s
     assert {e["env"] for e in records(fed, "eval")} == {"maze"}
     with pytest.raises(Exception, match="clients_per_env > 1 needs one shared adapter"):
         tiny_config("fed.clients_per_env=2", "fed.aggregator='fedsa'")
+
+
+def test_methods_may_run_more_seeds_and_the_report_pairs_the_named_reference(tmp_path):
+    path = write_experiment(tmp_path, ["pretrained", "fedse", "fedse-subspace"], [0])
+    text = path.read_text().replace('"fed.rounds=1"]', '"fed.rounds=1", "eval.first=false"]')
+    path.write_text(text + 'reference = "fedse-subspace"\n[seeds_for]\npretrained = [0]\nfedse-subspace = [0, 1]\n')
+    _, cells = load_experiment(path)
+    assert [(c.method, c.seed) for c in cells] == [
+        ("pretrained", 0),
+        ("fedse", 0),
+        ("fedse-subspace", 0),
+        ("fedse-subspace", 1),
+    ]
+    assert cells[0].config.eval.first and not cells[1].config.eval.first  # round 0 evaluated once
+    assert main(["experiment", str(path)]) == 0
+    root = tmp_path / "results" / "tiny"
+    fedse_evals = {
+        r["round"]
+        for r in map(json.loads, (root / "fedse" / "seed0" / "metrics.jsonl").read_text().splitlines())
+        if r["event"] == "eval"
+    }
+    assert fedse_evals == {1}
+    report = (root / "report.md").read_text()
+    assert "| fedse-subspace | 2 |" in report
+    paired = report.split("| method | fedse-subspace − method |")[1].split("Exploration:")[0]
+    assert "| fedse | " in paired and "| pretrained | " in paired and "| fedse-subspace |" not in paired
+    bad = path.read_text().replace('reference = "fedse-subspace"', 'reference = "local-online"')
+    path.write_text(bad)
+    with pytest.raises(ConfigError, match="reference 'local-online' is not one of the experiment's methods"):
+        load_experiment(path)

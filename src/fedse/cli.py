@@ -212,7 +212,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         counts = run_grid(cells, run_cell)
         print(", ".join(f"{n} {k}" for k, n in counts.items()))
     definitions = {m: METHODS[m].definition for m in experiment.methods}
-    report = experiment_report(root, experiment.methods, experiment.seeds, definitions)
+    seeds = {m: experiment.seeds_of(m) for m in experiment.methods}
+    report = experiment_report(root, seeds, definitions, experiment.reference)
     print(f"report {report}")
     return 0
 

@@ -20,7 +20,7 @@ from fedse.envs import EnvBackend, list_envs
 from fedse.errors import UserError
 from fedse.evolve.buffer import BufferConfig
 from fedse.evolve.sft import TrainConfig
-from fedse.fl.aggregators import AGGREGATORS
+from fedse.fl.aggregators import AGGREGATORS, Aggregator, make_aggregator
 from fedse.fl.client import ExploreConfig
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM
 from fedse.sections import Section
@@ -91,7 +91,20 @@ class FedSection(Section):
     drop it, or nothing."""
     trim: float = Field(0.2, ge=0, lt=0.5)
     """The trimmed aggregator's fraction dropped at each end per entry."""
+    merge_scale: float = Field(1.0, gt=0)
+    """The sum aggregator's λ: W += λ Σ_k ΔW_k (1: every update at full strength; 1/K: the mean)."""
+    merge_rank: int = Field(0, ge=0)
+    """The subspace aggregator's rank budget for the merged update: 0 keeps it exact (Σ_k r_k);
+    a smaller rank truncates it, recording the energy dropped each round."""
+    merge_elect: bool = True
+    """The subspace aggregator's sign election on shared directions (false: plain average there)."""
     seed: int = 0
+
+    def build_aggregator(self) -> Aggregator:
+        """The configured aggregation rule, given the options it takes."""
+        return make_aggregator(
+            self.aggregator, trim=self.trim, scale=self.merge_scale, rank=self.merge_rank, elect=self.merge_elect
+        )
 
     @model_validator(mode="after")
     def _clients_fit(self) -> FedSection:
@@ -133,7 +146,10 @@ class EvalSection(Section):
     """Test tasks per environment, spread evenly over the AgentEval test split (None: all of it)."""
     max_new_tokens: int = Field(96, ge=1)
     every: int = Field(1, ge=1)
-    """Evaluate after every N-th round; round 0 and the last round always."""
+    """Evaluate after every N-th round; round 0 (unless `first` is false) and the last round always."""
+    first: bool = True
+    """Evaluate round 0, the starting adapter. An experiment whose pretrained cell evaluates it
+    once for every method sets it false for the others (it is the same model in all of them)."""
 
 
 class CheckpointSection(Section):
@@ -183,6 +199,12 @@ class RunConfig(Section):
     env: dict[str, EnvBackend] = Field(default_factory=dict)
     """Per environment, where its games run: `[env.maze] backend = "http"`, `url = "http://host:port"`
     (an AgentGym server or `fedse serve-env`); environments not listed run in process."""
+
+    @model_validator(mode="after")
+    def _evaluates_something(self) -> RunConfig:
+        if self.fed.rounds == 0 and not self.eval.first:
+            raise ValueError("fed.rounds = 0 with eval.first = false evaluates nothing: set eval.first = true")
+        return self
 
     @field_validator("env")
     @classmethod

@@ -7,6 +7,9 @@ as many sittings as it takes.
     methods = ["pretrained", "fedit-static", "fedse"]
     seeds = [0, 1, 2]
     set = ["fed.rounds=3"]           # overrides for every run (before the method's own)
+    reference = "fedse"              # the method the report compares every other with
+    [seeds_for]                      # methods run on other seeds than `seeds`
+    fedse = [0, 1, 2, 3, 4]
 
 Each run lives in `results/<name>/<method>/seed<k>/` (a normal run folder: `fedse report` and
 `fedse eval` work on it). The seed is `fed.seed`: the adapter's init, every exploration draw
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedse.agent.dtype import cpu_model
 from fedse.experiments.config import (
@@ -56,8 +59,30 @@ class ExperimentConfig(Section):
     methods: list[str] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     set: list[str] = Field(default_factory=list)
+    seeds_for: dict[str, list[int]] = Field(default_factory=dict)
+    """Method -> its seeds, for the methods that run on other seeds than `seeds`."""
+    reference: str = "fedse"
+    """The method the report's paired bootstrap compares every other method with."""
     results: str = "results"
     """The results folder, relative to the current directory."""
+
+    def seeds_of(self, method: str) -> list[int]:
+        return self.seeds_for.get(method, self.seeds)
+
+    def seeds_order(self, seed: int) -> tuple[int, int]:
+        """`seeds` first, in their order; the extra seeds of `seeds_for` after them."""
+        return (0, self.seeds.index(seed)) if seed in self.seeds else (1, seed)
+
+    @model_validator(mode="after")
+    def _methods_named(self) -> ExperimentConfig:
+        unknown = sorted(set(self.seeds_for) - set(self.methods))
+        if unknown:
+            raise ValueError(f"seeds_for names {unknown[0]!r}, which is not one of the experiment's methods")
+        if any(not seeds or len(set(seeds)) != len(seeds) for seeds in self.seeds_for.values()):
+            raise ValueError("each seeds_for entry is a non-empty list of distinct seeds")
+        if self.reference not in self.methods:
+            raise ValueError(f"reference {self.reference!r} is not one of the experiment's methods")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -115,8 +140,9 @@ def load_experiment(path: str | Path) -> tuple[ExperimentConfig, list[Cell]]:
     base = path.parent / experiment.base
     root = Path(experiment.results) / experiment.name
     cells = []
-    for seed in experiment.seeds:  # seed-major: each sitting completes whole seeds of the table
-        for name in experiment.methods:
+    every_seed = sorted({s for m in experiment.methods for s in experiment.seeds_of(m)}, key=experiment.seeds_order)
+    for seed in every_seed:  # seed-major: each sitting completes whole seeds of the table
+        for name in (m for m in experiment.methods if seed in experiment.seeds_of(m)):
             overrides = [*experiment.set, *method(name).overrides, f"fed.seed={seed}", f"name='{name}-seed{seed}'"]
             cells.append(Cell(name, seed, load_config(base, overrides), root / name / f"seed{seed}"))
     return experiment, cells

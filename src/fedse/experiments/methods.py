@@ -25,7 +25,7 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("pretrained", "the base model untrained (round 0 only)", ("fed.rounds=0",)),
+        Method("pretrained", "the base model untrained (round 0 only)", ("fed.rounds=0", "eval.first=true")),
         Method(
             "local-static",
             "each client fine-tunes on its own expert data, no server; each env is evaluated with its own client's adapter",
@@ -73,8 +73,37 @@ METHODS: dict[str, Method] = {
         ),
         *[
             Method(f"fedse-{a}", f"the Fed-SE loop with the {a} aggregator", (f"fed.aggregator='{a}'",))
-            for a in ("ffa", "fedsa", "flora", "fedex", "trimmed", "median")
+            for a in ("ffa", "flora", "fedex", "trimmed", "median")
         ],
+        Method(
+            "fedse-fedsa",
+            "the Fed-SE loop with the fedsa aggregator; personalized: each environment is evaluated with its own "
+            "client's adapter (the shared A, that client's B)",
+            ("fed.aggregator='fedsa'",),
+        ),
+        Method(
+            "fedse-sum",
+            "the Fed-SE loop with the weight-space sum of the clients' updates (task arithmetic, λ = 1), "
+            "exact through stacked factors, folded into the base",
+            ("fed.aggregator='sum'",),
+        ),
+        Method(
+            "fedse-subspace",
+            "the Fed-SE loop with the subspace merge: each direction of the clients' updates averaged over "
+            "the clients that hold it (shared: a sign-elected consensus; one client's: full strength), "
+            "exact at rank K·r, folded into the base",
+            ("fed.aggregator='subspace'",),
+        ),
+        Method(
+            "fedse-subspace-no-election",
+            "the subspace merge without its sign election: shared directions plainly averaged",
+            ("fed.aggregator='subspace'", "fed.merge_elect=false"),
+        ),
+        Method(
+            "fedse-subspace-rank8",
+            "the subspace merge truncated to rank 8 (the clients' rank r) instead of K·r",
+            ("fed.aggregator='subspace'", "fed.merge_rank=8"),
+        ),
         Method(
             "fedse-server-lr2",
             "Fed-SE with a server learning rate of 2 (global += 2 × mean update)",

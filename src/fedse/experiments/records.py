@@ -127,6 +127,8 @@ class AggregateRecord(Record):
     gap: float | None = None
     update_cosine: list[list[float]] | None = None
     update_norm: list[float] | None = None
+    merge: dict[str, float] = field(default_factory=dict)
+    """What the aggregation rule measured (`fedse.fl.aggregators.Aggregation.metrics`)."""
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,7 @@ def _aggregate_line(agg: AggregateRecord, aggregator: str) -> str:
         parts.append(f"inexactness {agg.inexactness:.4f}")
     if agg.update_cosine:
         parts.append(f"mean update cosine {_mean_off_diagonal(agg.update_cosine):.3f}")
+    parts += [f"{name.replace('_', ' ')} {value:.3f}" for name, value in agg.merge.items()]
     parts.append(f"{sum(agg.bytes_up) / 1e6:.1f} MB up, {agg.bytes_down / 1e6:.1f} MB down per client")
     return f"aggregate ({aggregator}): " + ", ".join(parts)
 

@@ -33,7 +33,7 @@ from fedse.experiments.evaluation import averages, evaluate
 from fedse.experiments.records import AggregateRecord, ClientRecord, EvalRecord, ExploreRecord, RoundRecords
 from fedse.experiments.store import GLOBAL, Checkpoint, RunStore
 from fedse.files import atomic_write_json
-from fedse.fl.aggregators import Aggregator, make_aggregator
+from fedse.fl.aggregators import Aggregator
 from fedse.fl.client import client_requests, expert_seeds, learn
 from fedse.fl.server import ServerOptimizer, aggregate_round
 from fedse.fl.update import Update
@@ -81,7 +81,7 @@ class Federation:
         self.config = config
         self.progress = progress
         self.store = RunStore(root)
-        self.aggregator = make_aggregator(config.fed.aggregator, trim=config.fed.trim)
+        self.aggregator = config.fed.build_aggregator()
         self.policy = policy or Policy(load_base(config.model.name, dtype=model_dtype(config, self.aggregator)))
         self.spec = lora_spec(config)
         try:
@@ -183,7 +183,7 @@ class Federation:
             last = self.start(resume=resume, force=force, change_config=change_config)
             if not resume:
                 start = time.perf_counter()
-                evals, eval_avg = self.evaluate_round(0)
+                evals, eval_avg = self.evaluate_round(0) if self.config.eval.first else ([], None)
                 self._checkpoint(0)
                 yield RoundRecords(0, evals=evals, eval_avg=eval_avg, seconds=time.perf_counter() - start)
             for round_ in range(last + 1, self.config.fed.rounds + 1):

@@ -1,5 +1,5 @@
 """The experiment report: the paper's Table 1 over methods x seeds, the paired bootstrap of
-Fed-SE against every other method, what exploration found round by round, learning curves with
+a reference method (Fed-SE unless the experiment names another) against every other method, what exploration found round by round, learning curves with
 bands, and what each method cost.
 
 Units of uncertainty: a (seed, environment, test task) triple. A method's interval resamples
@@ -20,7 +20,6 @@ from fedse.experiments.records import RunRecords
 from fedse.experiments.store import RunStore
 from fedse.files import atomic_write_text
 
-REFERENCE = "fedse"
 BOOTSTRAP_SAMPLES = 10_000
 
 
@@ -125,12 +124,12 @@ def finished(cell: Path) -> bool:
     return last is not None and store.config_path.exists() and last >= store.read_config()["fed"]["rounds"]
 
 
-def collect(root: Path, methods: list[str], seeds: list[int]) -> dict[str, list[SeedResult]]:
+def collect(root: Path, seeds: dict[str, list[int]]) -> dict[str, list[SeedResult]]:
     """method -> the results of its finished seeds (unfinished ones are left out)."""
     out: dict[str, list[SeedResult]] = {}
-    for m in methods:
+    for m in seeds:
         found = []
-        for s in seeds:
+        for s in seeds[m]:
             cell = root / m / f"seed{s}"
             if finished(cell):
                 found.append(SeedResult.of(m, s, cell))
@@ -139,11 +138,14 @@ def collect(root: Path, methods: list[str], seeds: list[int]) -> dict[str, list[
     return out
 
 
-def experiment_report(root: Path, methods: list[str], seeds: list[int], definitions: dict[str, str]) -> Path:
-    """Write `root/report.md` and `root/curves.png` from the runs under `root`; returns the report."""
-    results = collect(root, methods, seeds)
+def experiment_report(
+    root: Path, seeds: dict[str, list[int]], definitions: dict[str, str], reference: str = "fedse"
+) -> Path:
+    """Write `root/report.md` and `root/curves.png` from the runs under `root` (method -> its
+    seeds); the paired bootstrap compares `reference` with every other method. Returns the report."""
+    results = collect(root, seeds)
     if not results:
-        raise FileNotFoundError(f"{root} holds no evaluated run of {', '.join(methods)} yet")
+        raise FileNotFoundError(f"{root} holds no evaluated run of {', '.join(seeds)} yet")
     envs = list(dict.fromkeys(e for rs in results.values() for r in rs for e in r.per_env))
     lines = [
         f"# Experiment {root.name}",
@@ -163,22 +165,33 @@ def experiment_report(root: Path, methods: list[str], seeds: list[int], definiti
         avg = [sum(s for s, _ in r.per_env.values()) / sum(t for _, t in r.per_env.values()) for r in rs]
         cells.append(_cell(avg, [v for r in rs for v in r.outcomes.values()]))
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
-    if REFERENCE in results:
-        ours = {k: v for r in results[REFERENCE] for k, v in r.outcomes.items()}
+    if reference in results:
+        ours = {k: v for r in results[reference] for k, v in r.outcomes.items()}
         lines += [
             "",
-            "Fed-SE − method on Avg (points), paired over the (seed, test task) units both played, "
-            f"95 % percentile interval of {BOOTSTRAP_SAMPLES:,} bootstrap resamples:",
+            f"{reference} − method (points), paired over the (seed, test task) units both played, "
+            f"95 % percentile interval of {BOOTSTRAP_SAMPLES:,} bootstrap resamples, on Avg and per environment:",
             "",
-            "| method | Fed-SE − method | 95 % interval | units |",
-            "|---|---|---|---|",
+            f"| method | {reference} − method | 95 % interval | units | " + " | ".join(envs) + " |",
+            "|---|---|---|---|" + "---|" * len(envs),
         ]
         for m, rs in results.items():
             theirs = {k: v for r in rs for k, v in r.outcomes.items()}
-            if m == REFERENCE or not ours or not theirs or not ours.keys() & theirs.keys():
+            if m == reference or not ours or not theirs or not ours.keys() & theirs.keys():
                 continue
             mean, lo, hi, n = paired_bootstrap(ours, theirs)
-            lines.append(f"| {m} | {100 * mean:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {n} |")
+            per_env = []
+            for env in envs:
+                mine = {k: v for k, v in ours.items() if k[1] == env}
+                other = {k: v for k, v in theirs.items() if k[1] == env}
+                if mine.keys() & other.keys():
+                    d, a, b, _ = paired_bootstrap(mine, other)
+                    per_env.append(f"{100 * d:+.1f} [{100 * a:+.1f}, {100 * b:+.1f}]")
+                else:
+                    per_env.append("–")
+            lines.append(
+                f"| {m} | {100 * mean:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {n} | " + " | ".join(per_env) + " |"
+            )
     lines += [
         "",
         "Exploration: successful episodes / episodes explored at temperature 1.0 on train tasks, "

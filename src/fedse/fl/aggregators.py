@@ -2,7 +2,9 @@
 
 Notation: client k returns LoRA factors A_k (r x in) and B_k (out x r) for every adapted
 linear layer; its weight update is ΔW_k = s · B_k A_k with s = alpha / r. An aggregator is
-*exact* when the new global model equals base + mean_k ΔW_k; *linear* when the server only
+*exact* when the new global model is base + a combination of the products ΔW_k that the rule
+states (the mean for ffa, flora and fedex; the sum or the subspace merge for the rules of the
+last section), with none of the cross products B_j A_k that averaging factors makes; *linear* when the server only
 needs sums of what clients upload (so secure aggregation can hide individual updates);
 *personalized* when clients keep a local part; *mutates_base* when it folds weight deltas
 into the frozen base model (which then must travel to clients too); *robust* when a minority
@@ -23,6 +25,7 @@ from fedse.agent.lora import (
     A_SUFFIX,
     B_SUFFIX,
     Adapter,
+    LoraSpec,
     delta_weight,
     factor_keys,
     fresh_adapter,
@@ -45,6 +48,8 @@ class Aggregation:
     base_delta: dict[str, torch.Tensor] = field(default_factory=dict)
     """Module prefix -> dense ΔW to add to that module's base weight (mutating aggregators)."""
     state: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Figures the rule measured this round (recorded with the round's diagnostics as `merge`)."""
 
 
 class Aggregator:
@@ -261,9 +266,263 @@ class CoordinateMedian(TrimmedMean):
         return (count - 1) // 2
 
 
+# --- Weight-space rules: they combine the products ΔW_k, never A and B apart ----------------------
+#
+# Both rules below fold their result into the base weights and start every round from a fresh
+# adapter (B = 0, A drawn from a seed every client knows), as FLoRA does: clients keep training at
+# rank r, and what the server sends down is the merged update as factors, U (out x R) and V^T
+# (R x in) per layer, which each client adds to its own copy of the base. No dense d_out x d_in
+# matrix is needed to compute it; the embedded runtime and the checkpoint then hold the folded
+# delta densely, as they do for FLoRA.
+
+
+def update_factors(current: Adapter, update: Update, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with U V^T = ΔW_k = s B_k A_k − s B A, float64: the client's exact change of one
+    layer this round. The global term is left out while B = 0 (a folding rule's every round)."""
+    s = current.scale
+    b_k, a_k = update.tensors[module + B_SUFFIX].double(), update.tensors[module + A_SUFFIX].double()
+    b, a = current.tensors[module + B_SUFFIX].double(), current.tensors[module + A_SUFFIX].double()
+    if not b.any():
+        return s * b_k, a_k.T
+    return torch.cat([s * b_k, -s * b], 1), torch.cat([a_k, a], 0).T
+
+
+def current_factors(current: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with U V^T = s B A, the global adapter's own product (empty while B = 0)."""
+    b, a = current.tensors[module + B_SUFFIX].double(), current.tensors[module + A_SUFFIX].double()
+    return (current.scale * b, a.T) if b.any() else (b[:, :0], a.T[:, :0])
+
+
+def densify(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Module -> U V^T in float32 (the runtime's folded base delta), multiplied in float64."""
+    return {m: (u.double() @ v.double().T).float() for m, (u, v) in factors.items()}
+
+
+def factor_bytes(adapter: Adapter, rank: int) -> int:
+    """Bytes of rank-`rank` factors U (out x R) and V (in x R) for every adapted layer, float32."""
+    return sum(
+        rank * (adapter.tensors[m + B_SUFFIX].shape[0] + adapter.tensors[m + A_SUFFIX].shape[1]) * 4
+        for m in lora_modules(adapter.tensors)
+    )
+
+
+class WeightSum(Aggregator):
+    """Task arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089) on the round's updates:
+    W ← W + s B A + λ Σ_k ΔW_k, with ΔW_k = s B_k A_k − s B A, folded into the base.
+
+    Exact through stacking (FLoRA's identity): Σ_k B_k A_k = [B_1 … B_K] [A_1; …; A_K], so the
+    server sends the stacked factors and nothing dense. λ = 1 (`scale`) passes every client's
+    update at full strength, where the mean passes 1/K of it; λ = 1/K is FLoRA. Interference is
+    left as it is: a direction two clients share arrives twice."""
+
+    name = "sum"
+    exact = True
+    linear = False
+    mutates_base = True
+    options = ("scale",)
+
+    def __init__(self, scale: float = 1.0) -> None:
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.scale = scale
+
+    def merged_factors(self, current: Adapter, updates: list[Update]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module -> (U, V) with U V^T = s B A + λ Σ_k ΔW_k: the round's folded delta."""
+        out = {}
+        for m in lora_modules(current.tensors):
+            pairs = [current_factors(current, m)] + [update_factors(current, u, m) for u in updates]
+            out[m] = (
+                torch.cat([pairs[0][0]] + [self.scale * u for u, _ in pairs[1:]], 1),
+                torch.cat([v for _, v in pairs], 1),
+            )
+        return out
+
+    def aggregate(self, current, updates, state):
+        round_ = state.get("round", 0) + 1
+        base_delta = densify(self.merged_factors(current, updates))
+        return Aggregation(fresh_adapter(current, seed=round_), base_delta, {**state, "round": round_})
+
+    def bytes_down(self, adapter, num_clients):
+        return factor_bytes(adapter, adapter.spec.rank * max(num_clients, 1))
+
+
+def core_space(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Q_u, Q_v and each update's core C_k, with U_k V_k^T = Q_u C_k Q_v^T (Core Space merging,
+    arXiv 2509.17786): one QR of the stacked left factors and one of the right ones; C_k is
+    small (at most Σ_k r_k on a side) and keeps every inner product of the updates."""
+    q_u, r_u = torch.linalg.qr(torch.cat([u for u, _ in pairs], 1))
+    q_v, r_v = torch.linalg.qr(torch.cat([v for _, v in pairs], 1))
+    cores, start = [], 0
+    for u, _ in pairs:
+        stop = start + u.shape[1]
+        cores.append(r_u[:, start:stop] @ r_v[:, start:stop].T)
+        start = stop
+    return q_u, q_v, cores
+
+
+RANK_TOL = 1e-9
+"""Singular values below this fraction of the round's largest are numerical zeros."""
+LEVEL_TOL = 1e-6
+"""Multiplicities closer than this are one level: within it the split is basis-free."""
+
+
+def subspace_merge(cores: list[torch.Tensor], elect: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The merged core M of the updates' cores C_k (see `SubspaceMerge` for the rule), and what
+    it measured: the share of the merged energy on directions several clients hold."""
+    m, n = cores[0].shape
+    svds = [torch.linalg.svd(c, full_matrices=False) for c in cores]
+    top = max((float(s[0]) for _, s, _ in svds if s.numel()), default=0.0)
+    blocks = []  # per client: left basis L_k, singular values, right basis R_k of its own update
+    for left, sv, right_t in svds:
+        keep = sv > RANK_TOL * top
+        if top > 0 and keep.any():
+            blocks.append((left[:, keep], sv[keep], right_t[keep].T))
+    if not blocks:
+        return torch.zeros(m, n, dtype=torch.float64), {"shared_energy": 0.0}
+    sizes = [sv.numel() ** 2 for _, sv, _ in blocks]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    # Gram of every client's block basis {l_i r_j^T}: the multiplicity operator N = Σ_k Π_k
+    # restricted to the blocks' span has the same non-zero eigenvalues as this matrix.
+    gram = torch.zeros(offsets[-1], offsets[-1], dtype=torch.float64)
+    for a, (la, _, ra) in enumerate(blocks):
+        for b, (lb, _, rb) in enumerate(blocks):
+            gram[offsets[a] : offsets[a + 1], offsets[b] : offsets[b + 1]] = torch.kron(la.T @ lb, ra.T @ rb)
+    levels, vectors = torch.linalg.eigh(gram)
+    live = levels > RANK_TOL * len(blocks)
+    levels, vectors = levels[live], vectors[:, live]
+    # Client k's coefficient on eigen-direction e_i, and its share of e_i (shares sum to λ_i).
+    coeff = torch.stack(
+        [
+            levels.sqrt() * (torch.diag(sv).flatten() @ vectors[offsets[k] : offsets[k + 1]])
+            for k, (_, sv, _) in enumerate(blocks)
+        ]
+    )
+    share = torch.stack([levels * vectors[offsets[k] : offsets[k + 1]].square().sum(0) for k in range(len(blocks))])
+    merged = torch.zeros_like(levels)
+    start = 0
+    while start < len(levels):  # eigh sorts ascending: a level is a run of near-equal values
+        stop = start + 1
+        while stop < len(levels) and levels[stop] - levels[start] <= LEVEL_TOL * max(1.0, float(levels[start])):
+            stop += 1
+        part, held = coeff[:, start:stop], share[:, start:stop].mean(1)
+        agree = torch.ones(len(blocks), dtype=torch.bool)
+        if elect:  # TIES' sign election, per level: keep the clients that point along the sum
+            agree = (part @ part.sum(0)) > 0
+        count = float(held[agree].sum()) if agree.any() else 0.0
+        merged[start:stop] = part[agree].sum(0) / max(count, 1.0)
+        start = stop
+    out = torch.zeros(m, n, dtype=torch.float64)
+    for k, (left, _, right) in enumerate(blocks):
+        rho = right.shape[1]
+        weights = (vectors[offsets[k] : offsets[k + 1]] * (merged / levels.sqrt())).sum(1).reshape(rho, rho)
+        out += left @ weights @ right.T
+    energy = merged.square()
+    shared = float(energy[levels > 1.5].sum() / energy.sum()) if float(energy.sum()) > 0 else 0.0
+    return out, {"shared_energy": shared}
+
+
+class SubspaceMerge(Aggregator):
+    """Each direction of the round's updates averaged over the clients that hold it: what several
+    clients share is combined as a consensus, what one client holds passes at full strength.
+
+    Per adapted layer, with ΔW_k = s B_k A_k − s B A (never A and B apart):
+
+    1. Core space (Core Space merging, arXiv 2509.17786; KnOTS, arXiv 2410.19735): QR of the
+       stacked factors gives ΔW_k = Q_u C_k Q_v^T with cores of side ≤ Σ_k r_k.
+    2. Client k holds the directions P_k X Q_k, with P_k, Q_k the projectors on the column and
+       row spaces of C_k; the multiplicity operator N(X) = Σ_k P_k X Q_k counts, for a unit
+       direction X, how many clients hold it (N's eigenvalue λ ∈ [0, K]). Its eigen-directions
+       e_i come from the Gram of the clients' block bases {l_p r_q^T} (Σ_k r_k² square): small.
+    3. Client k's coefficient on e_i is c_ki = ⟨ΔW_k, e_i⟩ and its share h_ki = ‖Π_k e_i‖²
+       (Σ_k h_ki = λ_i). Consensus: the clients whose coefficients point along Σ_k c_ki are
+       kept (TIES' sign election, per level of equal λ so that it is basis-free), and
+       m_i = Σ_kept c_ki / max(Σ_kept h_ki, 1). Directions held by n ≥ 1 clients are averaged
+       over n (FedRPCA, arXiv 2506.01194, averages the common part and amplifies the
+       client-specific one; Iso-CTS, arXiv 2502.04959, keeps both subspaces apart).
+    4. W ← W + s B A + Q_u Σ_i m_i e_i Q_v^T, folded into the base (the class's section), at rank
+       `rank` (0: exact, Σ_k r_k; smaller: truncated SVD of the core, the dropped share of the
+       energy recorded each round as `dropped_energy`).
+
+    Hence: identical updates give that update (every direction held by K, the mean); mutually
+    orthogonal ones (P_j P_k = 0 or Q_j Q_k = 0) give their sum (every direction held by one);
+    one client gives its update; a shared direction plus private ones gives the shared one
+    averaged plus every private one; client order does not matter; ‖result − s B A‖_F ≤
+    Σ_k ‖ΔW_k‖_F (each client's part passes at most whole). Not linear: the server needs each
+    client's factors. `elect = False` averages without the sign election (an ablation)."""
+
+    name = "subspace"
+    exact = True
+    linear = False
+    mutates_base = True
+    options = ("rank", "elect")
+
+    def __init__(self, rank: int = 0, elect: bool = True) -> None:
+        if rank < 0:
+            raise ValueError(f"rank must be 0 (exact) or positive, got {rank}")
+        self.rank, self.elect = rank, elect
+
+    def merged_factors(
+        self, current: Adapter, updates: list[Update]
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+        """Module -> (U, V) with U V^T = s B A + the merged update, at the declared rank, float32
+        (computed in float64); and the round's figures (energy dropped by the rank budget, energy on shared directions)."""
+        out, dropped, total, shared = {}, 0.0, 0.0, 0.0
+        for m in lora_modules(current.tensors):
+            pairs = [update_factors(current, u, m) for u in updates]
+            q_u, q_v, cores = core_space([current_factors(current, m), *pairs])
+            merged, figures = subspace_merge(cores[1:], self.elect)
+            left, sv, right_t = torch.linalg.svd(cores[0] + merged, full_matrices=False)
+            keep = sv > RANK_TOL * float(sv[0]) if sv.numel() and sv[0] > 0 else sv > 0
+            kept = int(keep.sum()) if self.rank == 0 else min(int(keep.sum()), self.rank)
+            energy = float(sv.square().sum())
+            total, dropped = total + energy, dropped + float(sv[kept:].square().sum())
+            shared += figures["shared_energy"] * energy
+            root = sv[:kept].sqrt()
+            out[m] = ((q_u @ (left[:, :kept] * root)).float(), (q_v @ (right_t[:kept].T * root)).float())
+        figures = {
+            "dropped_energy": dropped / total if total else 0.0,
+            "shared_energy": shared / total if total else 0.0,
+        }
+        return out, figures
+
+    def aggregate(self, current, updates, state):
+        round_ = state.get("round", 0) + 1
+        factors, figures = self.merged_factors(current, updates)
+        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), {**state, "round": round_}, figures)
+
+    def as_adapter(self, like: Adapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Adapter:
+        """The merged update as one PEFT adapter of rank R = the largest layer's (B = U, A = V^T,
+        alpha = R so that s = 1; smaller layers padded with zero columns): what a client that
+        does not fold can load with `PeftModel.from_pretrained` on the previous round's model."""
+        rank = max(u.shape[1] for u, _ in factors.values())
+        tensors = {}
+        for m, (u, v) in factors.items():
+            pad = rank - u.shape[1]
+            tensors[m + B_SUFFIX] = torch.nn.functional.pad(u, (0, pad)).float()
+            tensors[m + A_SUFFIX] = torch.nn.functional.pad(v, (0, pad)).T.contiguous().float()
+        spec = LoraSpec(rank, rank, like.spec.dropout, like.spec.target_modules)
+        return Adapter(spec, tensors)
+
+    def bytes_down(self, adapter, num_clients):
+        exact = adapter.spec.rank * max(num_clients, 1)
+        return factor_bytes(adapter, exact if self.rank == 0 else min(self.rank, exact))
+
+
 AGGREGATORS: dict[str, type[Aggregator]] = {
     cls.name: cls
-    for cls in (FedSE, FedIT, FFALoRA, FedSALoRA, FLoRA, FedExLoRA, TrimmedMean, CoordinateMedian, LocalOnly)
+    for cls in (
+        FedSE,
+        FedIT,
+        FFALoRA,
+        FedSALoRA,
+        FLoRA,
+        FedExLoRA,
+        TrimmedMean,
+        CoordinateMedian,
+        LocalOnly,
+        WeightSum,
+        SubspaceMerge,
+    )
 }
 
 

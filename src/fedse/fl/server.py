@@ -8,7 +8,9 @@ Diagnostics are computed from what the server receives (never from client data):
   (base delta + s·B_new A_new): 0 for exact aggregators, equal to `inexactness` for fedse;
 - `update_cosine[j][k]` = cosine similarity of clients' weight updates ΔW_k − ΔW_global (the
   "gradient conflict" Fed-SE describes and never measures);
-- `update_norm[k]` = ‖ΔW_k − ΔW_global‖_F, and the bytes each client sent and received.
+- `update_norm[k]` = ‖ΔW_k − ΔW_global‖_F, and the bytes each client sent and received;
+- `merge`: what the rule itself measured (`Aggregation.metrics`, e.g. the subspace rule's energy
+  dropped by its rank budget and its share on directions several clients hold).
 For personalized rules where B_k stays on the client (fedsa) the product-based figures are None.
 """
 
@@ -81,7 +83,9 @@ class ServerOptimizer:
                 move = m / (v.sqrt() + self.eps)
             moments["m." + k] = m.float()
             tensors[k] = (old + self.lr * move).to(new.dtype)
-        return Aggregation(Adapter(aggregation.adapter.spec, tensors), {}, aggregation.state), moments
+        return Aggregation(
+            Adapter(aggregation.adapter.spec, tensors), {}, aggregation.state, aggregation.metrics
+        ), moments
 
 
 def server_step(current: Adapter, aggregation: Aggregation, lr: float) -> Aggregation:
@@ -106,7 +110,7 @@ def server_step(current: Adapter, aggregation: Aggregation, lr: float) -> Aggreg
     for k, new in tensors.items():
         old = current.tensors[k].double()
         tensors[k] = (old + lr * (new.double() - old)).to(new.dtype)
-    return Aggregation(Adapter(aggregation.adapter.spec, tensors), {}, aggregation.state)
+    return Aggregation(Adapter(aggregation.adapter.spec, tensors), {}, aggregation.state, aggregation.metrics)
 
 
 def aggregate_round(
@@ -176,6 +180,7 @@ def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Up
         "gap": None,
         "update_cosine": None,
         "update_norm": None,
+        "merge": dict(result.metrics),
     }
     if "B" not in aggregator.uploads:
         return out

@@ -29,7 +29,6 @@ from fedse.experiments.config import RunConfig, validate_config
 from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import EvalRecord
 from fedse.experiments.run import client_layout, lora_spec, model_dtype
-from fedse.fl.aggregators import make_aggregator
 from fedse.fl.client import client_requests, expert_seeds, learn
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_tensors, tensors_record
@@ -39,7 +38,7 @@ _POLICIES: dict[tuple[str, str], Policy] = {}
 
 def cached_policy(config: RunConfig) -> Policy:
     """The frozen base model for `config`, loaded once per process."""
-    aggregator = make_aggregator(config.fed.aggregator, trim=config.fed.trim)
+    aggregator = config.fed.build_aggregator()
     key = (config.model.name, model_dtype(config, aggregator))
     if key not in _POLICIES:
         _POLICIES.clear()  # one base model per process: a node serves one federation at a time
@@ -63,7 +62,7 @@ class NodeClient:
         self.config, self.client = config, client
         self.envs, (self.part, self.parts) = client_envs[client], partition[client]
         self.directory = Path(directory)
-        self.aggregator = make_aggregator(config.fed.aggregator, trim=config.fed.trim)
+        self.aggregator = config.fed.build_aggregator()
         self.policy = policy or cached_policy(config)
         self.spec = lora_spec(config)
 
