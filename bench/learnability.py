@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/learnability.py --envs babyai maze --demos 12 48 --epochs 2
     .venv/bin/python bench/learnability.py --demos 12 --federate 1 5       # what a round passes on
+    .venv/bin/python bench/learnability.py --envs babyai maze webshop --demos 24 --epochs 1 \
+        --federate 1 --rules mean sum subspace --transfer                     # and what interferes
 
 For each environment and each N in `--demos`: a fresh adapter (the federation's init) trained
 with fedse's trainer on N expert demonstrations of the train split (the same draw a client's
@@ -21,7 +23,14 @@ learning rate given (1: the paper's plain mean), and plays the result on every e
 the test tasks and at temperature 1.0 on the exploration tasks: what a federation's first
 exploring round starts from. Each client's update reaches that model at about 1/K of its
 strength under the plain mean; this shows what that costs and whether a larger server step
-recovers it.
+recovers it. `--rules` puts them through other rules too: `sum` and `subspace` (the weight-space
+rules, folded into the base as a run does), `mean` being Fed-SE's.
+
+`--transfer` measures interference where it shows, in each client's own data: the mean NLL per
+agent token of every env's demonstrations (the ones it trained on) under the base model, under
+each env's adapter alone, and under each rule's global model. Row j, column k: how client j's
+update moves client k's loss (the diagonal is k's own fit; off it, what j's update does on k's
+prompts, which the merged model adds to k's).
 
 Prints one markdown row per (env, N) and per server step, with 95 % Wilson intervals, the
 training tokens and seconds. Test tasks and exploration tasks are the same for every row.
@@ -40,11 +49,11 @@ from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling, rollout
 from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
-from fedse.evolve.sft import TrainConfig, train_adapter
+from fedse.evolve.sft import TrainConfig, mean_loss, train_adapter
 from fedse.evolve.store import expert_trajectory
 from fedse.experiments.evaluation import evaluation_tasks
 from fedse.experiments.report import wilson
-from fedse.fl.aggregators import FedSE
+from fedse.fl.aggregators import make_aggregator
 from fedse.fl.client import ExploreConfig, exploration_requests, exploration_tasks
 from fedse.fl.server import server_step
 from fedse.fl.update import Update
@@ -91,6 +100,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--federate", nargs="*", type=float, default=[], help="server learning rates to try")
+    parser.add_argument("--rules", nargs="*", default=["mean"], choices=["mean", "sum", "subspace"])
+    parser.add_argument("--transfer", action="store_true", help="NLL of each env's demos under each adapter")
     args = parser.parse_args()
     set_up_process()
 
@@ -133,34 +144,77 @@ def main() -> None:
 
     if args.federate:
         print(
-            f"\nOne Fed-SE server step over {len(trained)} clients trained on {max(args.demos)} demos each, "
-            "test (greedy) and exploration (T 1.0) successes of the global adapter:\n"
+            f"\nOne server step over {len(trained)} clients trained on {max(args.demos)} demos each, "
+            "test (greedy) and exploration (T 1.0) successes of the global model:\n"
         )
         print(
-            "| server lr | "
+            "| rule | server lr | "
             + " | ".join(f"{env} test | {env} explore" for env in args.envs)
             + " | test Avg | seconds |"
         )
-        print("|---|" + "---|---|" * len(args.envs) + "---|---|")
-        aggregator = FedSE()
+        print("|---|---|" + "---|---|" * len(args.envs) + "---|---|")
         updates = [Update(env, a.tensors, 1, {}) for env, a in trained.items()]
-        mean = aggregator.aggregate(init, updates, {})
-        for lr in args.federate:
-            start = time.perf_counter()
-            policy.load("global", server_step(init, mean, lr).adapter)
-            tests = [
-                RolloutRequest(env, i, adapter="global", sampling=greedy)
-                for env in args.envs
-                for i in evaluation_tasks(env, args.test)
+        for rule in args.rules:
+            for lr in args.federate if rule == "mean" else [1.0]:
+                start = time.perf_counter()
+                install_global(policy, init, updates, rule, lr)
+                tests = [
+                    RolloutRequest(env, i, adapter="global", sampling=greedy)
+                    for env in args.envs
+                    for i in evaluation_tasks(env, args.test)
+                ]
+                explores = [
+                    r for env in args.envs for r in exploration_requests(env, env, 1, explore, adapter="global")
+                ]
+                found = successes(policy, tests, args.max_batch)
+                won = successes(policy, explores, args.max_batch)
+                cells = [
+                    f"{rate(found.get(env, 0), args.test)} | {rate(won.get(env, 0), args.explore)}" for env in args.envs
+                ]
+                cells.append(rate(sum(found.values()), args.test * len(args.envs)))
+                print(
+                    f"| {rule} | {lr:g} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |",
+                    flush=True,
+                )
+        policy.reset_base()
+
+    if args.transfer:
+        demos = {
+            env: [
+                expert_trajectory(env, i) for i in exploration_tasks(env, max(args.demos), derived_seed("experts", env))
             ]
-            explores = [r for env in args.envs for r in exploration_requests(env, env, 1, explore, adapter="global")]
-            found = successes(policy, tests, args.max_batch)
-            won = successes(policy, explores, args.max_batch)
-            cells = [
-                f"{rate(found.get(env, 0), args.test)} | {rate(won.get(env, 0), args.explore)}" for env in args.envs
-            ]
-            cells.append(rate(sum(found.values()), args.test * len(args.envs)))
-            print(f"| {lr:g} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
+            for env in args.envs
+        }
+        print(
+            f"\nMean NLL per agent token of each env's {max(args.demos)} training demonstrations (columns) "
+            "under each model (rows):\n"
+        )
+        print("| model | " + " | ".join(args.envs) + " |")
+        print("|---|" + "---|" * len(args.envs))
+
+        def row(label: str, name: str | None) -> None:
+            cells = [f"{mean_loss(policy, name, demos[env], args.max_length):.3f}" for env in args.envs]
+            print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+        row("base", None)
+        for env in args.envs:
+            row(f"{env}'s adapter alone", env)
+        updates = [Update(env, a.tensors, 1, {}) for env, a in trained.items()]
+        for rule in args.rules:
+            install_global(policy, init, updates, rule, 1.0)
+            row(f"{rule} of all", "global")
+        policy.reset_base()
+
+
+def install_global(policy: Policy, init, updates: list[Update], rule: str, lr: float) -> None:
+    """Load the global model `rule` makes of `updates` (started from `init`) as adapter "global",
+    its base delta folded in for the weight-space rules (the base put back first)."""
+    aggregator = make_aggregator("fedse" if rule == "mean" else rule)
+    aggregation = aggregator.aggregate(init, updates, {})
+    policy.reset_base()
+    if aggregation.base_delta:
+        policy.set_base_delta(aggregation.base_delta)
+    policy.load("global", server_step(init, aggregation, lr).adapter if rule == "mean" else aggregation.adapter)
 
 
 if __name__ == "__main__":

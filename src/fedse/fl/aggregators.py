@@ -270,10 +270,10 @@ class CoordinateMedian(TrimmedMean):
 #
 # Both rules below fold their result into the base weights and start every round from a fresh
 # adapter (B = 0, A drawn from a seed every client knows), as FLoRA does: clients keep training at
-# rank r, and what the server sends down is the merged update as factors, U (out x R) and V^T
-# (R x in) per layer, which each client adds to its own copy of the base. No dense d_out x d_in
-# matrix is needed to compute it; the embedded runtime and the checkpoint then hold the folded
-# delta densely, as they do for FLoRA.
+# rank r. The round's result is factors, U (out x R) and V (in x R) per layer, computed without any
+# dense d_out x d_in matrix; `bytes_down` counts them, what a client needs to fold the round into
+# its own copy of the base. The runtimes then hold the folded total densely, as for FLoRA (the
+# embedded one in memory and in checkpoints; Flower sends that total to its nodes).
 
 
 def update_factors(current: Adapter, update: Update, module: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,13 +327,13 @@ class WeightSum(Aggregator):
         self.scale = scale
 
     def merged_factors(self, current: Adapter, updates: list[Update]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Module -> (U, V) with U V^T = s B A + λ Σ_k ΔW_k: the round's folded delta."""
+        """Module -> (U, V) with U V^T = s B A + λ Σ_k ΔW_k: the round's folded delta, float32."""
         out = {}
         for m in lora_modules(current.tensors):
             pairs = [current_factors(current, m)] + [update_factors(current, u, m) for u in updates]
             out[m] = (
-                torch.cat([pairs[0][0]] + [self.scale * u for u, _ in pairs[1:]], 1),
-                torch.cat([v for _, v in pairs], 1),
+                torch.cat([pairs[0][0]] + [self.scale * u for u, _ in pairs[1:]], 1).float(),
+                torch.cat([v for _, v in pairs], 1).float(),
             )
         return out
 
@@ -416,7 +416,7 @@ def subspace_merge(cores: list[torch.Tensor], elect: bool = True) -> tuple[torch
         rho = right.shape[1]
         weights = (vectors[offsets[k] : offsets[k + 1]] * (merged / levels.sqrt())).sum(1).reshape(rho, rho)
         out += left @ weights @ right.T
-    energy = merged.square()
+    energy = merged.square()  # "shared": held by two clients or more, to within half a client
     shared = float(energy[levels > 1.5].sum() / energy.sum()) if float(energy.sum()) > 0 else 0.0
     return out, {"shared_energy": shared}
 
@@ -439,7 +439,7 @@ class SubspaceMerge(Aggregator):
        m_i = Σ_kept c_ki / max(Σ_kept h_ki, 1). Directions held by n ≥ 1 clients are averaged
        over n (FedRPCA, arXiv 2506.01194, averages the common part and amplifies the
        client-specific one; Iso-CTS, arXiv 2502.04959, keeps both subspaces apart).
-    4. W ← W + s B A + Q_u Σ_i m_i e_i Q_v^T, folded into the base (the class's section), at rank
+    4. W ← W + s B A + Q_u Σ_i m_i e_i Q_v^T, folded into the base as the section above says, at rank
        `rank` (0: exact, Σ_k r_k; smaller: truncated SVD of the core, the dropped share of the
        energy recorded each round as `dropped_energy`).
 
