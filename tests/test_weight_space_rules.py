@@ -200,3 +200,8 @@ def test_declared_properties_of_the_weight_space_rules(name):
     assert rule.uploads == "AB"
     with pytest.raises(ValueError):
         make_aggregator(name, scale=-1.0, rank=-1)
+
+
+def test_a_client_that_did_not_move_changes_nothing():
+    torch.testing.assert_close(merged(SubspaceMerge(), [[(2.0, 0, 0)], []]), dense([(2.0, 0, 0)]), atol=1e-6, rtol=0)
+    assert merged(SubspaceMerge(), [[], []]).abs().max() == 0
