@@ -282,6 +282,10 @@ def test_methods_may_run_more_seeds_and_the_report_pairs_the_named_reference(tmp
     assert "| fedse-subspace | 2 |" in report
     paired = report.split("| method | fedse-subspace − method |")[1].split("Exploration:")[0]
     assert "| fedse | " in paired and "| pretrained | " in paired and "| fedse-subspace |" not in paired
+    seen = report.split("| method | updates |")[1].split("Cost per run")[0]
+    assert "| fedse | cosine " in seen and "shared energy" not in seen.split("| fedse-subspace |")[0]
+    assert "| fedse-subspace | cosine " in seen and "; shared energy " in seen
+    assert "| pretrained |" not in seen  # no server step to describe
     bad = path.read_text().replace('reference = "fedse-subspace"', 'reference = "local-online"')
     path.write_text(bad)
     with pytest.raises(ConfigError, match="reference 'local-online' is not one of the experiment's methods"):

@@ -91,6 +91,21 @@ def exploration(results: list[SeedResult]) -> str:
     return " · ".join(f"r{k} {s}/{n}" for k, (s, n) in sorted(found.items())) or "–"
 
 
+def aggregation(results: list[SeedResult]) -> str | None:
+    """What the server saw, over every aggregated round of every seed: the mean pairwise cosine of
+    the clients' updates, and the subspace merge's share of its merged energy on directions two or
+    more clients hold (None for a method without a server step)."""
+    rounds = [a for r in results for a in r.run.aggregate if a.update_cosine]
+    if not rounds:
+        return None
+    cosines = [v for a in rounds for i, row in enumerate(a.update_cosine) for j, v in enumerate(row) if i != j]
+    text = f"cosine {statistics.fmean(cosines):+.3f} [{min(cosines):+.3f}, {max(cosines):+.3f}]" if cosines else "–"
+    shared = [a.merge["shared_energy"] for a in rounds if "shared_energy" in a.merge]
+    if shared:
+        text += f"; shared energy {statistics.fmean(shared):.3f} [{min(shared):.3f}, {max(shared):.3f}]"
+    return text
+
+
 def machines(method_dir: Path, results: list[SeedResult]) -> str:
     """The machines a method's seeds ran on, e.g. "Xeon (bfloat16) ×3" ("not recorded": a run
     from before machine.jsonl was kept)."""
@@ -201,6 +216,18 @@ def experiment_report(
         "|---|---|",
     ]
     lines += [f"| {m} | {exploration(rs)} |" for m, rs in results.items()]
+    seen = {m: text for m, rs in results.items() if (text := aggregation(rs))}
+    if seen:
+        lines += [
+            "",
+            "Aggregation: the clients' updates as the server saw them, over every aggregated round and seed: "
+            "mean pairwise cosine [min, max]; for the subspace merge, the share of the merged update's energy "
+            "on directions two or more clients hold [min, max] (0: every direction passed as one client's):",
+            "",
+            "| method | updates |",
+            "|---|---|",
+        ]
+        lines += [f"| {m} | {text} |" for m, text in seen.items()]
     lines += [
         "",
         "Cost per run (mean over seeds): wall time of exploration, training and evaluation; tokens "
@@ -229,11 +256,19 @@ def _plot_curves(results: dict[str, list[SeedResult]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Runs that leave round 0 to the pretrained cell (eval.first = false) start from its score.
+    start = None
+    if "pretrained" in results:
+        pooled = [r.run.round(0).pooled() for r in results["pretrained"] if 0 in r.run.rounds]
+        start = statistics.fmean(s / n for s, n in pooled) if pooled else None
     fig, ax = plt.subplots(figsize=(7, 4))
     for m, rs in results.items():
         rounds = sorted(set.intersection(*(set(r.run.rounds) for r in rs)))
         curves = [[r.run.round(t).pooled() for t in rounds] for r in rs]
         values = torch.tensor([[s / n for s, n in c] for c in curves], dtype=torch.float64) * 100
+        if start is not None and m != "pretrained" and rounds and rounds[0] > 0:
+            rounds = [0, *rounds]
+            values = torch.cat([torch.full((len(rs), 1), 100 * start, dtype=torch.float64), values], 1)
         if len(rounds) == 1:
             ax.axhline(float(values.mean()), linestyle="--", linewidth=1, label=m)
             continue
