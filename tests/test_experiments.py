@@ -13,10 +13,10 @@ from fedse.agent.dtype import cpu_model
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.cli import main
-from fedse.experiments.config import ConfigError
-from fedse.experiments.grid import load_experiment, run_grid, sittings
+from fedse.experiments.config import CENTRAL, ConfigError
+from fedse.experiments.grid import load_experiment, run_grid
 from fedse.experiments.methods import METHODS
-from fedse.experiments.run import CENTRAL, Federation
+from fedse.experiments.run import Federation
 from fedse.experiments.store import RunStore
 from fedse.experiments.table import bootstrap_mean, collect, paired_bootstrap
 from test_federation import TINY, tiny_config
@@ -190,7 +190,7 @@ def test_the_experiment_command_runs_the_grid_and_rebuilds_its_report_from_the_r
     assert main(["experiment", str(path), "--report-only"]) == 0
     assert (root / "report.md").read_text() == report
     # each run says where it ran, and the report says it per method
-    sitting = sittings(root / "fedse" / "seed0")
+    sitting = RunStore(root / "fedse" / "seed0").sittings()
     assert [(s["cpu"], s["resumed"]) for s in sitting] == [(cpu_model(), False)]
     assert f"| {cpu_model()} ({sitting[0]['dtype']}) ×2 |" in report.split("Cost per run")[1]
     assert RunStore(root / "fedse" / "seed0").foreign_entries() == []  # --force may still replace the run

@@ -116,6 +116,9 @@ def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
     assert flower.global_adapter.hash == embedded.global_adapter.hash
     assert records(flower.store.root) == records(embedded.store.root)
     assert not (flower.store.root / "clients").exists()  # buffers and personal adapters stay on the nodes
+    assert (
+        [s["resumed"] for s in flower.store.sittings()] == [s["resumed"] for s in embedded.store.sittings()] == [False]
+    )
     if aggregator == "fedsa":  # each node kept its own B for every round
         kept = sorted(p.name for p in (flower.store.root / "nodes").rglob("round_*"))
         assert kept == ["round_001", "round_001", "round_002", "round_002"]

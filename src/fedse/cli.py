@@ -112,9 +112,9 @@ def _run_config(root: Path):
 def cmd_run(args: argparse.Namespace) -> int:
     from fedse.agent.model import TINY
     from fedse.experiments.config import check_run_name, load_config
-    from fedse.experiments.grid import machine_record, record_sitting
     from fedse.experiments.report import round_summary, write_report
-    from fedse.experiments.run import Federation, model_dtype
+    from fedse.experiments.run import Federation
+    from fedse.experiments.store import machine_record
 
     _quiet_libraries()
     if args.resume:
@@ -135,18 +135,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     federation = Federation(config, root, progress=True)
     sitting = machine_record(federation.policy.dtype, bool(args.resume))
-    auto_fp32 = model_dtype(config, federation.aggregator) == "auto" and sitting["dtype"] == "float32"
+    auto_fp32 = config.base_dtype() == "auto" and sitting["dtype"] == "float32"
     slower = " (bf16 measured slower here; the README's demo times are bf16's, expect 1.5-4x)"
     print(
         f"on {sitting['cpu']}: base model in {sitting['dtype']}, {sitting['threads']} threads"
         f"{slower if auto_fp32 and config.model.name != TINY else ''}; `fedse info` says why"
     )
-    for i, records in enumerate(
-        federation.rounds(resume=bool(args.resume), force=args.force, change_config=args.change_config)
-    ):
-        if i == 0:  # after start(): a fresh run's folder has been (re)created by now
-            record_sitting(root, sitting)
-        print(round_summary(records, config.fed.rounds, config.fed.aggregator))
+    federation.run(
+        resume=bool(args.resume),
+        force=args.force,
+        change_config=args.change_config,
+        echo=lambda records: print(round_summary(records, config.fed.rounds, config.fed.aggregator)),
+    )
     report = write_report([root])
     print(
         f"done in {(time.perf_counter() - start) / 60:.1f} min: report {report}, plots beside it, metrics {root / 'metrics.jsonl'}"
@@ -185,7 +185,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from fedse.experiments.grid import load_experiment, machine_record, record_sitting, run_grid
+    from fedse.experiments.grid import load_experiment, run_grid
     from fedse.experiments.methods import METHODS
     from fedse.experiments.run import Federation
     from fedse.experiments.table import experiment_report
@@ -204,10 +204,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
         def run_cell(cell, resume):
             federation = Federation(cell.config, cell.root, progress=True)
-            for i, records in enumerate(federation.rounds(resume=resume, force=not resume)):
-                if i == 0:  # after start(): a fresh run's folder has been (re)created by now
-                    record_sitting(cell.root, machine_record(federation.policy.dtype, resume))
-                print(f"  {cell.method} seed {cell.seed}: round {records.round} done")
+            federation.run(
+                resume=resume,
+                force=not resume,
+                echo=lambda records: print(f"  {cell.method} seed {cell.seed}: round {records.round} done"),
+            )
 
         counts = run_grid(cells, run_cell)
         print(", ".join(f"{n} {k}" for k, n in counts.items()))

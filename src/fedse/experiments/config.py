@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fedse.agent.lora import LoraSpec
 from fedse.agent.model import KNOWN_MODELS, model_available
 from fedse.envs import EnvBackend, list_envs
 from fedse.errors import UserError
@@ -183,6 +184,10 @@ def check_run_name(name: str) -> str:
     return name
 
 
+CENTRAL = "central"
+"""The one client of a centralized run (`fed.centralized`): every environment, pooled data."""
+
+
 class RunConfig(Section):
     """A whole run. Each section is owned by the layer that consumes it, with its defaults there:
     [explore] by `fedse.fl.client`, [buffer] by `fedse.evolve.buffer`, [train] by `fedse.evolve.sft`."""
@@ -199,6 +204,34 @@ class RunConfig(Section):
     env: dict[str, EnvBackend] = Field(default_factory=dict)
     """Per environment, where its games run: `[env.maze] backend = "http"`, `url = "http://host:port"`
     (an AgentGym server or `fedse serve-env`); environments not listed run in process."""
+
+    def base_dtype(self) -> str:
+        """The base model's dtype: the configured one; "auto" is float32 under a rule that folds
+        deltas into the base (a bf16 base would round them away)."""
+        dtype = self.model.dtype
+        return "float32" if dtype == "auto" and AGGREGATORS[self.fed.aggregator].mutates_base else dtype
+
+    def lora_spec(self) -> LoraSpec:
+        targets = self.model.target_modules
+        return LoraSpec(
+            self.model.lora_rank,
+            self.model.lora_alpha,
+            target_modules=targets if isinstance(targets, str) else tuple(targets),
+        )
+
+    def client_layout(self) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]]]:
+        """The run's clients: client -> the environments it holds (one each as in Fed-SE, all in
+        one when centralized, or `<env>-<i>` for several per environment), and client -> (its
+        partition, how many) of its environment's train split."""
+        envs, parts = list(self.fed.clients), self.fed.clients_per_env
+        if self.fed.centralized:
+            client_envs = {CENTRAL: envs}
+        elif parts == 1:
+            client_envs = {env: [env] for env in envs}
+        else:
+            client_envs = {f"{env}-{i}": [env] for env in envs for i in range(parts)}
+        partition = {c: (int(c.rsplit("-", 1)[1]), parts) if parts > 1 else (0, 1) for c in client_envs}
+        return client_envs, partition
 
     @model_validator(mode="after")
     def _evaluates_something(self) -> RunConfig:

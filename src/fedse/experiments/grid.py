@@ -18,24 +18,20 @@ starts missing ones, so it can be stopped at any time. Only each run's config.js
 metrics.jsonl, state.json and machine.jsonl are meant for git (see results/.gitignore); the experiment report
 is rebuilt from them (`fedse experiment FILE --report-only`).
 
-A grid completed over several sittings may run on several machines, and a bf16 run on one CPU is
-not bit-comparable with an fp32 run on another: each sitting of a run appends one line to its
-`machine.jsonl` (CPU model, base dtype, torch, threads), and the report lists them per method.
+A grid completed over several sittings may run on several machines: each sitting of a run appends
+one line to its `machine.jsonl` (`fedse.experiments.store.machine_record`), and the report lists
+them per method.
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fedse.agent.dtype import cpu_model
 from fedse.experiments.config import (
     ConfigError,
     RunConfig,
@@ -46,10 +42,7 @@ from fedse.experiments.config import (
 )
 from fedse.experiments.methods import METHODS, method
 from fedse.experiments.store import RunStore
-from fedse.files import append_lines, read_lines
 from fedse.sections import Section
-
-MACHINE_FILE = "machine.jsonl"
 
 
 class ExperimentConfig(Section):
@@ -180,25 +173,3 @@ def check_not_stale(cells: list[Cell]) -> None:
             f"{len(stale)} finished run(s) were made with another configuration than the experiment's "
             f"now: {shown}{more}. Restore the experiment's settings, or delete those folders to rerun them"
         )
-
-
-def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
-    """Where a sitting of a run executes: what decides its speed and its bits."""
-    return {
-        "cpu": cpu_model(),
-        "arch": platform.machine(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "resumed": resumed,
-    }
-
-
-def record_sitting(root: Path, record: dict) -> None:
-    """Append one sitting's `machine_record` to the run's machine.jsonl."""
-    append_lines(root / MACHINE_FILE, [json.dumps(record, sort_keys=True)])
-
-
-def sittings(root: Path) -> list[dict]:
-    """The machine records of a run's sittings, oldest first ([] for runs before they were kept)."""
-    return [json.loads(line) for line in read_lines(root / MACHINE_FILE)]

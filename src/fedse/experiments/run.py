@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fedse.agent.lora import Adapter, LoraSpec
+from fedse.agent.lora import Adapter
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats, on_backends, rollout
@@ -31,47 +31,12 @@ from fedse.evolve.buffer import ExperienceBuffer
 from fedse.experiments.config import RunConfig, check_resume_changes, validate_config
 from fedse.experiments.evaluation import averages, evaluate
 from fedse.experiments.records import AggregateRecord, ClientRecord, EvalRecord, ExploreRecord, RoundRecords
-from fedse.experiments.store import GLOBAL, Checkpoint, RunStore
+from fedse.experiments.store import GLOBAL, Checkpoint, RunStore, machine_record
 from fedse.files import atomic_write_json
-from fedse.fl.aggregators import Aggregator
 from fedse.fl.client import client_requests, expert_seeds, learn
 from fedse.fl.server import ServerOptimizer, aggregate_round
 from fedse.fl.update import Update
 from fedse.seeds import derived_seed
-
-CENTRAL = "central"
-"""The one client of a centralized run (`fed.centralized`): every environment, pooled data."""
-
-
-def model_dtype(config: RunConfig, aggregator: Aggregator) -> str:
-    """The base model's dtype: the configured one; "auto" is float32 under a rule that folds
-    deltas into the base (a bf16 base would round them away)."""
-    dtype = config.model.dtype
-    return "float32" if dtype == "auto" and aggregator.mutates_base else dtype
-
-
-def lora_spec(config: RunConfig) -> LoraSpec:
-    targets = config.model.target_modules
-    return LoraSpec(
-        config.model.lora_rank,
-        config.model.lora_alpha,
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-    )
-
-
-def client_layout(config: RunConfig) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]]]:
-    """The run's clients: client -> the environments it holds (one each as in Fed-SE, all in one
-    when centralized, or `<env>-<i>` for several per environment), and client -> (its partition,
-    how many) of its environment's train split."""
-    envs, parts = list(config.fed.clients), config.fed.clients_per_env
-    if config.fed.centralized:
-        client_envs = {CENTRAL: envs}
-    elif parts == 1:
-        client_envs = {env: [env] for env in envs}
-    else:
-        client_envs = {f"{env}-{i}": [env] for env in envs for i in range(parts)}
-    partition = {c: (int(c.rsplit("-", 1)[1]), parts) if parts > 1 else (0, 1) for c in client_envs}
-    return client_envs, partition
 
 
 class Federation:
@@ -82,14 +47,14 @@ class Federation:
         self.progress = progress
         self.store = RunStore(root)
         self.aggregator = config.fed.build_aggregator()
-        self.policy = policy or Policy(load_base(config.model.name, dtype=model_dtype(config, self.aggregator)))
-        self.spec = lora_spec(config)
+        self.policy = policy or Policy(load_base(config.model.name, dtype=config.base_dtype()))
+        self.spec = config.lora_spec()
         try:
             self.policy.check_spec(self.spec)
         except ValueError as error:
             raise UserError(f"model.target_modules: {error}") from None
         self.envs = list(config.fed.clients)
-        self.client_envs, self.partition = client_layout(config)
+        self.client_envs, self.partition = config.client_layout()
         """Client -> the environments it holds: one each (Fed-SE), or all in one (centralized);
         client -> (its partition, how many) of its environment's train split."""
         self.clients = list(self.client_envs)
@@ -176,11 +141,13 @@ class Federation:
         """Run (or continue) the federation, yielding each round's records as it completes.
 
         Round 0 evaluates and checkpoints the starting adapter, like any other round. The run
-        folder is locked meanwhile (`RunStore.lock`): one process per run."""
+        folder is locked meanwhile (`RunStore.lock`): one process per run. Each call is a
+        sitting, recorded in the run's machine.jsonl."""
         if resume and not self.store.root.is_dir():
             raise FileNotFoundError(f"{self.store.root} does not exist: nothing to resume")
         with self.store.lock():
             last = self.start(resume=resume, force=force, change_config=change_config)
+            self.store.record_sitting(machine_record(self.policy.dtype, resume))
             if not resume:
                 start = time.perf_counter()
                 evals, eval_avg = self.evaluate_round(0) if self.config.eval.first else ([], None)
@@ -195,8 +162,10 @@ class Federation:
         force: bool = False,
         echo: Callable[[RoundRecords], object] | None = None,
         change_config: bool = False,
-    ):
-        """Run every round; `echo` is called with each round's records. Returns them all."""
+    ) -> list[RoundRecords]:
+        """Run every round (or the rest of them): the one driver `fedse run`, the experiment grid
+        and Flower's ServerApp share. `echo` is called with each round's records as it completes.
+        Returns them all."""
         done = []
         for records in self.rounds(resume=resume, force=force, change_config=change_config):
             if echo is not None:

@@ -10,6 +10,7 @@
       state.json                 the last completed round, its global adapter's hash, and a digest
                                  of every file that round's state lives in (`RunStore.verify`)
       evals/                     re-evaluations of checkpoints (`fedse eval`)
+      machine.jsonl              one line per sitting: the CPU, base dtype, torch and threads it ran on
 
 A checkpoint is written into a temporary folder, fsynced and renamed, and only then is
 state.json replaced: a crash at any point leaves the previous round complete. Every file is
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import platform
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fedse.agent.dtype import cpu_model
 from fedse.agent.lora import Adapter, load_adapter, save_adapter
 from fedse.errors import UserError
 from fedse.experiments.records import Record, RunRecords, parse_record
@@ -49,7 +52,7 @@ LOCK = ".lock"
 RUN_ENTRIES = {
     "config.json",
     "metrics.jsonl",
-    "machine.jsonl",  # where each sitting of the run ran (fedse.experiments.grid.machine_record)
+    "machine.jsonl",  # where each sitting of the run ran (`machine_record`)
     "state.json",
     "clients",
     "checkpoints",
@@ -94,6 +97,20 @@ def _write_folder(final: Path, write) -> None:
     fsync_tree(final.parent, files=False)
 
 
+def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
+    """Where a sitting of a run executes: what decides its speed and its bits. A run finished over
+    several sittings may have run on several machines, and a bf16 run on one CPU is not
+    bit-comparable with an fp32 run on another."""
+    return {
+        "cpu": cpu_model(),
+        "arch": platform.machine(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "resumed": resumed,
+    }
+
+
 class RunStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -123,6 +140,18 @@ class RunStore:
 
     def evaluation(self, round_: int, tasks: int | None) -> Path:
         return self.root / "evals" / f"round_{round_:03d}_tasks_{tasks or 'all'}.json"
+
+    @property
+    def machine(self) -> Path:
+        return self.root / "machine.jsonl"
+
+    def record_sitting(self, record: dict) -> None:
+        """Append one sitting's `machine_record` to machine.jsonl."""
+        append_lines(self.machine, [json.dumps(record, sort_keys=True)])
+
+    def sittings(self) -> list[dict]:
+        """The machine records of the run's sittings, oldest first ([] for runs before they were kept)."""
+        return [json.loads(line) for line in read_lines(self.machine)]
 
     # --- creating and reading ----------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from fedse.experiments.grid import sittings
 from fedse.experiments.records import RunRecords
 from fedse.experiments.store import RunStore
 from fedse.files import atomic_write_text
@@ -111,7 +110,7 @@ def machines(method_dir: Path, results: list[SeedResult]) -> str:
     from before machine.jsonl was kept)."""
     seen: dict[str, int] = {}
     for r in results:
-        records = sittings(method_dir / f"seed{r.seed}")
+        records = RunStore(method_dir / f"seed{r.seed}").sittings()
         names = dict.fromkeys(f"{m['cpu']} ({m['dtype']})" for m in records) or {"not recorded": None}
         for name in names:
             seen[name] = seen.get(name, 0) + 1

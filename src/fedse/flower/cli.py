@@ -99,7 +99,6 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from fedse.experiments.config import load_config
-    from fedse.experiments.run import client_layout
     from fedse.flower.client_app import app as client_app
     from fedse.flower.server_app import FlowerOptions, make_server_app
 
@@ -112,7 +111,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     run_simulation(
         server_app=make_server_app(options),
         client_app=client_app,
-        num_supernodes=len(client_layout(config)[0]),
+        num_supernodes=len(config.client_layout()[0]),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
     print(f"run folder {run_dir}")

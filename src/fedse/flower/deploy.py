@@ -345,10 +345,9 @@ class LocalDeployment:
         intruder: bool = False,
     ) -> None:
         from fedse.experiments.config import load_config
-        from fedse.experiments.run import client_layout
 
         self.config, self.overrides = Path(config).resolve(), list(overrides)
-        self.clients = list(client_layout(load_config(config, self.overrides))[0])
+        self.clients = list(load_config(config, self.overrides).client_layout()[0])
         self.work = Path(work_dir).resolve()
         self.processes = Processes(self.work / "logs")
         self.port = free_port()

@@ -28,7 +28,6 @@ from fedse.evolve.buffer import ExperienceBuffer
 from fedse.experiments.config import RunConfig, validate_config
 from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import EvalRecord
-from fedse.experiments.run import client_layout, lora_spec, model_dtype
 from fedse.fl.client import client_requests, expert_seeds, learn
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_tensors, tensors_record
@@ -38,8 +37,7 @@ _POLICIES: dict[tuple[str, str], Policy] = {}
 
 def cached_policy(config: RunConfig) -> Policy:
     """The frozen base model for `config`, loaded once per process."""
-    aggregator = config.fed.build_aggregator()
-    key = (config.model.name, model_dtype(config, aggregator))
+    key = (config.model.name, config.base_dtype())
     if key not in _POLICIES:
         _POLICIES.clear()  # one base model per process: a node serves one federation at a time
         _POLICIES[key] = Policy(load_base(key[0], dtype=key[1]))
@@ -56,7 +54,7 @@ class NodeClient:
     """Client `client` of the run `config` describes, keeping its state under `directory`."""
 
     def __init__(self, config: RunConfig, client: str, directory: str | Path, policy: Policy | None = None) -> None:
-        client_envs, partition = client_layout(config)
+        client_envs, partition = config.client_layout()
         if client not in client_envs:
             raise ValueError(f"this run has no client {client!r} (its clients: {', '.join(client_envs)})")
         self.config, self.client = config, client
@@ -64,7 +62,7 @@ class NodeClient:
         self.directory = Path(directory)
         self.aggregator = config.fed.build_aggregator()
         self.policy = policy or cached_policy(config)
-        self.spec = lora_spec(config)
+        self.spec = config.lora_spec()
 
     # --- state on disk -----------------------------------------------------------------------
 

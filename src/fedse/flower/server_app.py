@@ -263,8 +263,11 @@ def run_federation(grid: Grid, options: FlowerOptions, policy: Policy | None = N
     config = load_config(options.config, overrides)
     root = Path(options.run_dir or Path("runs") / config.name)
     federation = FlowerFederation(config, root, grid, options, policy)
-    for records in federation.rounds(resume=options.resume, force=options.force):
-        print(round_summary(records, config.fed.rounds, config.fed.aggregator), flush=True)
+    federation.run(
+        resume=options.resume,
+        force=options.force,
+        echo=lambda records: print(round_summary(records, config.fed.rounds, config.fed.aggregator), flush=True),
+    )
     write_report([root])
     return root
 
