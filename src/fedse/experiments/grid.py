@@ -41,7 +41,7 @@ from fedse.experiments.config import (
     validate_config,
 )
 from fedse.experiments.methods import METHODS, method
-from fedse.experiments.store import RunStore
+from fedse.experiments.store import ExperimentStore, RunStore
 from fedse.sections import Section
 
 
@@ -98,14 +98,16 @@ class Cell:
     method: str
     seed: int
     config: RunConfig
-    root: Path
+    results: ExperimentStore
+
+    @property
+    def root(self) -> Path:
+        """The cell's run folder."""
+        return self.results.cell(self.method, self.seed)
 
     def status(self) -> str:
-        """'done' (every round completed), 'partial' (resumable) or 'absent'."""
-        last = RunStore(self.root).last_round() if self.root.exists() else None
-        if last is None:
-            return "absent"
-        return "done" if last >= self.config.fed.rounds else "partial"
+        """'done', 'partial' or 'absent' (`ExperimentStore.status`)."""
+        return self.results.status(self.method, self.seed)
 
     def changes(self) -> list[str]:
         """The keys in which the run on disk differs from this cell's configuration ([] if
@@ -131,13 +133,13 @@ def load_experiment(path: str | Path) -> tuple[ExperimentConfig, list[Cell]]:
         key = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{path}: bad value for {key!r}: {first['msg']}") from None
     base = path.parent / experiment.base
-    root = Path(experiment.results) / experiment.name
+    results = ExperimentStore(Path(experiment.results) / experiment.name)
     cells = []
     every_seed = sorted({s for m in experiment.methods for s in experiment.seeds_of(m)}, key=experiment.seeds_order)
     for seed in every_seed:  # seed-major: each sitting completes whole seeds of the table
         for name in (m for m in experiment.methods if seed in experiment.seeds_of(m)):
             overrides = [*experiment.set, *method(name).overrides, f"fed.seed={seed}", f"name='{name}-seed{seed}'"]
-            cells.append(Cell(name, seed, load_config(base, overrides), root / name / f"seed{seed}"))
+            cells.append(Cell(name, seed, load_config(base, overrides), results))
     return experiment, cells
 
 

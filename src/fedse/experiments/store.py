@@ -394,3 +394,25 @@ class RunStore:
                 kept.append(line)
         if len(kept) != len(lines):
             write_lines(self.metrics, kept)
+
+
+class ExperimentStore:
+    """An experiment's folder, `results/<experiment>/<method>/seed<k>/`: one run folder per cell,
+    and the one definition of a finished cell."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def cell(self, method: str, seed: int) -> Path:
+        return self.root / method / f"seed{seed}"
+
+    def status(self, method: str, seed: int) -> str:
+        """'done': the run completed every round of the configuration it was made with (an
+        interrupted run's last evaluation is an earlier round's and would drag its method down);
+        'partial': it completed some and can resume; 'absent': none."""
+        store = RunStore(self.cell(method, seed))
+        last = store.last_round() if store.root.exists() else None
+        if last is None:
+            return "absent"
+        done = store.config_path.exists() and last >= store.read_config()["fed"]["rounds"]
+        return "done" if done else "partial"

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fedse.experiments.records import RunRecords
-from fedse.experiments.store import RunStore
+from fedse.experiments.store import ExperimentStore, RunStore
 from fedse.files import atomic_write_text
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -130,23 +130,15 @@ def _cell(per_seed: list[float], units: list[int]) -> str:
     return f"{_pct(mean)} ± {_pct(std)} [{_pct(lo)}, {_pct(hi)}]"
 
 
-def finished(cell: Path) -> bool:
-    """Whether the run in `cell` completed every round its configuration asks for: an
-    interrupted run's last evaluation is an earlier round's and would drag its method down."""
-    store = RunStore(cell)
-    last = store.last_round()  # round 0 completes with its evaluation, so a finished run has one
-    return last is not None and store.config_path.exists() and last >= store.read_config()["fed"]["rounds"]
-
-
 def collect(root: Path, seeds: dict[str, list[int]]) -> dict[str, list[SeedResult]]:
     """method -> the results of its finished seeds (unfinished ones are left out)."""
     out: dict[str, list[SeedResult]] = {}
+    cells = ExperimentStore(root)
     for m in seeds:
         found = []
         for s in seeds[m]:
-            cell = root / m / f"seed{s}"
-            if finished(cell):
-                found.append(SeedResult.of(m, s, cell))
+            if cells.status(m, s) == "done":
+                found.append(SeedResult.of(m, s, cells.cell(m, s)))
         if found:
             out[m] = found
     return out
