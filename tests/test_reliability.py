@@ -474,3 +474,25 @@ def test_every_persisted_file_corrupted_any_way_is_a_one_line_error_or_changes_n
                 loud.append(f"{name} {how}: {err[:200]}")
             shutil.rmtree(copy)
     assert (silent, loud) == ([], []), "\n".join(silent + loud)
+
+
+@pytest.mark.parametrize("how", ["files is a list", "digest not hex", "string round in metrics"])
+def test_state_of_the_wrong_shape_and_a_mistyped_round_are_one_line_errors(tmp_path, capsys, one_round_runs, how):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(one_round_runs["fedex"], copy)
+    state = json.loads((copy / "state.json").read_text())
+    if how == "files is a list":
+        state["files"] = list(state["files"])
+    elif how == "digest not hex":
+        name = next(iter(state["files"]))
+        state["files"][name] = "12:not-hex"
+    if how == "string round in metrics":
+        with (copy / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"event": "explore", "schema": 1, "round": "2"}) + "\n")
+    else:
+        (copy / "state.json").write_text(json.dumps(state))
+    rc, err, _ = resume_outcome(copy, capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert ("metrics.jsonl" in err and "not an integer" in err) if "metrics" in how else "state.json is corrupt" in err

@@ -163,6 +163,9 @@ def parse_record(line: str, where: str = "metrics") -> Record | None:
     if cls is None:
         return None
     known = {f.name for f in fields(cls)}
+    round_ = data.get("round")
+    if type(round_) is not int:
+        raise RecordError(f"{where}: bad {cls.event} record (round {round_!r} is not an integer)")
     try:
         return cls(**{k: v for k, v in data.items() if k in known})
     except TypeError as error:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import platform
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,8 @@ from fedse.files import (
 )
 
 GLOBAL = "global"
+DIGEST = re.compile(r"(\d+:)?[0-9a-f]+")
+"""A digest state.json records: hex, after the byte count it covers for an appended file."""
 LOCK = ".lock"
 RUN_ENTRIES = {
     "config.json",
@@ -244,6 +247,15 @@ class RunStore:
                 f"{self.state} is corrupt (it needs a non-negative integer 'round'); "
                 f"the checkpoints present are rounds {self.completed_rounds() or 'none'}"
             )
+        for key in ("files", "buffers"):
+            table = state.get(key, {})
+            if not isinstance(table, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and DIGEST.fullmatch(v) for k, v in table.items()
+            ):
+                raise UserError(
+                    f"{self.state} is corrupt: its '{key}' must map names to hex digests; "
+                    f"restore it, or start the run again (checkpoints present: rounds {self.completed_rounds() or 'none'})"
+                )
         return state
 
     def last_round(self) -> int | None:
