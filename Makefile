@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedse-installed
 
-.PHONY: install demo test test-crash lint clean
+.PHONY: install demo test test-fast test-crash lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest
+
+# The fast suite for day-to-day work: no real embedded model, no killed or deployed processes.
+test-fast: install
+	$(PY) -m pytest -m "not slow and not crash and not deploy"
 
 # The whole crash matrix (every aggregator and buffer setting, every phase): ~15 min on 2 cores.
 test-crash: install

@@ -181,6 +181,7 @@ def test_idle_sessions_expire():
     assert table.get(third).env.name == "maze"
 
 
+@pytest.mark.deploy
 def test_a_server_killed_mid_episode_gives_a_clear_error(tmp_path):
     port = free_port()
     process = subprocess.Popen(
@@ -261,8 +262,7 @@ def test_the_env_backend_config_says_what_is_wrong():
 
 
 def test_a_federation_on_http_environments_ends_like_the_in_process_one(tmp_path, servers):
-    from test_federation import tiny_config
-    from test_flower import records
+    from helpers import records, tiny_config
 
     local = Federation(tiny_config(), tmp_path / "local", Policy(load_base("tiny-random")))
     local.run()
@@ -279,8 +279,7 @@ def test_a_federation_on_http_environments_ends_like_the_in_process_one(tmp_path
 def test_a_run_whose_server_dies_stops_and_resumes_on_a_new_address(tmp_path, servers):
     """Round 2 stops with the server's error (no episode quietly recorded as failed), and a
     resume pointed at a live server ends like the uninterrupted in-process run."""
-    from test_federation import tiny_config
-    from test_flower import records
+    from helpers import records, tiny_config
 
     def at(url, *extra):
         return tiny_config(*extra, "env.maze.backend='http'", f"env.maze.url='{url}'", "env.maze.retries=0")
@@ -370,7 +369,7 @@ def test_agenttraj_round_trip_is_exact_and_seeds_a_buffer(tmp_path, tiny_policy)
 
 
 def test_a_federation_seeded_from_an_agenttraj_file_trains_on_it(tmp_path):
-    from test_federation import tiny_config
+    from helpers import tiny_config
 
     records = [to_agenttraj(t) for t in expert_seeds("maze", ["maze"], 3)]
     path = tmp_path / "seeds.json"

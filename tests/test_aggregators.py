@@ -5,34 +5,11 @@ import logging
 import pytest
 import torch
 
-from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, LoraSpec, delta_weights
+from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, delta_weights
 from fedse.fl.aggregators import AGGREGATORS, make_aggregator
 from fedse.fl.server import aggregate_round
 from fedse.fl.update import Update
-
-SPEC = LoraSpec(rank=4, alpha=8)
-MODULES = {
-    "base_model.model.model.layers.0.self_attn.q_proj": (16, 12),
-    "base_model.model.model.layers.1.mlp.up_proj": (20, 12),
-}
-
-
-def random_factors(seed: int, a_from: Adapter | None = None) -> Adapter:
-    """Random A and B for the two modules of MODULES (A copied from `a_from` if given)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module, (out, inp) in MODULES.items():
-        tensors[module + A_SUFFIX] = torch.randn(SPEC.rank, inp, generator=gen)
-        tensors[module + B_SUFFIX] = torch.randn(out, SPEC.rank, generator=gen)
-        if a_from is not None:
-            tensors[module + A_SUFFIX] = a_from.tensors[module + A_SUFFIX].clone()
-    return Adapter(SPEC, tensors)
-
-
-def updates_for(name: str, current: Adapter, k: int = 3, examples=(10, 20, 30)) -> list[Update]:
-    aggregator = make_aggregator(name)
-    clients = [random_factors(100 + i, a_from=current if aggregator.trains == "B" else None) for i in range(k)]
-    return [Update(f"c{i}", aggregator.upload(c.tensors), examples[i % len(examples)]) for i, c in enumerate(clients)]
+from helpers import SPEC, random_factors, updates_for
 
 
 def produced_delta(result, current) -> dict[str, torch.Tensor]:

@@ -132,7 +132,7 @@ def test_eval_refuses_a_negative_task_count(capsys, tmp_path):
 
 
 def test_run_says_and_records_the_machine_and_dtype_it_ran_in(tmp_path, capsys):
-    from test_federation import TINY
+    from helpers import TINY
 
     sets = [f"--set={s}" for s in [*TINY, "fed.rounds=1", "fed.clients=['maze']"]]
     assert main(["run", "--runs-dir", str(tmp_path), "--name", "r", *sets]) == 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from test_federation import TINY as FEDERATION_TINY
+from helpers import TINY as FEDERATION_TINY
 
 pytestmark = pytest.mark.crash
 

@@ -19,7 +19,7 @@ from fedse.experiments.methods import METHODS
 from fedse.experiments.run import Federation
 from fedse.experiments.store import RunStore
 from fedse.experiments.table import bootstrap_mean, collect, paired_bootstrap
-from test_federation import TINY, tiny_config
+from helpers import TINY, tiny_config
 
 
 def method_run(tmp_path: Path, name: str, *extra: str) -> Federation:

@@ -12,18 +12,7 @@ from fedse.experiments.report import round_summary
 from fedse.experiments.run import Federation
 from fedse.experiments.store import RunExists
 from fedse.fl import server
-
-TINY = [
-    "model.name='tiny-random'", "model.lora_rank=4", "model.lora_alpha=8",
-    "fed.clients=['maze', 'wordle']", "fed.rounds=2",
-    "explore.tasks=2", "explore.max_new_tokens=6", "buffer.expert_seeds=2",
-    "train.epochs=1", "train.lr=0.001", "train.max_length=1024", "train.batch_tokens=2048",
-    "eval.tasks=2", "eval.max_new_tokens=6",
-]  # fmt: skip
-
-
-def tiny_config(*extra):
-    return load_config(None, [*TINY, *extra])
+from helpers import tiny_config
 
 
 def run(tmp_path, *extra, name="run"):

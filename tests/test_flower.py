@@ -19,7 +19,6 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from tests.test_federation import TINY, tiny_config
 
 from fedse.agent.lora import factor_keys
 from fedse.agent.model import load_base
@@ -31,6 +30,7 @@ from fedse.flower.codec import record_json, wire_bytes
 from fedse.flower.deploy import APP_DIR, LocalDeployment, node_threads, run_local
 from fedse.flower.server_app import FlowerFederation, FlowerOptions
 from fedse.flower.worker import pack, unpack
+from helpers import TINY, records, tiny_config
 
 HANDLERS = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
 
@@ -75,16 +75,6 @@ class LoopbackGrid:
 
     def pull_messages(self, ids):
         return [self.replies.pop(i) for i in ids if i in self.replies]
-
-
-def records(root: Path, drop=("wire",)) -> list[dict]:
-    """metrics.jsonl without wall-clock fields (and Flower's wire records)."""
-    out = []
-    for line in (root / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["event"] not in drop:
-            out.append({k: v for k, v in r.items() if k not in ("seconds", "train_seconds")})
-    return out
 
 
 def flower_run(tmp_path, grid, *extra, name="flower", resume=False, **options) -> FlowerFederation:
@@ -232,6 +222,7 @@ def tiny_toml(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.deploy
 def test_deployment_engine_on_loopback_reproduces_the_embedded_run(tmp_path):
     config = tiny_toml(tmp_path)
     embedded = embedded_like_the_nodes(tmp_path)
@@ -244,6 +235,7 @@ def test_deployment_engine_on_loopback_reproduces_the_embedded_run(tmp_path):
     assert {r["phase"] for r in wire} == {"train", "evaluate"} and all(r["up"] and r["down"] for r in wire)
 
 
+@pytest.mark.deploy
 def test_tls_with_node_auth_runs_and_refuses_an_unregistered_supernode(tmp_path):
     config = tiny_toml(tmp_path)
     done = run_local(
@@ -271,6 +263,7 @@ def events(root: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.deploy
 def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_after_a_restart(tmp_path):
     config = tiny_toml(tmp_path)
     run = tmp_path / "run"
@@ -300,6 +293,7 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_after_a_restart(tmp
     assert json.loads((run / "state.json").read_text())["round"] == 3
 
 
+@pytest.mark.deploy
 def test_a_killed_server_app_resumes_from_its_last_completed_round(tmp_path):
     config = tiny_toml(tmp_path)
     embedded = embedded_like_the_nodes(tmp_path, "eval.every=2")

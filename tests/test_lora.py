@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import random_adapter
 from fedse.agent.lora import LoraSpec, adapter_hash, load_adapter, save_adapter
 from fedse.agent.model import load_base
+from helpers import random_adapter
 
 
 def test_new_adapter_starts_as_the_base_model(tiny_policy):

@@ -29,8 +29,7 @@ from fedse.experiments.run import Federation
 from fedse.fl.aggregators import AGGREGATORS, make_aggregator
 from fedse.fl.server import aggregate_round
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM, Update, bound_update, update_norm
-from test_aggregators import random_factors, updates_for
-from test_federation import TINY, tiny_config
+from helpers import TINY, random_factors, tiny_config, updates_for
 
 # --- hostile updates ---------------------------------------------------------------------------
 

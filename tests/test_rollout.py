@@ -2,8 +2,8 @@
 
 import pytest
 
-from conftest import random_adapter
 from fedse.agent.rollout import GREEDY, RolloutRequest, RolloutStats, Sampling, naive_rollout, rollout
+from helpers import random_adapter
 
 SHORT = Sampling(temperature=0.0, max_new_tokens=10)
 

@@ -1,0 +1,73 @@
+"""Builders the tests share: the tiny federation's configuration, random LoRA factors and
+adapters. Test modules import these from here, never from one another."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, LoraSpec
+from fedse.agent.policy import Policy
+from fedse.experiments.config import load_config
+from fedse.fl.aggregators import make_aggregator
+from fedse.fl.update import Update
+
+TINY = [
+    "model.name='tiny-random'", "model.lora_rank=4", "model.lora_alpha=8",
+    "fed.clients=['maze', 'wordle']", "fed.rounds=2",
+    "explore.tasks=2", "explore.max_new_tokens=6", "buffer.expert_seeds=2",
+    "train.epochs=1", "train.lr=0.001", "train.max_length=1024", "train.batch_tokens=2048",
+    "eval.tasks=2", "eval.max_new_tokens=6",
+]  # fmt: skip
+
+
+def tiny_config(*extra):
+    return load_config(None, [*TINY, *extra])
+
+
+SPEC = LoraSpec(rank=4, alpha=8)
+MODULES = {
+    "base_model.model.model.layers.0.self_attn.q_proj": (16, 12),
+    "base_model.model.model.layers.1.mlp.up_proj": (20, 12),
+}
+
+
+def random_factors(seed: int, a_from: Adapter | None = None) -> Adapter:
+    """Random A and B for the two modules of MODULES (A copied from `a_from` if given)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out, inp) in MODULES.items():
+        tensors[module + A_SUFFIX] = torch.randn(SPEC.rank, inp, generator=gen)
+        tensors[module + B_SUFFIX] = torch.randn(out, SPEC.rank, generator=gen)
+        if a_from is not None:
+            tensors[module + A_SUFFIX] = a_from.tensors[module + A_SUFFIX].clone()
+    return Adapter(SPEC, tensors)
+
+
+def updates_for(name: str, current: Adapter, k: int = 3, examples=(10, 20, 30)) -> list[Update]:
+    aggregator = make_aggregator(name)
+    clients = [random_factors(100 + i, a_from=current if aggregator.trains == "B" else None) for i in range(k)]
+    return [Update(f"c{i}", aggregator.upload(c.tensors), examples[i % len(examples)]) for i, c in enumerate(clients)]
+
+
+SMALL = LoraSpec(rank=4, alpha=8)
+
+
+def random_adapter(policy: Policy, name: str, seed: int, spec: LoraSpec = SMALL) -> Adapter:
+    """Attach an adapter whose A and B are both random, so it really changes the model."""
+    adapter = policy.new_adapter(name, spec, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(v.shape, generator=gen) * 0.5 for k, v in adapter.tensors.items()}
+    adapter = Adapter(spec, tensors)
+    policy.load(name, adapter)
+    return adapter
+
+
+def records(root: Path, drop=("wire",)) -> list[dict]:
+    """metrics.jsonl without wall-clock fields (and Flower's wire records)."""
+    out = []
+    for line in (root / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["event"] not in drop:
+            out.append({k: v for k, v in r.items() if k not in ("seconds", "train_seconds")})
+    return out
