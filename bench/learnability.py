@@ -49,8 +49,8 @@ from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling, rollout
 from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
+from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.sft import TrainConfig, mean_loss, train_adapter
-from fedse.evolve.store import expert_trajectory
 from fedse.experiments.evaluation import evaluation_tasks
 from fedse.experiments.report import wilson
 from fedse.fl.aggregators import make_aggregator

@@ -17,8 +17,8 @@ from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import GREEDY, RolloutRequest, rollout
 from fedse.envs import make_env
+from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.sft import TrainConfig, train_adapter
-from fedse.evolve.store import expert_trajectory
 from fedse.process import set_up_process
 
 

@@ -31,8 +31,8 @@ from fedse.agent.lora import LoraSpec
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.envs import list_envs, make_env
+from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.sft import TrainConfig, encode_examples, train_adapter
-from fedse.evolve.store import expert_trajectory
 from fedse.process import keeping_freed_memory, set_up_process
 from roof import matmul_gflops
 

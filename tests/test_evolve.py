@@ -9,11 +9,12 @@ import torch
 from fedse.agent.chat import ChatLayout
 from fedse.agent.lora import LoraSpec
 from fedse.agent.rollout import RolloutRequest, Sampling, rollout
+from fedse.agent.trajectory import Trajectory
 from fedse.evolve.agenttraj import AgentTrajError, from_agenttraj, to_agenttraj
 from fedse.evolve.buffer import BufferConfig, ExperienceBuffer
+from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.filters import KeepAllFilter, RewardThresholdFilter, SuccessFilter, make_filter
 from fedse.evolve.sft import TrainConfig, encode_examples, mean_loss, train_adapter
-from fedse.evolve.store import append_jsonl, expert_trajectory, read_jsonl
 
 
 def experts(env="maze", ids=(13, 14, 15)):
@@ -78,10 +79,9 @@ def test_buffer_history_cap_and_dedup(tmp_path):
         BufferConfig(dedup="fuzzy")
 
 
-def test_jsonl_and_agenttraj_round_trips(tmp_path):
+def test_trajectory_json_and_agenttraj_round_trips(tmp_path):
     trajectories = experts(env="wordle", ids=(0, 1))
-    append_jsonl(tmp_path / "t.jsonl", trajectories)
-    assert read_jsonl(tmp_path / "t.jsonl") == trajectories
+    assert [Trajectory.from_json(t.to_json()) for t in trajectories] == trajectories
     record = to_agenttraj(trajectories[0])
     assert record["item_id"] == "lmrlgym_wordle_0"
     assert [c["from"] for c in record["conversations"][:4]] == ["human", "gpt", "human", "gpt"]

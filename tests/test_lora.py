@@ -97,8 +97,8 @@ def test_a_bf16_base_keeps_fp32_adapters_rolls_out_and_trains():
     from fedse.agent.model import load_base
     from fedse.agent.policy import Policy
     from fedse.agent.rollout import RolloutRequest, Sampling, rollout
+    from fedse.evolve.experts import expert_trajectory
     from fedse.evolve.sft import TrainConfig, train_adapter
-    from fedse.evolve.store import expert_trajectory
 
     policy = Policy(load_base("tiny-random", dtype="bfloat16"))
     assert policy.dtype == torch.bfloat16

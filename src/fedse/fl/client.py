@@ -22,9 +22,9 @@ from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
 from fedse.evolve.agenttraj import read_agenttraj
 from fedse.evolve.buffer import ExperienceBuffer
+from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.filters import make_filter
 from fedse.evolve.sft import TrainConfig, train_adapter
-from fedse.evolve.store import expert_trajectory
 from fedse.fl.aggregators import Aggregator
 from fedse.fl.update import Update
 from fedse.sections import Section
