@@ -7,7 +7,7 @@ import torch
 
 from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, delta_weights
 from fedse.fl.aggregators import AGGREGATORS, make_aggregator
-from fedse.fl.server import aggregate_round
+from fedse.fl.server import ServerOptimizer, aggregate_round
 from fedse.fl.update import Update
 from helpers import SPEC, random_factors, updates_for
 
@@ -155,7 +155,7 @@ def test_the_server_step_holds_one_module_of_dense_updates_at_a_time():
 import resource, torch
 from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, LoraSpec
 from fedse.fl.aggregators import make_aggregator
-from fedse.fl.server import aggregate_round
+from fedse.fl.server import ServerOptimizer, aggregate_round
 from fedse.fl.update import Update
 gen = torch.Generator().manual_seed(0)
 def adapter():
@@ -180,7 +180,9 @@ def test_server_lr_moves_every_uploaded_tensor_lr_times_as_far(name):
     current = random_factors(0)
     updates = updates_for(name, current)
     plain = aggregate_round(make_aggregator(name), current, updates, {}).aggregation.adapter
-    stepped = aggregate_round(make_aggregator(name), current, updates, {}, server_lr=5.0).aggregation.adapter
+    stepped = aggregate_round(
+        make_aggregator(name), current, updates, {}, optimizer=ServerOptimizer(lr=5.0)
+    ).aggregation.adapter
     for k, old in current.tensors.items():
         torch.testing.assert_close(stepped.tensors[k], old + 5.0 * (plain.tensors[k] - old), rtol=1e-5, atol=1e-5)
 
@@ -188,7 +190,9 @@ def test_server_lr_moves_every_uploaded_tensor_lr_times_as_far(name):
 def test_server_lr_is_refused_for_rules_that_fold_updates_into_the_base():
     current = random_factors(0)
     with pytest.raises(ValueError, match="frozen"):
-        aggregate_round(make_aggregator("flora"), current, updates_for("flora", current), {}, server_lr=2.0)
+        aggregate_round(
+            make_aggregator("flora"), current, updates_for("flora", current), {}, optimizer=ServerOptimizer(lr=2.0)
+        )
 
 
 def test_hostile_updates_are_rejected_and_cannot_steer_the_mean():
@@ -227,8 +231,6 @@ def test_client_metrics_cannot_overwrite_the_records_own_keys():
 
 
 def test_server_momentum_and_adam_follow_their_update_rules_and_carry_their_moments():
-    from fedse.fl.server import ServerOptimizer
-
     current = random_factors(0)
     updates = updates_for("fedse", current)
     key = sorted(current.tensors)[0]

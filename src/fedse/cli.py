@@ -276,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--change-config",
         action="store_true",
-        help="with --resume: apply a changed config (--set, a config file, an edited config.json); "
-        "only fed.rounds, eval.*, explore.max_batch and checkpoints.* may change",
+        help="with --resume: apply a changed config (--set, a config file, an edited config.json) that changes "
+        "only how long the run goes, how it is evaluated, batched and kept, or where its environments' servers "
+        "are (a refused change names the keys that may change)",
     )
     run.set_defaults(run=cmd_run)
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test splits")

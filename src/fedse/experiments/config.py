@@ -261,6 +261,10 @@ how it is evaluated and kept, how wide it batches, where its environments' serve
 done (a rank, a client, a seed, a learning rate), so it needs a new run."""
 
 
+CHANGEABLE_SAID = ", ".join(k + "*" if k.endswith(".") else k for k in CHANGEABLE_ON_RESUME)
+"""The same, as messages say it: "fed.rounds, eval.*, …"."""
+
+
 def flat_items(tree: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for key, value in tree.items():
@@ -290,7 +294,7 @@ def check_resume_changes(old: RunConfig, new: RunConfig, allowed: bool, where: s
     if fixed:
         raise ConfigError(
             f"{where}: a resumed run cannot change {fixed[0]}: the completed rounds depend on it "
-            "(start a new run; only fed.rounds, eval.*, explore.max_batch, checkpoints.* can change)"
+            f"(start a new run; only {CHANGEABLE_SAID} can change)"
         )
     if not allowed:
         raise ConfigError(

@@ -270,7 +270,6 @@ class Federation:
             self.global_adapter,
             updates,
             self.aggregator_state,
-            fed.server_lr,
             max_update_norm=fed.max_update_norm,
             bound=fed.update_bound,
             optimizer=ServerOptimizer(

@@ -118,15 +118,14 @@ def aggregate_round(
     current: Adapter,
     updates: list[Update],
     state: dict,
-    server_lr: float = 1.0,
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
     bound: Bound = "clip",
     optimizer: ServerOptimizer | None = None,
     server_state: dict[str, torch.Tensor] | None = None,
 ) -> RoundResult:
     """Drop invalid updates (saying which client and tensor), bound the norm of the rest
-    (`bound_update`), aggregate them, take the server step (`optimizer`, default plain SGD
-    with `server_lr`; `server_state` holds its moments from the previous round).
+    (`bound_update`), aggregate them, take the server step (`optimizer`, default the rule's own
+    result: SGD at lr 1; `server_state` holds its moments from the previous round).
 
     With no valid update the global adapter stays as it was.
     """
@@ -154,7 +153,7 @@ def aggregate_round(
             valid.append(u)
     if rejected:
         log.warning("round continues with %d of %d clients", len(valid), len(updates))
-    optimizer = optimizer or ServerOptimizer(lr=server_lr)
+    optimizer = optimizer or ServerOptimizer()
     server_state = server_state or {}
     if not valid:
         return RoundResult(Aggregation(current, {}, state), [], rejected, clipped, {"clients": 0}, server_state)
