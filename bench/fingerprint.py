@@ -21,7 +21,7 @@ from pathlib import Path
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.experiments.config import load_config
-from fedse.experiments.run import Federation
+from fedse.experiments.federation import Federation
 from fedse.fl.aggregators import AGGREGATORS
 
 TINY = [

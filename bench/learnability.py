@@ -50,11 +50,11 @@ from fedse.agent.rollout import RolloutRequest, Sampling, rollout
 from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
 from fedse.evolve.experts import expert_trajectory
-from fedse.evolve.sft import TrainConfig, mean_loss, train_adapter
+from fedse.evolve.sft import TrainSection, mean_loss, train_adapter
 from fedse.experiments.evaluation import evaluation_tasks
 from fedse.experiments.report import wilson
 from fedse.fl.aggregators import make_aggregator
-from fedse.fl.client import ExploreConfig, exploration_requests, exploration_tasks
+from fedse.fl.client import ExploreSection, exploration_requests, exploration_tasks
 from fedse.fl.server import server_step
 from fedse.fl.update import Update
 from fedse.process import set_up_process
@@ -107,9 +107,9 @@ def main() -> None:
 
     policy = Policy(load_base(args.model, dtype=args.dtype))
     spec = LoraSpec(args.rank, 2 * args.rank)
-    train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, max_length=args.max_length)
+    train = TrainSection(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, max_length=args.max_length)
     greedy = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    explore = ExploreConfig(tasks=args.explore, temperature=1.0, max_new_tokens=args.max_new_tokens)
+    explore = ExploreSection(tasks=args.explore, temperature=1.0, max_new_tokens=args.max_new_tokens)
     print(
         f"{args.model} in {policy.dtype}, LoRA r {args.rank}, lr {args.lr}, {args.epochs} epochs, "
         f"batch {args.batch_tokens} tokens; {args.test} test and {args.explore} exploration tasks per env; "

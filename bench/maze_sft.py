@@ -18,7 +18,7 @@ from fedse.agent.policy import Policy
 from fedse.agent.rollout import GREEDY, RolloutRequest, rollout
 from fedse.envs import make_env
 from fedse.evolve.experts import expert_trajectory
-from fedse.evolve.sft import TrainConfig, train_adapter
+from fedse.evolve.sft import TrainSection, train_adapter
 from fedse.process import set_up_process
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     policy = Policy(load_base(dtype=args.dtype))
     policy.new_adapter("client", LoraSpec(), seed=0)
     before = rollout(policy, requests)
-    report = train_adapter(policy, "client", demos, TrainConfig(epochs=args.epochs, lr=args.lr))
+    report = train_adapter(policy, "client", demos, TrainSection(epochs=args.epochs, lr=args.lr))
     after = rollout(policy, requests)
     rate = lambda ts: sum(t.success for t in ts) / len(ts)  # noqa: E731
     print(

@@ -32,7 +32,7 @@ from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.envs import list_envs, make_env
 from fedse.evolve.experts import expert_trajectory
-from fedse.evolve.sft import TrainConfig, encode_examples, train_adapter
+from fedse.evolve.sft import TrainSection, encode_examples, train_adapter
 from fedse.process import keeping_freed_memory, set_up_process
 from roof import matmul_gflops
 
@@ -69,7 +69,7 @@ def main() -> None:
     demos = [expert_trajectory(e, i) for e in args.envs for i in make_env(e).splits["train"][: args.per_env]]
     policy = Policy(load_base(dtype=args.dtype))
     dtype = policy.dtype
-    config = TrainConfig(epochs=1, lr=args.lr, batch_tokens=args.batch_tokens, max_length=4096)
+    config = TrainSection(epochs=1, lr=args.lr, batch_tokens=args.batch_tokens, max_length=4096)
     examples, _ = encode_examples(ChatLayout(policy.tokenizer), demos, config.max_length)
     hidden, vocab = 576, len(policy.tokenizer)
     params = sum(p.numel() for p in policy.base.model.parameters())

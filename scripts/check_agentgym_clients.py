@@ -23,7 +23,7 @@ import types
 import uvicorn
 
 from fedse.envs import make_env
-from fedse.envs.server import make_app
+from fedse.envs.http_server import make_app
 
 
 def load_clients(agentgym: str) -> dict[str, types.ModuleType]:

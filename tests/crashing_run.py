@@ -68,7 +68,7 @@ def main() -> int:
     assert sep == "--" and when in ("before", "after", "torn"), "usage: see the module docstring"
     # Imported before patching, so that the names these modules imported are patched too.
     import fedse.cli
-    import fedse.experiments.run
+    import fedse.experiments.federation
     import fedse.experiments.store
 
     count = patch(target, int(n), when)

@@ -19,9 +19,9 @@ import uvicorn
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.envs import EnvBackend, EnvError, EnvServerError, make_env
-from fedse.envs.server import MAX_BODY, SessionTable, make_app
+from fedse.envs.http_server import MAX_BODY, SessionTable, make_app
 from fedse.evolve.agenttraj import AgentTrajError, read_agenttraj, to_agenttraj, write_agenttraj
-from fedse.experiments.run import Federation
+from fedse.experiments.federation import Federation
 from fedse.fl.client import expert_seeds
 
 SERVED = {"babyai": "babyai", "maze": "lmrlgym", "wordle": "lmrlgym", "textcraft": "textcraft", "webshop": "webshop"}

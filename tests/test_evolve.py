@@ -11,10 +11,10 @@ from fedse.agent.lora import LoraSpec
 from fedse.agent.rollout import RolloutRequest, Sampling, rollout
 from fedse.agent.trajectory import Trajectory
 from fedse.evolve.agenttraj import AgentTrajError, from_agenttraj, to_agenttraj
-from fedse.evolve.buffer import BufferConfig, ExperienceBuffer
+from fedse.evolve.buffer import BufferSection, ExperienceBuffer
 from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.filters import KeepAllFilter, RewardThresholdFilter, SuccessFilter, make_filter
-from fedse.evolve.sft import TrainConfig, encode_examples, mean_loss, train_adapter
+from fedse.evolve.sft import TrainSection, encode_examples, mean_loss, train_adapter
 
 
 def experts(env="maze", ids=(13, 14, 15)):
@@ -65,18 +65,18 @@ def test_buffer_survives_a_restart_and_truncates_unfinished_rounds(tmp_path):
 
 
 def test_buffer_history_cap_and_dedup(tmp_path):
-    no_history = ExperienceBuffer(tmp_path / "a.jsonl", BufferConfig(history=False))
+    no_history = ExperienceBuffer(tmp_path / "a.jsonl", BufferSection(history=False))
     no_history.add(experts(ids=(13, 14)), 0)
     no_history.add(experts(ids=(15,)), 1)
     assert [t.task_id for t in no_history.training_set(1)] == [15]
     assert [t.task_id for t in no_history.training_set(1, warmup=True)] == [13, 14]  # nobody explored yet
-    capped = ExperienceBuffer(tmp_path / "b.jsonl", BufferConfig(cap=2))
+    capped = ExperienceBuffer(tmp_path / "b.jsonl", BufferSection(cap=2))
     capped.add(experts(ids=(13, 14, 15)), 0)
-    assert [t.task_id for t in ExperienceBuffer(tmp_path / "b.jsonl", BufferConfig(cap=2)).training_set(0)] == [14, 15]
-    dedup = ExperienceBuffer(tmp_path / "c.jsonl", BufferConfig(dedup="exact"))
+    assert [t.task_id for t in ExperienceBuffer(tmp_path / "b.jsonl", BufferSection(cap=2)).training_set(0)] == [14, 15]
+    dedup = ExperienceBuffer(tmp_path / "c.jsonl", BufferSection(dedup="exact"))
     assert dedup.add(experts(ids=(13, 13, 14)), 0) == 2
     with pytest.raises(ValueError, match="Input should be 'none' or 'exact'"):
-        BufferConfig(dedup="fuzzy")
+        BufferSection(dedup="fuzzy")
 
 
 def test_trajectory_json_and_agenttraj_round_trips(tmp_path):
@@ -96,7 +96,7 @@ def test_local_sft_lowers_the_buffer_loss(tiny_policy):
     tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
     buffer = experts(ids=(13, 16, 18))
     before = mean_loss(tiny_policy, "client", buffer)
-    report = train_adapter(tiny_policy, "client", buffer, TrainConfig(epochs=3, lr=5e-3, batch_tokens=4096))
+    report = train_adapter(tiny_policy, "client", buffer, TrainSection(epochs=3, lr=5e-3, batch_tokens=4096))
     after = mean_loss(tiny_policy, "client", buffer)
     assert after < before - 0.1
     assert report.epoch_losses[-1] < report.epoch_losses[0] and report.steps >= 3 and report.tokens > 0
@@ -183,7 +183,7 @@ def test_fused_bf16_lora_trains_like_pefts_fp32_lora_path_over_many_steps():
     policy = Policy(load_base("tiny-random", dtype="bfloat16"))
     start = policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
     buffer = experts(ids=(13, 16, 18))
-    config = TrainConfig(epochs=3, lr=5e-3, batch_tokens=4096)
+    config = TrainSection(epochs=3, lr=5e-3, batch_tokens=4096)
     trained = {}
     for fast in (True, False):
         policy.load("client", start)
@@ -206,21 +206,21 @@ def test_only_agent_tokens_carry_loss(tiny_policy):
     agent = sum(len(layout.encode(o)) + 1 for o in buffer[0].outputs)  # each turn + its end token
     assert sum(mask) == agent
     tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
-    report = train_adapter(tiny_policy, "client", buffer, TrainConfig(epochs=1, max_length=4096))
+    report = train_adapter(tiny_policy, "client", buffer, TrainSection(epochs=1, max_length=4096))
     assert report.loss_tokens == agent and report.tokens == len(ids)
 
 
 def test_ffa_training_keeps_a_frozen_and_fedprox_pulls_towards_the_start(tiny_policy):
     start = tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
     buffer = experts(ids=(13, 16))
-    train_adapter(tiny_policy, "client", buffer, TrainConfig(epochs=1, lr=1e-2), factors="B")
+    train_adapter(tiny_policy, "client", buffer, TrainSection(epochs=1, lr=1e-2), factors="B")
     trained = tiny_policy.get("client")
     assert all(torch.equal(trained.tensors[k], start.tensors[k]) for k in start.tensors if "lora_A" in k)
     assert any(not torch.equal(trained.tensors[k], start.tensors[k]) for k in start.tensors if "lora_B" in k)
 
     def moved(mu):
         tiny_policy.load("client", start)
-        train_adapter(tiny_policy, "client", buffer, TrainConfig(epochs=2, lr=1e-2, fedprox_mu=mu))
+        train_adapter(tiny_policy, "client", buffer, TrainSection(epochs=2, lr=1e-2, fedprox_mu=mu))
         now = tiny_policy.get("client")
         return sum(float((now.tensors[k] - start.tensors[k]).norm()) for k in start.tensors)
 
@@ -242,5 +242,5 @@ def test_long_episodes_are_truncated_from_the_left_and_counted(tiny_policy, capl
 
 def test_zero_epochs_trains_nothing_and_keeps_the_adapter(tiny_policy):
     start = tiny_policy.new_adapter("client", LoraSpec(rank=4, alpha=8), seed=0)
-    report = train_adapter(tiny_policy, "client", experts(ids=(13,)), TrainConfig(epochs=0))
+    report = train_adapter(tiny_policy, "client", experts(ids=(13,)), TrainSection(epochs=0))
     assert report.steps == 0 and tiny_policy.get("client").hash == start.hash

@@ -14,11 +14,11 @@ from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.cli import main
 from fedse.experiments.config import CENTRAL, ConfigError
+from fedse.experiments.experiment_report import bootstrap_mean, collect, paired_bootstrap
+from fedse.experiments.federation import Federation
 from fedse.experiments.grid import load_experiment, run_grid
 from fedse.experiments.methods import METHODS
-from fedse.experiments.run import Federation
 from fedse.experiments.store import RunStore
-from fedse.experiments.table import bootstrap_mean, collect, paired_bootstrap
 from helpers import TINY, tiny_config
 
 

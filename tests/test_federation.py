@@ -8,8 +8,8 @@ import torch
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.experiments.config import ConfigError, load_config
+from fedse.experiments.federation import Federation
 from fedse.experiments.report import round_summary
-from fedse.experiments.run import Federation
 from fedse.experiments.store import RunExists
 from fedse.fl import server
 from helpers import tiny_config
@@ -49,12 +49,12 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
             raise KeyboardInterrupt("killed mid-round")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("fedse.experiments.run.aggregate_round", crash_in_round_two)
+    monkeypatch.setattr("fedse.experiments.federation.aggregate_round", crash_in_round_two)
     crashed = Federation(tiny_config("fed.aggregator='fedex'"), tmp_path / "crashed", Policy(load_base("tiny-random")))
     with pytest.raises(KeyboardInterrupt):
         crashed.run()
     assert json.loads(crashed.store.state.read_text())["round"] == 1
-    monkeypatch.setattr("fedse.experiments.run.aggregate_round", real)
+    monkeypatch.setattr("fedse.experiments.federation.aggregate_round", real)
     resumed = Federation(tiny_config("fed.aggregator='fedex'"), tmp_path / "crashed", Policy(load_base("tiny-random")))
     resumed.run(resume=True)
     assert resumed.global_adapter.hash == straight.global_adapter.hash
@@ -76,7 +76,7 @@ def test_only_adapter_tensors_and_scalar_metrics_reach_the_server(tmp_path, monk
         seen.extend(updates)
         return real(aggregator, current, updates, *args, **kwargs)
 
-    monkeypatch.setattr("fedse.experiments.run.aggregate_round", spy)
+    monkeypatch.setattr("fedse.experiments.federation.aggregate_round", spy)
     fed = run(tmp_path, "fed.rounds=1")
     adapter_keys = set(fed.global_adapter.tensors)
     assert len(seen) == 2
@@ -200,7 +200,7 @@ def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_rep
     from fedse.experiments.report import write_report
     from fedse.fl.update import Update
 
-    real = __import__("fedse.experiments.run", fromlist=["learn"]).learn
+    real = __import__("fedse.experiments.federation", fromlist=["learn"]).learn
 
     def poisoned(*args, **kwargs):
         update, trained = real(*args, **kwargs)
@@ -208,7 +208,7 @@ def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_rep
             update.client, {k: v * float("nan") for k, v in update.tensors.items()}, 1, update.metrics
         ), trained
 
-    monkeypatch.setattr("fedse.experiments.run.learn", poisoned)
+    monkeypatch.setattr("fedse.experiments.federation.learn", poisoned)
     fed = run(tmp_path, "fed.rounds=1")
     records = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
     aggregate = next(r for r in records if r["event"] == "aggregate")

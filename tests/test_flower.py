@@ -24,7 +24,7 @@ from fedse.agent.lora import factor_keys
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.errors import UserError
-from fedse.experiments.run import Federation
+from fedse.experiments.federation import Federation
 from fedse.flower import client_app
 from fedse.flower.codec import record_json, wire_bytes
 from fedse.flower.deploy import APP_DIR, LocalDeployment, node_threads, run_local

@@ -98,7 +98,7 @@ def test_a_bf16_base_keeps_fp32_adapters_rolls_out_and_trains():
     from fedse.agent.policy import Policy
     from fedse.agent.rollout import RolloutRequest, Sampling, rollout
     from fedse.evolve.experts import expert_trajectory
-    from fedse.evolve.sft import TrainConfig, train_adapter
+    from fedse.evolve.sft import TrainSection, train_adapter
 
     policy = Policy(load_base("tiny-random", dtype="bfloat16"))
     assert policy.dtype == torch.bfloat16
@@ -110,6 +110,6 @@ def test_a_bf16_base_keeps_fp32_adapters_rolls_out_and_trains():
         policy, [RolloutRequest("maze", 0, adapter="client", sampling=Sampling(0.0, max_new_tokens=6), max_turns=2)]
     )
     assert t.turns == 2 and all(len(x) > 0 for x in t.logprobs)
-    report = train_adapter(policy, "client", [expert_trajectory("maze", 13)], TrainConfig(epochs=2, lr=1e-2))
+    report = train_adapter(policy, "client", [expert_trajectory("maze", 13)], TrainSection(epochs=2, lr=1e-2))
     assert report.steps == 2 and report.epoch_losses[1] < report.epoch_losses[0]
     assert policy.hash_of("client") == policy.get("client").hash != adapter.hash  # training re-hashes the slot

@@ -23,9 +23,9 @@ from fedse.agent.trajectory import Trajectory
 from fedse.cli import main
 from fedse.envs import make_env
 from fedse.errors import UserError
-from fedse.evolve.buffer import BufferConfig, ExperienceBuffer
+from fedse.evolve.buffer import BufferSection, ExperienceBuffer
 from fedse.experiments.config import ConfigError, RunConfig, load_config
-from fedse.experiments.run import Federation
+from fedse.experiments.federation import Federation
 from fedse.fl.aggregators import AGGREGATORS, make_aggregator
 from fedse.fl.server import aggregate_round
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM, Update, bound_update, update_norm
@@ -248,7 +248,7 @@ def trajectory(task: int, text: str) -> Trajectory:
 
 
 def test_cap_and_dedup_agree_between_the_running_buffer_and_one_reopened_from_disk(tmp_path):
-    config = BufferConfig(cap=3, dedup="exact")
+    config = BufferSection(cap=3, dedup="exact")
     live = ExperienceBuffer(tmp_path / "b.jsonl", config)
     live.add([trajectory(i, "a") for i in range(3)], round_=0)
     live.add([trajectory(3, "a"), trajectory(4, "a")], round_=1)  # evicts tasks 0 and 1
@@ -260,7 +260,7 @@ def test_cap_and_dedup_agree_between_the_running_buffer_and_one_reopened_from_di
 
 
 def test_a_resume_finds_the_entries_the_crashed_round_evicted(tmp_path):
-    config = BufferConfig(cap=2)
+    config = BufferSection(cap=2)
     live = ExperienceBuffer(tmp_path / "b.jsonl", config)
     live.add([trajectory(0, "a"), trajectory(1, "a")], round_=0)
     live.add([trajectory(2, "a"), trajectory(3, "a")], round_=1)  # round 1 crashes after this

@@ -112,8 +112,8 @@ def _run_config(root: Path):
 def cmd_run(args: argparse.Namespace) -> int:
     from fedse.agent.model import TINY
     from fedse.experiments.config import check_run_name, load_config
+    from fedse.experiments.federation import Federation
     from fedse.experiments.report import round_summary, write_report
-    from fedse.experiments.run import Federation
     from fedse.experiments.store import machine_record
 
     _quiet_libraries()
@@ -155,8 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from fedse.experiments.federation import Federation
     from fedse.experiments.report import wilson
-    from fedse.experiments.run import Federation
 
     _quiet_libraries()
     if args.tasks is not None and args.tasks < 0:
@@ -185,10 +185,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    from fedse.experiments.experiment_report import experiment_report
+    from fedse.experiments.federation import Federation
     from fedse.experiments.grid import load_experiment, run_grid
     from fedse.experiments.methods import METHODS
-    from fedse.experiments.run import Federation
-    from fedse.experiments.table import experiment_report
 
     _quiet_libraries()
     experiment, cells = load_experiment(args.file)
@@ -220,7 +220,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_env(args: argparse.Namespace) -> int:
-    from fedse.envs.server import serve
+    from fedse.envs.http_server import serve
 
     serve(args.env, host=args.host, port=args.port, ttl=args.ttl)
     return 0
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output folder (default: the run's own, or <first>-vs-<second>... beside it)")
     report.set_defaults(run=cmd_report)
     serve_env = sub.add_parser("serve-env", help="serve an environment over AgentGym's HTTP protocol")
-    from fedse.envs.server import SERVERS
+    from fedse.envs.http_server import SERVERS
 
     serve_env.add_argument("env", choices=list(SERVERS), help="an environment, or lmrlgym (maze and wordle)")
     serve_env.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

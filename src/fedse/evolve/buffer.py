@@ -31,7 +31,7 @@ from fedse.files import append_lines, drop_torn_tail, read_lines, write_lines
 from fedse.sections import Section
 
 
-class BufferConfig(Section):
+class BufferSection(Section):
     """The `[buffer]` section of a run configuration."""
 
     expert_seeds: int | None = Field(None, ge=0)
@@ -51,9 +51,9 @@ def _key(t: Trajectory) -> tuple:
 
 
 class ExperienceBuffer:
-    def __init__(self, path: str | Path, config: BufferConfig | None = None) -> None:
+    def __init__(self, path: str | Path, config: BufferSection | None = None) -> None:
         self.path = Path(path)
-        self.config = config or BufferConfig()
+        self.config = config or BufferSection()
         self.entries: list[tuple[int, Trajectory]] = []
         for number, line in enumerate(read_lines(self.path), start=1):
             try:

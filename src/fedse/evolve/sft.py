@@ -34,7 +34,7 @@ from fedse.sections import Section
 log = logging.getLogger(__name__)
 
 
-class TrainConfig(Section):
+class TrainSection(Section):
     """The `[train]` section of a run configuration: local SFT hyper-parameters (defaults: the paper's)."""
 
     epochs: int = Field(2, ge=0)
@@ -136,7 +136,7 @@ def batch_loss(policy: Policy, name: str | None, ids, attention, target_mask) ->
 
 
 def _step(
-    policy: Policy, name: str, tensors: tuple, params: list, optimizer, config: TrainConfig, anchor
+    policy: Policy, name: str, tensors: tuple, params: list, optimizer, config: TrainSection, anchor
 ) -> tuple[float, int]:
     """One optimizer step on one padded batch (plus FedProx's pull towards `anchor`, if any);
     returns the batch's mean agent-token loss and its number of agent tokens."""
@@ -157,7 +157,7 @@ def train_adapter(
     policy: Policy,
     name: str,
     trajectories: list[Trajectory],
-    config: TrainConfig,
+    config: TrainSection,
     *,
     seed: int = 0,
     factors: str = "AB",

@@ -19,10 +19,10 @@ from fedse.agent.lora import LoraSpec
 from fedse.agent.model import KNOWN_MODELS, model_available
 from fedse.envs import EnvBackend, list_envs
 from fedse.errors import UserError
-from fedse.evolve.buffer import BufferConfig
-from fedse.evolve.sft import TrainConfig
+from fedse.evolve.buffer import BufferSection
+from fedse.evolve.sft import TrainSection
 from fedse.fl.aggregators import AGGREGATORS, Aggregator, make_aggregator
-from fedse.fl.client import ExploreConfig
+from fedse.fl.client import ExploreSection
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM
 from fedse.sections import Section
 
@@ -196,9 +196,9 @@ class RunConfig(Section):
     """The run's folder name under the runs folder (`check_run_name`)."""
     model: ModelSection = ModelSection()
     fed: FedSection = FedSection()
-    explore: ExploreConfig = ExploreConfig()
-    buffer: BufferConfig = BufferConfig()
-    train: TrainConfig = TrainConfig()
+    explore: ExploreSection = ExploreSection()
+    buffer: BufferSection = BufferSection()
+    train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     checkpoints: CheckpointSection = CheckpointSection()
     env: dict[str, EnvBackend] = Field(default_factory=dict)

@@ -24,14 +24,14 @@ from fedse.evolve.agenttraj import read_agenttraj
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.filters import make_filter
-from fedse.evolve.sft import TrainConfig, train_adapter
+from fedse.evolve.sft import TrainSection, train_adapter
 from fedse.fl.aggregators import Aggregator
 from fedse.fl.update import Update
 from fedse.sections import Section
 from fedse.seeds import derived_seed
 
 
-class ExploreConfig(Section):
+class ExploreSection(Section):
     """The `[explore]` section of a run configuration: how a client explores each round."""
 
     tasks: int | None = Field(32, ge=0)
@@ -75,7 +75,7 @@ def exploration_requests(
     client: str,
     env_name: str,
     round_: int,
-    explore: ExploreConfig,
+    explore: ExploreSection,
     seed: int = 0,
     adapter: str | None = None,
     part: int = 0,
@@ -95,7 +95,7 @@ def exploration_requests(
 
 
 def client_requests(
-    client: str, envs: list[str], round_: int, explore: ExploreConfig, seed: int = 0, part: int = 0, parts: int = 1
+    client: str, envs: list[str], round_: int, explore: ExploreSection, seed: int = 0, part: int = 0, parts: int = 1
 ) -> list[RolloutRequest]:
     """Every episode `client` (holding `envs`, partition `part` of `parts`) plays in round `round_`,
     in adapter slot `client`. Draws are labelled by environment (a pooled client gets each
@@ -138,8 +138,8 @@ def learn(
     explored: list[Trajectory],
     buffer: ExperienceBuffer,
     round_: int,
-    explore: ExploreConfig,
-    train: TrainConfig,
+    explore: ExploreSection,
+    train: TrainSection,
     aggregator: Aggregator,
     seed: int = 0,
     progress: bool = False,

@@ -1,6 +1,6 @@
 """A client of a Flower federation: its round, on its own machine, with its own data.
 
-`NodeClient` does for one client what `fedse.experiments.run.Federation` does for each of its
+`NodeClient` does for one client what `fedse.experiments.federation.Federation` does for each of its
 clients, with the same functions (`client_requests`, `rollout`, `learn`, `evaluate`): the
 round's episodes, the success filter, the buffer, local SFT and the update. Everything it keeps
 (buffer, personal adapter) lives under its node directory, `<data-dir>/<run token>/<client>/`;

@@ -1,6 +1,6 @@
 """fedse's Flower ServerApp: the server round of `fedse run`, with the clients behind Flower's Grid.
 
-`FlowerFederation` is `fedse.experiments.run.Federation` with the clients' half of a round
+`FlowerFederation` is `fedse.experiments.federation.Federation` with the clients' half of a round
 (`train_clients`) and the evaluation (`_evaluate`) sent as messages to SuperNodes instead of
 played in this process. Everything else — validation, bounding and aggregation of updates,
 diagnostics, server optimiser, checkpoints, `metrics.jsonl`, resume, report — is the same code.
@@ -28,8 +28,8 @@ from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats
 from fedse.errors import UserError
 from fedse.experiments.config import RunConfig, load_config
+from fedse.experiments.federation import Federation
 from fedse.experiments.records import ClientRecord, EvalRecord, ExploreRecord, WireRecord
-from fedse.experiments.run import Federation
 from fedse.files import atomic_write_json
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_json, record_tensors, tensors_record, wire_bytes
