@@ -26,6 +26,11 @@ strength under the plain mean; this shows what that costs and whether a larger s
 recovers it. `--rules` puts them through other rules too: `sum` and `subspace` (the weight-space
 rules, folded into the base as a run does), `mean` being Fed-SE's.
 
+`--interference` measures it layer by layer, as the aggregation literature's functional check
+does: ρ_jk = ‖ΔW_j X_k‖ / ‖ΔW_k X_k‖ over every adapted layer, with X_k the inputs each layer sees
+on env k's demonstrations (base model). ρ_jk near 0: client j's update leaves k's inputs alone, so
+a sum of the updates does not disturb k; near 1 or above: it moves them as much as k's own does.
+
 `--transfer` measures interference where it shows, in each client's own data: the mean NLL per
 agent token of every env's demonstrations (the ones it trained on) under the base model, under
 each env's adapter alone, and under each rule's global model. Row j, column k: how client j's
@@ -43,7 +48,7 @@ import time
 
 import torch
 
-from fedse.agent.lora import LoraSpec
+from fedse.agent.lora import A_SUFFIX, B_SUFFIX, LoraSpec
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling, rollout
@@ -102,6 +107,7 @@ def main() -> None:
     parser.add_argument("--federate", nargs="*", type=float, default=[], help="server learning rates to try")
     parser.add_argument("--rules", nargs="*", default=["mean"], choices=["mean", "sum", "subspace"])
     parser.add_argument("--transfer", action="store_true", help="NLL of each env's demos under each adapter")
+    parser.add_argument("--interference", action="store_true", help="ρ_jk = ‖ΔW_j X_k‖ / ‖ΔW_k X_k‖ per env pair")
     args = parser.parse_args()
     set_up_process()
 
@@ -178,6 +184,23 @@ def main() -> None:
                 )
         policy.reset_base()
 
+    if args.interference:
+        demos = {
+            env: [
+                expert_trajectory(env, i) for i in exploration_tasks(env, max(args.demos), derived_seed("experts", env))
+            ]
+            for env in args.envs
+        }
+        rho = interference(policy, trained, demos, args.max_length)
+        print(
+            "\nρ_jk = ‖ΔW_j X_k‖ / ‖ΔW_k X_k‖ over every adapted layer: how far client j's update (row) moves "
+            "the layer inputs of env k's demonstrations (column), relative to k's own update:\n"
+        )
+        print("| update of | " + " | ".join(args.envs) + " |")
+        print("|---|" + "---|" * len(args.envs))
+        for j in trained:
+            print(f"| {j} | " + " | ".join(f"{rho[j][k]:.2f}" for k in args.envs) + " |", flush=True)
+
     if args.transfer:
         demos = {
             env: [
@@ -204,6 +227,25 @@ def main() -> None:
             install_global(policy, init, updates, rule, 1.0)
             row(f"{rule} of all", "global")
         policy.reset_base()
+
+
+def interference(policy: Policy, trained: dict, demos: dict, max_length: int) -> dict[str, dict[str, float]]:
+    """ρ[j][k] = ‖ΔW_j X_k‖ / ‖ΔW_k X_k‖ summed over every adapted layer, X_k the layer inputs
+    of env k's demonstrations on the base model (ΔW X computed through the factors)."""
+    moved: dict[str, dict[str, float]] = {}
+    for k in demos:
+        sums = dict.fromkeys(trained, 0.0)
+
+        def observe(module: str, x: torch.Tensor, sums: dict[str, float] = sums) -> None:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            for j, adapter in trained.items():
+                a, b = adapter.tensors[module + A_SUFFIX], adapter.tensors[module + B_SUFFIX]
+                sums[j] += float((adapter.scale * (rows @ a.T) @ b.T).square().sum())
+
+        with policy.watching_inputs(observe):
+            mean_loss(policy, None, demos[k], max_length)
+        moved[k] = sums
+    return {j: {k: (moved[k][j] / moved[k][k]) ** 0.5 for k in demos} for j in trained}
 
 
 def install_global(policy: Policy, init, updates: list[Update], rule: str, lr: float) -> None:

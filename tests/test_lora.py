@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedse.agent.lora import LoraSpec, adapter_hash, load_adapter, save_adapter
+from fedse.agent.lora import LoraSpec, adapter_hash, load_adapter, lora_modules, save_adapter
 from fedse.agent.model import load_base
 from helpers import random_adapter
 
@@ -113,3 +113,16 @@ def test_a_bf16_base_keeps_fp32_adapters_rolls_out_and_trains():
     report = train_adapter(policy, "client", [expert_trajectory("maze", 13)], TrainSection(epochs=2, lr=1e-2))
     assert report.steps == 2 and report.epoch_losses[1] < report.epoch_losses[0]
     assert policy.hash_of("client") == policy.get("client").hash != adapter.hash  # training re-hashes the slot
+
+
+def test_watching_inputs_sees_every_adapted_layer_once_per_pass_and_stops_after(tiny_policy):
+    adapter = random_adapter(tiny_policy, "client", seed=1)
+    seen: dict[str, tuple] = {}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with tiny_policy.watching_inputs(lambda module, x: seen.setdefault(module, []).append(tuple(x.shape))):
+        tiny_policy.logits(["client"], ids)
+    assert set(seen) == set(lora_modules(adapter.tensors))
+    for module, shapes in seen.items():
+        assert shapes == [(1, 4, adapter.tensors[module + ".lora_A.weight"].shape[1])]
+    tiny_policy.logits(["client"], ids)
+    assert all(len(shapes) == 1 for shapes in seen.values())  # the hooks are gone

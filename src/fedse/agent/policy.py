@@ -19,7 +19,7 @@ operations here:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -304,6 +304,23 @@ class Policy:
             self._peft.eval()
             self._freeze()
             self.hashes[name] = self.get(name).hash
+
+    @contextmanager
+    def watching_inputs(self, observe: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """Call `observe(module, x)` with the input of every LoRA-adapted linear layer on each
+        forward pass inside the context (`module`: the adapter tensors' prefix; `x`: ... x in).
+        For measurements that need a layer's activations, e.g. how much one client's update
+        moves another's hidden inputs; nothing is kept here."""
+        handles = []
+        for name, module in self._peft.named_modules():
+            if isinstance(module, LoraLinear):
+                hook = functools.partial(lambda m, mod, args, out: observe(m, args[0].detach()), name)
+                handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _base_weights(self) -> dict[str, torch.nn.Parameter]:
         """The frozen base weight of every LoRA-adapted module, by the module's adapter-key prefix."""
