@@ -26,10 +26,10 @@ from fedse.agent.policy import Policy
 from fedse.errors import UserError
 from fedse.experiments.federation import Federation
 from fedse.flower import client_app
-from fedse.flower.codec import record_json, wire_bytes
-from fedse.flower.deploy import APP_DIR, LocalDeployment, node_threads, run_local
+from fedse.flower.codec import pack, record_json, unpack, wire_bytes
+from fedse.flower.commands import APP_DIR, node_threads
+from fedse.flower.local import LocalDeployment, run_local
 from fedse.flower.server_app import FlowerFederation, FlowerOptions
-from fedse.flower.worker import pack, unpack
 from helpers import TINY, records, tiny_config
 
 HANDLERS = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedse.flower.deploy import make_certificates
+    from fedse.flower.certificates import make_certificates
 
     certs = make_certificates(args.dir, args.hosts, args.nodes)
     print(f"wrote {certs.ca}, {certs.server_cert} (+ key) for {', '.join(args.hosts)}")
@@ -19,7 +19,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
-    from fedse.flower.deploy import Certificates, flower_env, superlink_command
+    from fedse.flower.certificates import Certificates
+    from fedse.flower.commands import flower_env, superlink_command
 
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
@@ -30,7 +31,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from fedse.flower.deploy import register_node, write_connection
+    from fedse.flower.commands import register_node, write_connection
 
     home = Path(args.flwr_home)
     write_connection(home, "fedse", args.superlink, Path(args.ca).resolve() if args.ca else None)
@@ -41,7 +42,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from fedse.flower.deploy import run_node, supernode_command
+    from fedse.flower.commands import supernode_command
+    from fedse.flower.processes import run_node
 
     data_dir = Path(args.data_dir).expanduser().resolve()
     node_config = {"client": args.client, "data-dir": str(data_dir)}
@@ -56,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import subprocess
 
     from fedse.experiments.config import load_config
-    from fedse.flower.deploy import flower_env, flwr_run_command, write_connection
+    from fedse.flower.commands import flower_env, flwr_run_command, write_connection
 
     config = load_config(args.config, args.set)  # a bad config fails here, not on the SuperLink
     run_dir = Path(args.run_dir or Path("runs") / config.name).resolve()
@@ -78,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_local(args: argparse.Namespace) -> int:
     from fedse.experiments.config import load_config
-    from fedse.flower.deploy import run_local
+    from fedse.flower.local import run_local
 
     config = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / f"{config.name}-flower")

@@ -4,13 +4,20 @@ Tensors go as a Flower `ArrayRecord` (float32 stays float32, so a round trip is 
 scalars as a `MetricRecord`; the run configuration and evaluation outcomes as JSON in a
 `ConfigRecord`. `wire_bytes` is the size of a message as Flower serialises it: the sum of
 every object of its tree (message, records, arrays, array chunks) as `deflate` writes it.
+
+`pack` / `unpack` frame a message's records for the node's local worker socket
+(`fedse.flower.worker`): a JSON header naming each record and its kind, then each record's
+payload (safetensors for an ArrayRecord, JSON otherwise), with numpy only.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
 
 # torch is imported where tensors are made: the ClientApp process that only forwards a message to
 # the node's worker (fedse.flower.worker) starts ~2 s sooner without it, on every message.
@@ -56,3 +63,36 @@ def wire_bytes(obj) -> int:
         return total
 
     return walk(obj)
+
+
+def pack(content: RecordDict) -> bytes:
+    """Records -> bytes, with numpy and safetensors only (no torch in the forwarding process)."""
+    header, payloads = [], []
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = {k: a.numpy() for k, a in record.items()}
+            data, kind, order = save_arrays(arrays) if arrays else b"", "arrays", list(arrays)
+        elif isinstance(record, MetricRecord):
+            data, kind, order = json.dumps(dict(record)).encode(), "metrics", []
+        else:
+            data, kind, order = json.dumps(dict(record)).encode(), "config", []
+        header.append({"name": name, "kind": kind, "size": len(data), "order": order})
+        payloads.append(data)
+    head = json.dumps(header).encode()
+    return struct.pack("!Q", len(head)) + head + b"".join(payloads)
+
+
+def unpack(data: bytes) -> RecordDict:
+    (size,) = struct.unpack("!Q", data[:8])
+    header, at = json.loads(data[8 : 8 + size]), 8 + size
+    out = RecordDict()
+    for entry in header:
+        payload, at = data[at : at + entry["size"]], at + entry["size"]
+        if entry["kind"] == "arrays":
+            arrays = load_arrays(payload) if payload else {}
+            out[entry["name"]] = ArrayRecord({k: Array(arrays[k]) for k in entry["order"]})
+        elif entry["kind"] == "metrics":
+            out[entry["name"]] = MetricRecord(json.loads(payload))
+        else:
+            out[entry["name"]] = ConfigRecord(json.loads(payload))
+    return out

@@ -6,23 +6,21 @@ the SuperNode: it listens on `<data-dir>/worker.sock` (a Unix socket, mode 0600,
 node's user can talk to it) and answers each message with `client_app.handle`, keeping the
 model loaded in between. The ClientApp process only forwards the message content to it.
 
-The framing is fedse's own, local to one machine: a JSON header naming each record and its
-kind, then each record's payload (safetensors for an ArrayRecord, JSON otherwise).
+The framing is fedse's own, local to one machine (`fedse.flower.codec.pack`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import struct
 import traceback
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from safetensors.numpy import load as load_arrays
-from safetensors.numpy import save as save_arrays
+from flwr.app import RecordDict
+
+from fedse.flower.codec import pack, unpack
 
 SOCKET_NAME = "worker.sock"
 
@@ -32,39 +30,6 @@ def worker_socket(node_config: dict) -> Path | None:
     data_dir = node_config.get("data-dir")
     path = Path(str(data_dir)).expanduser() / SOCKET_NAME if data_dir else None
     return path if path is not None and path.is_socket() else None
-
-
-def pack(content: RecordDict) -> bytes:
-    """Records -> bytes, with numpy and safetensors only (no torch in the forwarding process)."""
-    header, payloads = [], []
-    for name, record in content.items():
-        if isinstance(record, ArrayRecord):
-            arrays = {k: a.numpy() for k, a in record.items()}
-            data, kind, order = save_arrays(arrays) if arrays else b"", "arrays", list(arrays)
-        elif isinstance(record, MetricRecord):
-            data, kind, order = json.dumps(dict(record)).encode(), "metrics", []
-        else:
-            data, kind, order = json.dumps(dict(record)).encode(), "config", []
-        header.append({"name": name, "kind": kind, "size": len(data), "order": order})
-        payloads.append(data)
-    head = json.dumps(header).encode()
-    return struct.pack("!Q", len(head)) + head + b"".join(payloads)
-
-
-def unpack(data: bytes) -> RecordDict:
-    (size,) = struct.unpack("!Q", data[:8])
-    header, at = json.loads(data[8 : 8 + size]), 8 + size
-    out = RecordDict()
-    for entry in header:
-        payload, at = data[at : at + entry["size"]], at + entry["size"]
-        if entry["kind"] == "arrays":
-            arrays = load_arrays(payload) if payload else {}
-            out[entry["name"]] = ArrayRecord({k: Array(arrays[k]) for k in entry["order"]})
-        elif entry["kind"] == "metrics":
-            out[entry["name"]] = MetricRecord(json.loads(payload))
-        else:
-            out[entry["name"]] = ConfigRecord(json.loads(payload))
-    return out
 
 
 def _send(conn: socket.socket, data: bytes) -> None:
