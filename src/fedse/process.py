@@ -54,9 +54,10 @@ def keeping_freed_memory() -> Iterator[None]:
 
     Why, for training: each step allocates and frees its activations (about 2 GB for a
     1,500-token episode). Served by mmap, each step page-faults them in again, zeroed and cold
-    in cache: measured on an AMX Xeon, 630k page faults a step and 20-25 % of training time;
-    from the heap, 20k. The heap's fragmentation costs resident memory while training (about
-    +1 GB at the demo's lengths), which exit hands back before the next rollout.
+    in cache, hundreds of thousands of page faults a step and a fifth or more of training time
+    (results/measurements.md); from the heap, few. The heap's
+    fragmentation costs resident memory while training, which exit hands back before the next
+    rollout.
     """
     libc = _glibc()
     if libc is None:
@@ -77,9 +78,8 @@ def thread_count(requested: int | None = None) -> int | None:
     else None (torch's default: one per core).
 
     Why a knob: with 2 cores and torch's 2 spinning OpenMP threads, another busy process slows
-    fedse several times more than its share (measured on a Zen 4: a 32x576x1536 linear 0.81 ms
-    idle, 3.6 ms beside a 2-thread neighbour; 1.4 ms with 1 thread or OMP_WAIT_POLICY=PASSIVE).
-    On an idle machine the default is fastest (PASSIVE cost 31 % there), so it stays the default.
+    fedse several times more than its share, while one thread (or OMP_WAIT_POLICY=PASSIVE) loses
+    less there. On an idle machine the default is fastest, so it stays the default (results/measurements.md).
     """
     raw = requested if requested is not None else os.environ.get(THREADS_ENV)
     if raw is None or raw == "":

@@ -2,8 +2,8 @@
 
 On CUDA, bf16. On a CPU the answer depends on the chip, not just its flags: with AMX tiles
 or AVX-512 BF16 (Intel Sapphire Rapids, Cooper Lake; AMD Zen 4/5) bf16 linears run 2-4x
-faster than fp32 (measured on a 2-core Zen 4: 256x576x1536 in 1.1 ms against 2.9 ms), while
-without bf16 units they take a slow path, ~3x slower (Zen 3, shared stack notes). So the
+faster than fp32, while without bf16 units they take a slow path several times slower than
+fp32 (`fedse info` prints this machine's figures; results/measurements.md has others). So the
 choice is measured: a ~1 s micro-benchmark of the model's own linear shapes, fp32 against
 bf16, interleaved so that a busy neighbour slows both alike, at the first load on a machine;
 bf16 is chosen when it is at least `SPEEDUP_NEEDED` faster. The decision is cached in

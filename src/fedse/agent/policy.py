@@ -197,7 +197,7 @@ class Policy:
             # A 2-D boolean mask makes the model gather the kept hidden states into one
             # contiguous (N, H) matrix before its output layer. On CPU in bf16 a strided 3-D
             # input there takes a batched-matmul path that copies the whole head weight per
-            # row (measured: 0.5 s per call at 8 rows, 70 ms at 1).
+            # row, which grows with the rows kept (results/measurements.md).
             inputs["logits_to_keep"] = keep
         inputs["input_ids"] = input_ids
         names = set(adapters)
@@ -261,8 +261,8 @@ class Policy:
         Why: PEFT computes W x, then B(A x), scales that full-width output and adds it, two
         extra passes over every adapted layer's output forward and backward, and on a bf16 base
         it casts each input to the factors' fp32 and back. Here the scale acts on the rank-r
-        intermediate and the sum is the addend of the second GEMM. Measured on an AMX Xeon
-        (`bench/sft.py`): 7 % more tokens/s and 0.8 GB less peak memory on long episodes.
+        intermediate and the sum is the addend of the second GEMM: more tokens/s and less peak
+        memory on long episodes (`bench/sft.py` measures it; results/measurements.md).
         tests/test_evolve.py pins the loss, gradients and trained adapters to PEFT's path.
         Layers that `fusable` rejects (DoRA, dropout, a bias on B) keep PEFT's forward.
         """

@@ -95,11 +95,9 @@ def server_step(current: Adapter, aggregation: Aggregation, lr: float) -> Aggreg
 
     The idea: clients of different environments send nearly orthogonal updates, so the plain
     mean passes each at about 1/K of its strength, and lr ≈ K would pass each at full strength.
-    Measured (the 3-client demo, BabyAI / Maze / WebShop, after round 1; NLL of each client's
-    seed demonstrations): untrained 1.33 / 0.58 / 1.91, lr 1 0.30 / 0.11 / 0.80, lr 2
-    0.17 / 0.17 / 0.91, lr 3 0.67 / 0.32 / 1.82. So a larger step helps one client and hurts the
-    others already at 2: the factors' mean is not a sum of independent parts (B̄Ā is bilinear,
-    and the updates share the format of an agent turn). Only for rules that keep the model in
+    Measured in the demo (results/measurements.md): a larger step helps one client and
+    hurts the others already at 2, since the factors' mean is not a sum of independent parts
+    (B̄Ā is bilinear, and the updates share the format of an agent turn). Only for rules that keep the model in
     the adapter (base-mutating ones fold a dense delta the step would scale too).
     """
     if lr == 1.0:

@@ -80,10 +80,10 @@ def update_problems(update: Update, expected: dict[str, torch.Tensor]) -> list[s
 
 
 DEFAULT_MAX_UPDATE_NORM = 100.0
-"""Default bound on ‖uploaded factors − global factors‖_F. Measured: one demo round at lr 3e-3
-moved the global factors by 10 (A and B together; 3 clients, so each client's own move is about
-√3 of that, 18); the bound is 5x above that, and far below what a client sending entries near
-MAX_FACTOR_ABS produces (~10^6)."""
+"""Default bound on ‖uploaded factors − global factors‖_F: several times above the largest move
+of an honest client measured in the demo (results/measurements.md; each round's
+`update_norm` records it), and far below what a client sending entries near
+MAX_FACTOR_ABS produces."""
 
 Bound = Literal["clip", "reject", "off"]
 
