@@ -29,7 +29,8 @@ from fedse.flower import client_app
 from fedse.flower.codec import pack, record_json, unpack, wire_bytes
 from fedse.flower.commands import APP_DIR, node_threads
 from fedse.flower.local import LocalDeployment, run_local
-from fedse.flower.server_app import FlowerFederation, FlowerOptions
+from fedse.flower.options import FlowerOptions
+from fedse.flower.server_app import FlowerFederation
 from helpers import TINY, records, tiny_config
 
 HANDLERS = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
@@ -318,3 +319,10 @@ def test_a_killed_server_app_resumes_from_its_last_completed_round(tmp_path):
     assert done.run.returncode == 0, done.run.stdout[-3000:] + done.run.stderr[-3000:]
     assert json.loads((run / "state.json").read_text())["global_adapter"] == embedded.global_adapter.hash
     assert records(run) == records(embedded.store.root)
+
+
+def test_run_options_round_trip_through_flowers_run_config():
+    options = FlowerOptions(config="a.toml", run_dir="/r", resume=True, overrides="fed.rounds=2", round_timeout=5.0)
+    assert FlowerOptions.from_run_config(options.run_config()) == options
+    declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(options.run_config()) == set(declared)

@@ -59,21 +59,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from fedse.experiments.config import load_config
     from fedse.flower.commands import flower_env, flwr_run_command, write_connection
+    from fedse.flower.options import FlowerOptions
 
     config = load_config(args.config, args.set)  # a bad config fails here, not on the SuperLink
     run_dir = Path(args.run_dir or Path("runs") / config.name).resolve()
     home = Path(args.flwr_home)
     write_connection(home, "fedse", args.superlink, Path(args.ca).resolve() if args.ca else None)
-    settings = {
-        "config": str(Path(args.config).resolve()),
-        "run-dir": str(run_dir),
-        "resume": args.resume,
-        "force": args.force,
-        "overrides": " ".join(args.set),
-        "min-clients": args.min_clients,
-        "round-timeout": args.round_timeout,
-    }
-    command = flwr_run_command("fedse", settings)
+    options = FlowerOptions(
+        config=str(Path(args.config).resolve()), run_dir=str(run_dir), resume=args.resume, force=args.force,
+        overrides=" ".join(args.set), min_clients=args.min_clients, round_timeout=args.round_timeout,
+    )  # fmt: skip
+    command = flwr_run_command("fedse", options.run_config())
     print("+", " ".join(command), flush=True)
     return subprocess.run(command, env=flower_env(home)).returncode
 
@@ -102,7 +98,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     from fedse.experiments.config import load_config
     from fedse.flower.client_app import app as client_app
-    from fedse.flower.server_app import FlowerOptions, make_server_app
+    from fedse.flower.options import FlowerOptions
+    from fedse.flower.server_app import make_server_app
 
     config = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / f"{config.name}-flower-sim").resolve()

@@ -21,6 +21,7 @@ from fedse.flower.commands import (
     superlink_command,
     write_connection,
 )
+from fedse.flower.options import FlowerOptions
 from fedse.flower.processes import Processes, free_port, wait_for_port
 
 
@@ -116,14 +117,14 @@ class LocalDeployment:
         return killed
 
     def run_command(self, run_dir: str | Path, resume: bool = False, options: dict | None = None) -> list[str]:
-        settings = {
-            "config": str(self.config),
-            "run-dir": str(Path(run_dir).resolve()),
-            "resume": resume,
-            "overrides": " ".join(self.overrides),
-            **(options or {}),
-        }
-        return flwr_run_command("fedse", settings)
+        chosen = FlowerOptions(
+            config=str(self.config),
+            run_dir=str(Path(run_dir).resolve()),
+            resume=resume,
+            overrides=" ".join(self.overrides),
+            **{k.replace("-", "_"): v for k, v in (options or {}).items()},
+        )
+        return flwr_run_command("fedse", chosen.run_config())
 
     def run(self, run_dir: str | Path, resume: bool = False, options: dict | None = None, timeout: float = 3600.0):
         """`flwr run` of the config to its end; returns a `LocalResult`."""

@@ -9,7 +9,7 @@ global state only. Each round also writes a `wire` record: the bytes of every me
 serialises them, and which clients did not reply.
 
 Run options come from Flower's run config (`flwr run ... --run-config "config='a.toml' ..."`),
-see `FlowerOptions`.
+see `fedse.flower.options.FlowerOptions`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
@@ -33,44 +32,10 @@ from fedse.experiments.records import ClientRecord, EvalRecord, ExploreRecord, W
 from fedse.files import atomic_write_json
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_json, record_tensors, tensors_record, wire_bytes
+from fedse.flower.options import FlowerOptions
 from fedse.process import set_up_process
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FlowerOptions:
-    """The ServerApp's run config (Flower's `--run-config`, keys with dashes)."""
-
-    config: str = ""
-    """The fedse TOML of the run (a path on the server machine)."""
-    run_dir: str = ""
-    """The run folder (default: runs/<name>)."""
-    resume: bool = False
-    """Continue the run folder from its last completed round."""
-    force: bool = False
-    overrides: str = ""
-    """`--set`-style overrides, space-separated: "fed.rounds=2 explore.tasks=4"."""
-    min_clients: int = 1
-    """Fewest clients whose updates a round needs; with fewer replies the run stops (resumable)."""
-    round_timeout: float = 3600.0
-    """Seconds to wait for the replies of one phase before going on with those that came."""
-    wait_for_nodes: float = 120.0
-    """Seconds to wait at the start for every client's SuperNode to connect."""
-    node_root: str = ""
-    """Where nodes without a `data-dir` keep their files (simulation; default <run-dir>/nodes)."""
-    poll: float = 0.5
-
-    @classmethod
-    def from_run_config(cls, run_config: dict) -> FlowerOptions:
-        """The options among `run_config`'s keys (Flower already refuses keys the app does not declare)."""
-        known = {f.name for f in fields(cls)}
-        values = {k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in known}
-        if not values.get("config"):
-            raise UserError(
-                "the fedse ServerApp needs a config: flwr run ... --run-config \"config='path/to/run.toml'\""
-            )
-        return cls(**values)
 
 
 class FlowerFederation(Federation):
