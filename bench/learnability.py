@@ -128,9 +128,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     init = policy.new_adapter("init", spec, seed=0)
     trained = {}
+    shown = {  # each env's demonstrations, the draw a client's buffer is seeded with
+        env: [expert_trajectory(env, i) for i in exploration_tasks(env, max(args.demos), derived_seed("experts", env))]
+        for env in args.envs
+    }
     for env in args.envs:
-        seeds = exploration_tasks(env, max(args.demos), derived_seed("experts", env))
-        demos = [expert_trajectory(env, i) for i in seeds]
+        demos = shown[env]
         tests = [RolloutRequest(env, i, adapter=env, sampling=greedy) for i in evaluation_tasks(env, args.test)]
         explores = exploration_requests(env, env, 1, explore)
         for n in args.demos:
@@ -185,13 +188,7 @@ def main() -> None:
         policy.reset_base()
 
     if args.interference:
-        demos = {
-            env: [
-                expert_trajectory(env, i) for i in exploration_tasks(env, max(args.demos), derived_seed("experts", env))
-            ]
-            for env in args.envs
-        }
-        rho = interference(policy, trained, demos, args.max_length)
+        rho = interference(policy, trained, shown, args.max_length)
         print(
             "\nρ_jk = ‖ΔW_j X_k‖ / ‖ΔW_k X_k‖ over every adapted layer: how far client j's update (row) moves "
             "the layer inputs of env k's demonstrations (column), relative to k's own update:\n"
@@ -202,12 +199,6 @@ def main() -> None:
             print(f"| {j} | " + " | ".join(f"{rho[j][k]:.2f}" for k in args.envs) + " |", flush=True)
 
     if args.transfer:
-        demos = {
-            env: [
-                expert_trajectory(env, i) for i in exploration_tasks(env, max(args.demos), derived_seed("experts", env))
-            ]
-            for env in args.envs
-        }
         print(
             f"\nMean NLL per agent token of each env's {max(args.demos)} training demonstrations (columns) "
             "under each model (rows):\n"
@@ -216,7 +207,7 @@ def main() -> None:
         print("|---|" + "---|" * len(args.envs))
 
         def row(label: str, name: str | None) -> None:
-            cells = [f"{mean_loss(policy, name, demos[env], args.max_length):.3f}" for env in args.envs]
+            cells = [f"{mean_loss(policy, name, shown[env], args.max_length):.3f}" for env in args.envs]
             print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
         row("base", None)
