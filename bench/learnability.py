@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from fedse.agent.lora import A_SUFFIX, B_SUFFIX, LoraSpec
+from fedse.agent.lora import A_SUFFIX, B_SUFFIX, LoraSpec, fresh_adapter, lora_modules
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling, rollout
@@ -58,7 +58,7 @@ from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.sft import TrainSection, mean_loss, train_adapter
 from fedse.experiments.evaluation import evaluation_tasks
 from fedse.experiments.report import wilson
-from fedse.fl.aggregators import make_aggregator
+from fedse.fl.aggregators import make_aggregator, update_factors
 from fedse.fl.client import ExploreSection, exploration_requests, exploration_tasks
 from fedse.fl.server import server_step
 from fedse.fl.update import Update
@@ -105,13 +105,16 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--federate", nargs="*", type=float, default=[], help="server learning rates to try")
-    parser.add_argument("--rules", nargs="*", default=["mean"], choices=["mean", "sum", "subspace"])
+    parser.add_argument("--rules", nargs="*", default=["mean"], choices=["mean", "sum", "subspace", *REGMEAN])
+    parser.add_argument("--held-out", action="store_true", help="--transfer on fresh demos, not the trained-on ones")
+    parser.add_argument("--regmean-alpha", type=float, default=0.9, help="RegMean's weight on off-diagonal moments")
     parser.add_argument("--transfer", action="store_true", help="NLL of each env's demos under each adapter")
     parser.add_argument("--interference", action="store_true", help="ρ_jk = ‖ΔW_j X_k‖ / ‖ΔW_k X_k‖ per env pair")
     args = parser.parse_args()
     set_up_process()
 
     policy = Policy(load_base(args.model, dtype=args.dtype))
+    moments: dict[str, dict[str, torch.Tensor]] = {}
     spec = LoraSpec(args.rank, 2 * args.rank)
     train = TrainSection(epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens, max_length=args.max_length)
     greedy = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens)
@@ -128,10 +131,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     init = policy.new_adapter("init", spec, seed=0)
     trained = {}
-    shown = {  # each env's demonstrations, the draw a client's buffer is seeded with
-        env: [expert_trajectory(env, i) for i in exploration_tasks(env, max(args.demos), derived_seed("experts", env))]
+    draw = max(args.demos) * (2 if args.held_out else 1)
+    drawn = {
+        env: [expert_trajectory(env, i) for i in exploration_tasks(env, draw, derived_seed("experts", env))]
         for env in args.envs
     }
+    shown = {env: d[: max(args.demos)] for env, d in drawn.items()}  # the draw a client's buffer is seeded with
+    measured = {env: d[-max(args.demos) :] for env, d in drawn.items()}  # the same, or fresh ones (--held-out)
     for env in args.envs:
         demos = shown[env]
         tests = [RolloutRequest(env, i, adapter=env, sampling=greedy) for i in evaluation_tasks(env, args.test)]
@@ -151,6 +157,13 @@ def main() -> None:
             )
         trained[env] = policy.get(env)
 
+    if any(rule.startswith("regmean") for rule in args.rules):
+        start = time.perf_counter()
+        moments.update({env: input_moments(policy, shown[env], args.max_length, args.regmean_alpha) for env in trained})
+        print(f"\ninput moments of every env's demonstrations: {time.perf_counter() - start:.0f} s")
+        moved = {env: a_moved(init, trained[env]) for env in trained}
+        print("‖A_k − A_0‖ / ‖A_0‖ over every layer: " + ", ".join(f"{e} {v:.3f}" for e, v in moved.items()))
+
     if args.federate:
         print(
             f"\nOne server step over {len(trained)} clients trained on {max(args.demos)} demos each, "
@@ -166,7 +179,7 @@ def main() -> None:
         for rule in args.rules:
             for lr in args.federate if rule == "mean" else [1.0]:
                 start = time.perf_counter()
-                install_global(policy, init, updates, rule, lr)
+                install_global(policy, init, updates, rule, lr, moments)
                 tests = [
                     RolloutRequest(env, i, adapter="global", sampling=greedy)
                     for env in args.envs
@@ -200,14 +213,16 @@ def main() -> None:
 
     if args.transfer:
         print(
-            f"\nMean NLL per agent token of each env's {max(args.demos)} training demonstrations (columns) "
+            f"\nMean NLL per agent token of each env's {max(args.demos)} "
+            + ("held-out" if args.held_out else "training")
+            + " demonstrations (columns) "
             "under each model (rows):\n"
         )
         print("| model | " + " | ".join(args.envs) + " |")
         print("|---|" + "---|" * len(args.envs))
 
         def row(label: str, name: str | None) -> None:
-            cells = [f"{mean_loss(policy, name, shown[env], args.max_length):.3f}" for env in args.envs]
+            cells = [f"{mean_loss(policy, name, measured[env], args.max_length):.3f}" for env in args.envs]
             print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
         row("base", None)
@@ -215,7 +230,7 @@ def main() -> None:
             row(f"{env}'s adapter alone", env)
         updates = [Update(env, a.tensors, 1, {}) for env, a in trained.items()]
         for rule in args.rules:
-            install_global(policy, init, updates, rule, 1.0)
+            install_global(policy, init, updates, rule, 1.0, moments)
             row(f"{rule} of all", "global")
         policy.reset_base()
 
@@ -239,15 +254,84 @@ def interference(policy: Policy, trained: dict, demos: dict, max_length: int) ->
     return {j: {k: (moved[k][j] / moved[k][k]) ** 0.5 for k in demos} for j in trained}
 
 
-def install_global(policy: Policy, init, updates: list[Update], rule: str, lr: float) -> None:
+def install_global(policy: Policy, init, updates: list[Update], rule: str, lr: float, moments: dict) -> None:
     """Load the global model `rule` makes of `updates` (started from `init`) as adapter "global",
     its base delta folded in for the weight-space rules (the base put back first)."""
+    if rule.startswith("regmean"):
+        delta = regmean(init, updates, moments, rule)
+        policy.reset_base()
+        policy.set_base_delta(delta)
+        policy.load("global", fresh_adapter(init, seed=1))
+        return
     aggregator = make_aggregator("fedse" if rule == "mean" else rule)
     aggregation = aggregator.aggregate(init, updates, {})
     policy.reset_base()
     if aggregation.base_delta:
         policy.set_base_delta(aggregation.base_delta)
     policy.load("global", server_step(init, aggregation, lr).adapter if rule == "mean" else aggregation.adapter)
+
+
+REGMEAN = ("regmean", "regmean-core", "regmean-krylov", "regmean-top16", "regmean-top64")
+"""RegMean's solution (full), restricted to the updates' row space (core), to that space and its
+image under each client's moment (krylov), or with Σ_k G_k known only through each client's top
+p eigen-directions plus its diagonal (topP)."""
+
+
+def input_moments(policy: Policy, demos: list[Trajectory], max_length: int, alpha: float) -> dict[str, torch.Tensor]:
+    """Per adapted layer, G = α X X^T / n + (1 − α) diag(X X^T / n) over the layer inputs X of
+    `demos` on the base model (RegMean's regularised second moment, Jin et al., ICLR 2023)."""
+    sums: dict[str, list] = {}
+
+    def observe(module: str, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        entry = sums.setdefault(module, [0.0, 0])
+        entry[0] = entry[0] + (rows.T @ rows).double()
+        entry[1] += rows.shape[0]
+
+    with policy.watching_inputs(observe):
+        mean_loss(policy, None, demos, max_length)
+    out = {}
+    for module, (gram, n) in sums.items():
+        gram = gram / n
+        out[module] = alpha * gram + (1 - alpha) * torch.diag(gram.diagonal())
+    return out
+
+
+def regmean(init, updates: list[Update], moments: dict, variant: str) -> dict[str, torch.Tensor]:
+    """Module -> ΔW minimising Σ_k ‖(ΔW − ΔW_k) X_k‖² (RegMean on the round's updates, each
+    client's inputs weighted equally): Σ_k U_k (G_k V_k)^T (Σ_k G_k)^-1, rank ≤ Σ_k r_k, with
+    ΔW_k = U_k V_k^T. Restricted to a row basis Q (core, krylov): ΔW = M Q^T with
+    M = (Σ_k U_k V_k^T G_k Q)(Q^T Σ_k G_k Q)^-1."""
+    out = {}
+    for m in lora_modules(init.tensors):
+        grams = [moments[u.client][m] for u in updates]
+        pairs = [update_factors(init, u, m) for u in updates]
+        pulled = [g @ v for (_, v), g in zip(pairs, grams, strict=True)]  # G_k V_k: the client's own
+        if variant in ("regmean-core", "regmean-krylov"):
+            stack = [v for _, v in pairs] + (pulled if variant == "regmean-krylov" else [])
+            q, _ = torch.linalg.qr(torch.cat(stack, 1))
+            num = sum(u @ (z.T @ q) for (u, _), z in zip(pairs, pulled, strict=True))
+            out[m] = (torch.linalg.solve(q.T @ sum(grams) @ q, num.T).T @ q.T).float()
+            continue
+        total = sum(grams) if variant == "regmean" else sum(top_and_diagonal(g, int(variant[11:])) for g in grams)
+        num = sum(u @ z.T for (u, _), z in zip(pairs, pulled, strict=True))
+        out[m] = torch.linalg.solve(total, num.T).T.float()
+    return out
+
+
+def top_and_diagonal(gram: torch.Tensor, p: int) -> torch.Tensor:
+    """`gram` known through its top `p` eigen-directions, plus the rest's diagonal."""
+    values, vectors = torch.linalg.eigh(gram)
+    top = (vectors[:, -p:] * values[-p:]) @ vectors[:, -p:].T
+    return top + torch.diag((gram - top).diagonal())
+
+
+def a_moved(init, trained) -> float:
+    """‖A_k − A_0‖ / ‖A_0‖ over every adapted layer: how far training moved the row factors
+    from the shared seeded init (the updates' row spaces coincide while this is small)."""
+    keys = [k for k in init.tensors if k.endswith(A_SUFFIX)]
+    moved = sum(float((trained.tensors[k].double() - init.tensors[k].double()).square().sum()) for k in keys)
+    return (moved / sum(float(init.tensors[k].double().square().sum()) for k in keys)) ** 0.5
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, LoraSpec
+from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, LoraSpec, lora_modules
 from fedse.agent.policy import Policy
 from fedse.experiments.config import load_config
 from fedse.fl.aggregators import make_aggregator
@@ -44,10 +44,32 @@ def random_factors(seed: int, a_from: Adapter | None = None) -> Adapter:
     return Adapter(SPEC, tensors)
 
 
-def updates_for(name: str, current: Adapter, k: int = 3, examples=(10, 20, 30)) -> list[Update]:
-    aggregator = make_aggregator(name)
+def updates_for(name: str, current: Adapter, k: int = 3, examples=(10, 20, 30), **options) -> list[Update]:
+    """k clients' random updates for rule `name`, with random input summaries if it reads inputs."""
+    aggregator = make_aggregator(name, **options)
     clients = [random_factors(100 + i, a_from=current if aggregator.trains == "B" else None) for i in range(k)]
-    return [Update(f"c{i}", aggregator.upload(c.tensors), examples[i % len(examples)]) for i, c in enumerate(clients)]
+    return [
+        Update(
+            f"c{i}",
+            aggregator.upload(c.tensors),
+            examples[i % len(examples)],
+            inputs=aggregator.summarize_inputs(random_moments(current, 200 + i)) if aggregator.reads_inputs else {},
+        )
+        for i, c in enumerate(clients)
+    ]
+
+
+def random_moments(current: Adapter, seed: int, support: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """Module -> X X^T / n for random layer inputs X (zero outside the input coordinates `support`)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for module in lora_modules(current.tensors):
+        width = current.tensors[module + A_SUFFIX].shape[1]
+        x = torch.zeros(width, 3 * width, dtype=torch.float64)
+        x[support] = torch.randn(width, 3 * width, generator=gen, dtype=torch.float64)[support]
+        x *= torch.rand(width, 1, generator=gen, dtype=torch.float64) * 2  # unequal input scales
+        out[module] = x @ x.T / (3 * width)
+    return out
 
 
 SMALL = LoraSpec(rank=4, alpha=8)
@@ -69,5 +91,5 @@ def records(root: Path, drop=("wire",)) -> list[dict]:
     for line in (root / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r["event"] not in drop:
-            out.append({k: v for k, v in r.items() if k not in ("seconds", "train_seconds")})
+            out.append({k: v for k, v in r.items() if k not in ("seconds", "train_seconds", "inputs_seconds")})
     return out

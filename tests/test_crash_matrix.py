@@ -49,6 +49,7 @@ SETTINGS = {
     "fedsa_cap-dedup": ["fed.aggregator='fedsa'", *CAP_DEDUP],
     "flora_retention": ["fed.aggregator='flora'", *RETENTION],
     "subspace": ["fed.aggregator='subspace'"],
+    "regmean": ["fed.aggregator='regmean'"],
 }
 if FULL:
     SETTINGS |= {
@@ -66,7 +67,7 @@ if FULL:
         "retention": RETENTION,
         "fedex_retention": ["fed.aggregator='fedex'", *RETENTION],
     }
-TIMING = {"seconds", "train_seconds"}
+TIMING = {"seconds", "train_seconds", "inputs_seconds"}
 
 
 def fedse(

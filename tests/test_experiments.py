@@ -258,7 +258,7 @@ def test_several_clients_per_environment_hold_disjoint_partitions_of_its_train_s
         tiny_config("fed.clients_per_env=2", "fed.aggregator='fedsa'")
 
 
-def test_methods_may_run_more_seeds_and_the_report_pairs_the_named_reference(tmp_path):
+def test_methods_may_run_more_seeds_and_the_report_pairs_the_named_references(tmp_path):
     path = write_experiment(tmp_path, ["pretrained", "fedse", "fedse-subspace"], [0])
     text = path.read_text().replace('"fed.rounds=1"]', '"fed.rounds=1", "eval.first=false"]')
     path.write_text(text + 'reference = "fedse-subspace"\n[seeds_for]\npretrained = [0]\nfedse-subspace = [0, 1]\n')
@@ -286,7 +286,12 @@ def test_methods_may_run_more_seeds_and_the_report_pairs_the_named_reference(tmp
     assert "| fedse | cosine " in seen and "shared energy" not in seen.split("| fedse-subspace |")[0]
     assert "| fedse-subspace | cosine " in seen and "; shared energy " in seen
     assert "| pretrained |" not in seen  # no server step to describe
-    bad = path.read_text().replace('reference = "fedse-subspace"', 'reference = "local-online"')
+    both = path.read_text().replace('reference = "fedse-subspace"', 'reference = ["fedse-subspace", "fedse"]')
+    path.write_text(both)
+    assert main(["experiment", str(path), "--report-only"]) == 0
+    report = (root / "report.md").read_text()
+    assert "| method | fedse-subspace − method |" in report and "| method | fedse − method |" in report
+    bad = path.read_text().replace('reference = ["fedse-subspace", "fedse"]', 'reference = "local-online"')
     path.write_text(bad)
     with pytest.raises(ConfigError, match="reference 'local-online' is not one of the experiment's methods"):
         load_experiment(path)

@@ -68,7 +68,10 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
     assert figures(resumed) == figures(straight)
 
 
-def test_only_adapter_tensors_and_scalar_metrics_reach_the_server(tmp_path, monkeypatch):
+@pytest.mark.parametrize("aggregator", ["fedse", "regmean"])
+def test_only_adapter_tensors_scalar_metrics_and_a_rules_input_summary_reach_the_server(
+    tmp_path, monkeypatch, aggregator
+):
     seen = []
     real = server.aggregate_round
 
@@ -77,13 +80,17 @@ def test_only_adapter_tensors_and_scalar_metrics_reach_the_server(tmp_path, monk
         return real(aggregator, current, updates, *args, **kwargs)
 
     monkeypatch.setattr("fedse.experiments.federation.aggregate_round", spy)
-    fed = run(tmp_path, "fed.rounds=1")
+    fed = run(tmp_path, "fed.rounds=1", f"fed.aggregator='{aggregator}'")
     adapter_keys = set(fed.global_adapter.tensors)
     assert len(seen) == 2
     for update in seen:
-        assert set(vars(update)) == {"client", "tensors", "num_examples", "metrics"}
+        assert set(vars(update)) == {"client", "tensors", "num_examples", "metrics", "inputs"}
         assert set(update.tensors) <= adapter_keys and all(isinstance(t, torch.Tensor) for t in update.tensors.values())
         assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in update.metrics.values())
+        # a rule that reads inputs gets its per-layer summary of them (floats, in x p and in), nothing else
+        assert set(update.inputs) == set(fed.aggregator.expected_inputs(fed.global_adapter))
+        assert all(t.dtype == torch.float32 for t in update.inputs.values())
+        assert bool(update.inputs) == (aggregator == "regmean")
 
 
 def test_an_existing_run_is_never_overwritten_without_force(tmp_path):

@@ -94,11 +94,12 @@ def nodes() -> list[dict]:
     return [{"client": "maze"}, {"client": "wordle"}]
 
 
-@pytest.mark.parametrize("aggregator", ["fedsa", "fedex", "subspace"])
+@pytest.mark.parametrize("aggregator", ["fedsa", "fedex", "subspace", "regmean"])
 def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
     """Same config and seed: the same final global adapter and the same records (seconds aside).
-    fedsa keeps B on the nodes across rounds; fedex and subspace send the base delta down. (fedse: the
-    deployment test below; all seven rules were checked once by hand.)"""
+    fedsa keeps B on the nodes across rounds; fedex, subspace and regmean send the base delta down,
+    and regmean's nodes also send their input summaries. (fedse: the deployment test below; all
+    seven rules were checked once by hand.)"""
     embedded = Federation(
         tiny_config(f"fed.aggregator='{aggregator}'"), tmp_path / "emb", Policy(load_base("tiny-random"))
     )

@@ -39,7 +39,8 @@ KINDS = st.sampled_from(["tensor", "list", "none", "meta", "string", "float64", 
 
 
 def hostile(current: Adapter, aggregator, client: str, scale: float, examples, kind: str, seed: int) -> Update:
-    honest = updates_for(aggregator.name, current, k=1)[0].tensors
+    [update] = updates_for(aggregator.name, current, k=1)
+    honest, inputs = update.tensors, {k: v * min(abs(scale), 1e300) for k, v in update.inputs.items()}
     if not honest:  # a rule whose clients upload nothing (local): anything sent is unexpected
         return Update(client, {} if kind == "tensor" else {"stray.lora_A.weight": torch.zeros(2)}, examples)
     key = sorted(honest)[seed % len(honest)]
@@ -53,7 +54,7 @@ def hostile(current: Adapter, aggregator, client: str, scale: float, examples, k
         "float64": tensors[key].double(),
         "shape": tensors[key].flatten(),
     }[kind]
-    return Update(client, {**tensors, key: bad}, examples)
+    return Update(client, {**tensors, key: bad}, examples, inputs=inputs)
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))

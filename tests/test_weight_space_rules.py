@@ -193,13 +193,13 @@ def test_merged_factors_load_in_peft_as_an_adapter_of_the_declared_rank(tmp_path
     assert load_adapter(tmp_path / "merged").spec.rank == 4
 
 
-@pytest.mark.parametrize("name", ["sum", "subspace"])
+@pytest.mark.parametrize("name", ["sum", "subspace", "regmean"])
 def test_declared_properties_of_the_weight_space_rules(name):
     rule = make_aggregator(name)
     assert rule.exact and rule.mutates_base and not rule.linear and not rule.personalized and not rule.robust
     assert rule.uploads == "AB"
     with pytest.raises(ValueError):
-        make_aggregator(name, scale=-1.0, rank=-1)
+        make_aggregator(name, scale=-1.0, rank=-1, input_rank=0, alpha=2.0)
 
 
 def test_a_client_that_did_not_move_changes_nothing():

@@ -214,7 +214,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(", ".join(f"{n} {k}" for k, n in counts.items()))
     definitions = {m: METHODS[m].definition for m in experiment.methods}
     seeds = {m: experiment.seeds_of(m) for m in experiment.methods}
-    report = experiment_report(root, seeds, definitions, experiment.reference)
+    report = experiment_report(root, seeds, definitions, experiment.references)
     print(f"report {report}")
     return 0
 

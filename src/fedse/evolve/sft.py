@@ -224,3 +224,31 @@ def mean_loss(policy: Policy, name: str | None, trajectories: list[Trajectory], 
         total += float(loss) * n
         count += n
     return total / max(count, 1)
+
+
+def input_moments(
+    policy: Policy, name: str | None, trajectories: list[Trajectory], max_length: int = 2048
+) -> dict[str, torch.Tensor]:
+    """Per adapted layer (its adapter-key prefix), the second moment G = X X^T / n of the layer's
+    inputs X (in x n) over every token of `trajectories`, encoded as training encodes them, under
+    adapter `name` (None: the base model). What an input-aware aggregator summarizes on the
+    client (`fedse.fl.aggregators.Aggregator.summarize_inputs`); float32."""
+    layout = ChatLayout(policy.tokenizer)
+    examples, _ = encode_examples(layout, trajectories, max_length)
+    pad = policy.tokenizer.pad_token_id or 0
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    last: list = [None, None]  # layers fed the same tensor (q, k, v; gate, up) share one product
+
+    def observe(module: str, x: torch.Tensor) -> None:
+        if x is not last[0]:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            last[:] = [x, (rows.T @ rows, rows.shape[0])]
+        product, n = last[1]
+        sums[module] = sums[module] + product if module in sums else product.clone()
+        counts[module] = counts.get(module, 0) + n
+
+    with torch.no_grad(), policy.watching_inputs(observe):
+        for i in range(len(examples)):
+            batch_loss(policy, name, *_padded_batch(examples, [i], pad, policy.device))
+    return {module: total / counts[module] for module, total in sums.items()}

@@ -95,16 +95,27 @@ class FedSection(Section):
     merge_scale: float = Field(1.0, gt=0)
     """The sum aggregator's λ: W += λ Σ_k ΔW_k (1: every update at full strength; 1/K: the mean)."""
     merge_rank: int = Field(0, ge=0)
-    """The subspace aggregator's rank budget for the merged update: 0 keeps it exact (Σ_k r_k);
-    a smaller rank truncates it, recording the energy dropped each round."""
+    """The subspace and regmean aggregators' rank budget for the merged update: 0 keeps it exact
+    (Σ_k r_k); a smaller rank truncates it, recording the energy dropped each round."""
     merge_elect: bool = True
     """The subspace aggregator's sign election on shared directions (false: plain average there)."""
+    input_rank: int = Field(64, ge=1)
+    """The regmean aggregator: how many principal directions of each layer's input second moment a
+    client sends (with the rest's diagonal)."""
+    input_alpha: float = Field(0.9, ge=0, le=1)
+    """The regmean aggregator's shrinkage: G̃ = α G + (1 − α) diag(G) (RegMean's α)."""
     seed: int = 0
 
     def build_aggregator(self) -> Aggregator:
         """The configured aggregation rule, given the options it takes."""
         return make_aggregator(
-            self.aggregator, trim=self.trim, scale=self.merge_scale, rank=self.merge_rank, elect=self.merge_elect
+            self.aggregator,
+            trim=self.trim,
+            scale=self.merge_scale,
+            rank=self.merge_rank,
+            elect=self.merge_elect,
+            input_rank=self.input_rank,
+            alpha=self.input_alpha,
         )
 
     @model_validator(mode="after")

@@ -145,10 +145,11 @@ def collect(root: Path, seeds: dict[str, list[int]]) -> dict[str, list[SeedResul
 
 
 def experiment_report(
-    root: Path, seeds: dict[str, list[int]], definitions: dict[str, str], reference: str = "fedse"
+    root: Path, seeds: dict[str, list[int]], definitions: dict[str, str], references: list[str] = ("fedse",)
 ) -> Path:
     """Write `root/report.md` and `root/curves.png` from the runs under `root` (method -> its
-    seeds); the paired bootstrap compares `reference` with every other method. Returns the report."""
+    seeds); the paired bootstrap compares each of `references` with every other method. Returns
+    the report."""
     results = collect(root, seeds)
     if not results:
         raise FileNotFoundError(f"{root} holds no evaluated run of {', '.join(seeds)} yet")
@@ -171,7 +172,9 @@ def experiment_report(
         avg = [sum(s for s, _ in r.per_env.values()) / sum(t for _, t in r.per_env.values()) for r in rs]
         cells.append(_cell(avg, [v for r in rs for v in r.outcomes.values()]))
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
-    if reference in results:
+    for reference in references:
+        if reference not in results:
+            continue
         ours = {k: v for r in results[reference] for k, v in r.outcomes.items()}
         lines += [
             "",

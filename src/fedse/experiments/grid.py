@@ -7,7 +7,7 @@ as many sittings as it takes.
     methods = ["pretrained", "fedit-static", "fedse"]
     seeds = [0, 1, 2]
     set = ["fed.rounds=3"]           # overrides for every run (before the method's own)
-    reference = "fedse"              # the method the report compares every other with
+    reference = "fedse"              # the method (or list of them) the report compares every other with
     [seeds_for]                      # methods run on other seeds than `seeds`
     fedse = [0, 1, 2, 3, 4]
 
@@ -54,10 +54,15 @@ class ExperimentConfig(Section):
     set: list[str] = Field(default_factory=list)
     seeds_for: dict[str, list[int]] = Field(default_factory=dict)
     """Method -> its seeds, for the methods that run on other seeds than `seeds`."""
-    reference: str = "fedse"
-    """The method the report's paired bootstrap compares every other method with."""
+    reference: str | list[str] = "fedse"
+    """The method (or methods, one table each) the report's paired bootstrap compares every other
+    method with."""
     results: str = "results"
     """The results folder, relative to the current directory."""
+
+    @property
+    def references(self) -> list[str]:
+        return [self.reference] if isinstance(self.reference, str) else list(self.reference)
 
     def seeds_of(self, method: str) -> list[int]:
         return self.seeds_for.get(method, self.seeds)
@@ -73,8 +78,9 @@ class ExperimentConfig(Section):
             raise ValueError(f"seeds_for names {unknown[0]!r}, which is not one of the experiment's methods")
         if any(not seeds or len(set(seeds)) != len(seeds) for seeds in self.seeds_for.values()):
             raise ValueError("each seeds_for entry is a non-empty list of distinct seeds")
-        if self.reference not in self.methods:
-            raise ValueError(f"reference {self.reference!r} is not one of the experiment's methods")
+        for reference in self.references:
+            if reference not in self.methods:
+                raise ValueError(f"reference {reference!r} is not one of the experiment's methods")
         return self
 
     @field_validator("name")

@@ -95,6 +95,13 @@ METHODS: dict[str, Method] = {
             ("fed.aggregator='subspace'",),
         ),
         Method(
+            "fedse-regmean",
+            "the Fed-SE loop with RegMean on the round's updates: the update that best reproduces each "
+            "client's own on that client's layer inputs (each client sends a rank-64-plus-diagonal summary "
+            "of its inputs' second moment), exact at rank K·r, folded into the base",
+            ("fed.aggregator='regmean'",),
+        ),
+        Method(
             "fedse-subspace-no-election",
             "the subspace merge without its sign election: shared directions plainly averaged",
             ("fed.aggregator='subspace'", "fed.merge_elect=false"),

@@ -100,12 +100,14 @@ class ClientRecord(Record):
     truncated: int
     train_loss: float | None = None
     """None when the client trained no step (an empty buffer)."""
+    inputs_seconds: float | None = None
+    """Seconds spent measuring the layers' inputs for a rule that reads them (None: another rule)."""
 
     @classmethod
     def from_metrics(cls, round_: int, client: str, num_examples: int, metrics: dict[str, float]) -> ClientRecord:
         """The record of a client's update: its known metrics by name (others are not kept)."""
         names = [f.name for f in fields(cls) if f.name not in ("round", "client", "num_examples")]
-        missing = [n for n in names if n not in metrics and n != "train_loss"]
+        missing = [n for n in names if n not in metrics and n not in ("train_loss", "inputs_seconds")]
         if missing:
             raise ValueError(f"client {client}: metrics lack {', '.join(missing)}")
         return cls(round_, client, num_examples, **{n: metrics[n] for n in names if n in metrics})

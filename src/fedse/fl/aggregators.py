@@ -66,6 +66,18 @@ class Aggregator:
     trains: ClassVar[str] = "AB"
     """Which factors a client trains."""
 
+    reads_inputs: ClassVar[bool] = False
+    """Whether clients also send a summary of their layers' inputs (`summarize_inputs`)."""
+
+    def summarize_inputs(self, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a client sends of its layers' input second moments (module -> in x in), if the
+        rule reads inputs (`reads_inputs`); computed on the client."""
+        return {}
+
+    def expected_inputs(self, current: Adapter) -> dict[str, torch.Tensor]:
+        """Tensors of the shapes `summarize_inputs` sends (what the server checks against)."""
+        return {}
+
     def upload(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The part of a client's adapter that crosses to the server."""
         return {k: tensors[k] for k in factor_keys(tensors, self.uploads)}
@@ -366,6 +378,30 @@ LEVEL_TOL = 1e-6
 """Multiplicities closer than this are one level: within it the split is basis-free."""
 
 
+class RankBudget:
+    """Re-factors merged updates at a declared rank and keeps count of the energy it drops.
+
+    `factors(Q_u, M, Q_v)` returns (U, V) with U V^T the best rank-`rank` approximation of
+    Q_u M Q_v^T (0: exact, every non-zero singular value), split evenly between the factors
+    (U = Q_u L √Σ, V = Q_v R √Σ), float32; and the layer's energy ‖M‖_F²."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.total, self.dropped = rank, 0.0, 0.0
+
+    def factors(self, q_u: torch.Tensor, core: torch.Tensor, q_v: torch.Tensor) -> tuple[tuple, float]:
+        left, sv, right_t = torch.linalg.svd(core, full_matrices=False)
+        keep = sv > RANK_TOL * float(sv[0]) if sv.numel() and sv[0] > 0 else sv > 0
+        kept = int(keep.sum()) if self.rank == 0 else min(int(keep.sum()), self.rank)
+        energy = float(sv.square().sum())
+        self.total, self.dropped = self.total + energy, self.dropped + float(sv[kept:].square().sum())
+        root = sv[:kept].sqrt()
+        return ((q_u @ (left[:, :kept] * root)).float(), (q_v @ (right_t[:kept].T * root)).float()), energy
+
+    def figures(self) -> dict[str, float]:
+        """The share of the round's merged energy the rank budget dropped."""
+        return {"dropped_energy": self.dropped / self.total if self.total else 0.0}
+
+
 def subspace_merge(cores: list[torch.Tensor], elect: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """The merged core M of the updates' cores C_k (see `SubspaceMerge` for the rule), and what
     it measured: the share of the merged energy on directions several clients hold."""
@@ -466,24 +502,14 @@ class SubspaceMerge(Aggregator):
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
         """Module -> (U, V) with U V^T = s B A + the merged update, at the declared rank, float32
         (computed in float64); and the round's figures (energy dropped by the rank budget, energy on shared directions)."""
-        out, dropped, total, shared = {}, 0.0, 0.0, 0.0
+        out, budget, shared = {}, RankBudget(self.rank), 0.0
         for m in lora_modules(current.tensors):
             pairs = [update_factors(current, u, m) for u in updates]
             q_u, q_v, cores = core_space([current_factors(current, m), *pairs])
             merged, figures = subspace_merge(cores[1:], self.elect)
-            left, sv, right_t = torch.linalg.svd(cores[0] + merged, full_matrices=False)
-            keep = sv > RANK_TOL * float(sv[0]) if sv.numel() and sv[0] > 0 else sv > 0
-            kept = int(keep.sum()) if self.rank == 0 else min(int(keep.sum()), self.rank)
-            energy = float(sv.square().sum())
-            total, dropped = total + energy, dropped + float(sv[kept:].square().sum())
+            out[m], energy = budget.factors(q_u, cores[0] + merged, q_v)
             shared += figures["shared_energy"] * energy
-            root = sv[:kept].sqrt()
-            out[m] = ((q_u @ (left[:, :kept] * root)).float(), (q_v @ (right_t[:kept].T * root)).float())
-        figures = {
-            "dropped_energy": dropped / total if total else 0.0,
-            "shared_energy": shared / total if total else 0.0,
-        }
-        return out, figures
+        return out, {**budget.figures(), "shared_energy": shared / budget.total if budget.total else 0.0}
 
     def aggregate(self, current, updates, state):
         round_ = state.get("round", 0) + 1
@@ -508,6 +534,131 @@ class SubspaceMerge(Aggregator):
         return factor_bytes(adapter, exact if self.rank == 0 else min(self.rank, exact))
 
 
+TOP_SUFFIX, DIAG_SUFFIX = ".inputs_top", ".inputs_diag"
+"""Keys of a client's input summary, per adapted module: F (in x p) and d (in)."""
+
+
+def summarize_moment(moment: torch.Tensor, alpha: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, d) with F F^T + diag(d) ≈ G̃ = α G + (1 − α) diag(G), G a layer's input second moment:
+    F = the top `rank` eigen-directions of G̃ scaled by √eigenvalue, d = the rest's diagonal, so the
+    diagonal is exact and the surrogate stays positive semi-definite. float32."""
+    g = moment.double()
+    g = alpha * g + (1 - alpha) * torch.diag(g.diagonal())
+    values, vectors = torch.linalg.eigh(g)
+    p = min(rank, g.shape[0])
+    top = vectors[:, g.shape[0] - p :] * values[g.shape[0] - p :].clamp_min(0).sqrt()
+    rest = (g.diagonal() - top.square().sum(1)).clamp_min(0)
+    return top.float(), rest.float()
+
+
+def regmean_solve(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], summaries: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with U V^T = (Σ_k ΔW_k Ĝ_k)(Σ_k Ĝ_k)^-1, ΔW_k = U_k V_k^T, Ĝ_k = F_k F_k^T + diag(d_k):
+    U = [U_1 … U_K], V = [Y_1 … Y_K] with Y_k = (Σ_j Ĝ_j)^-1 Ĝ_k V_k, by Woodbury's identity on
+    diag(Σ_k d_k) + F F^T, F = [F_1 … F_K], when Σ_k p_k < in: nothing of size in x in is formed.
+    float64."""
+    pairs = [(u.double(), v.double()) for u, v in pairs]
+    tops = torch.cat([f.double() for f, _ in summaries], 1)
+    diag = sum(d.double().clamp_min(0) for _, d in summaries)  # a diagonal is never negative
+    width = tops.shape[0]  # inputs no client excites get a ridge far below the others' scale
+    diag = diag.clamp_min(RANK_TOL * max(float(diag.sum() + tops.square().sum()) / width, 1e-30))
+    pulled = torch.cat(
+        [
+            f.double() @ (f.double().T @ v) + d.double().clamp_min(0)[:, None] * v
+            for (_, v), (f, d) in zip(pairs, summaries, strict=True)
+        ],
+        1,
+    )
+    if tops.shape[1] >= width:  # the summaries are not low-rank here (small layers): solve densely
+        solved = torch.linalg.solve(torch.diag(diag) + tops @ tops.T, pulled)
+    else:
+        scaled = tops / diag[:, None]
+        inner = torch.eye(tops.shape[1], dtype=torch.float64) + tops.T @ scaled
+        solved = pulled / diag[:, None] - scaled @ torch.linalg.solve(inner, scaled.T @ pulled)
+    return torch.cat([u for u, _ in pairs], 1), solved
+
+
+class RegMeanMerge(Aggregator):
+    """The update that best reproduces every client's own update on that client's own inputs:
+    per adapted layer, ΔW = argmin Σ_k ‖(ΔW − ΔW_k) X_k‖² / n_k = (Σ_k ΔW_k G_k)(Σ_k G_k)^-1,
+    G_k = X_k X_k^T / n_k the second moment of the layer's inputs on client k's training data
+    (RegMean, Jin et al., ICLR 2023, arXiv 2212.09849, applied to the round's updates
+    ΔW_k = s B_k A_k − s B A, each client's inputs weighted equally).
+
+    Why: the clients' updates are nearly orthogonal as matrices yet not on each other's inputs
+    (‖ΔW_j X_k‖ is as large as ‖ΔW_k X_k‖, measured in results/bench/learnability-interference.md),
+    so their sum moves every environment's activations by the others' updates. RegMean keeps each
+    update where its own client's inputs are and settles where the inputs overlap.
+
+    What crosses: each client sends its factors and, per adapted layer, a summary of G̃_k =
+    α G_k + (1 − α) diag(G_k) (RegMean's shrinkage, `alpha`): its top `input_rank` eigen-directions
+    scaled, F_k (in x p), and the rest's diagonal d_k; the server uses Ĝ_k = F_k F_k^T + diag(d_k)
+    for G̃_k. ΔW's rank is at most Σ_k r_k: U = [U_1 … U_K], V_k = (Σ_j Ĝ_j)^-1 Ĝ_k V_k,
+    solved by Woodbury's identity (no in x in matrix), re-factored at `rank` and folded into the
+    base with a fresh adapter each round as FLoRA does (see the section's comment).
+
+    Hence: identical updates give that update, whatever the moments; one client gives its update;
+    updates whose row spaces lie in disjoint sets of input coordinates that only their own client
+    excites give their sum; client order does not matter. Not linear. The summary is more than
+    the factors reveal: the principal directions of a client's hidden states at every adapted
+    layer (its prompts' statistics, not its tokens)."""
+
+    name = "regmean"
+    exact = True
+    linear = False
+    mutates_base = True
+    reads_inputs = True
+    options = ("rank", "input_rank", "alpha")
+
+    def __init__(self, rank: int = 0, input_rank: int = 64, alpha: float = 0.9) -> None:
+        if rank < 0:
+            raise ValueError(f"rank must be 0 (exact) or positive, got {rank}")
+        if input_rank < 1:
+            raise ValueError(f"input_rank must be at least 1, got {input_rank}")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.rank, self.input_rank, self.alpha = rank, input_rank, alpha
+
+    def summarize_inputs(self, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for module, moment in moments.items():
+            out[module + TOP_SUFFIX], out[module + DIAG_SUFFIX] = summarize_moment(moment, self.alpha, self.input_rank)
+        return out
+
+    def expected_inputs(self, current: Adapter) -> dict[str, torch.Tensor]:
+        out = {}
+        for m in lora_modules(current.tensors):
+            width = current.tensors[m + A_SUFFIX].shape[1]
+            out[m + TOP_SUFFIX] = torch.zeros(width, min(self.input_rank, width))
+            out[m + DIAG_SUFFIX] = torch.zeros(width)
+        return out
+
+    def merged_factors(
+        self, current: Adapter, updates: list[Update]
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+        """Module -> (U, V) with U V^T = s B A + the merged update, at the declared rank, float32."""
+        out, budget = {}, RankBudget(self.rank)
+        for m in lora_modules(current.tensors):
+            pairs = [update_factors(current, u, m) for u in updates]
+            summaries = [(u.inputs[m + TOP_SUFFIX], u.inputs[m + DIAG_SUFFIX]) for u in updates]
+            q_u, q_v, cores = core_space([current_factors(current, m), regmean_solve(pairs, summaries)])
+            out[m], _ = budget.factors(q_u, cores[0] + cores[1], q_v)
+        return out, budget.figures()
+
+    def aggregate(self, current, updates, state):
+        round_ = state.get("round", 0) + 1
+        factors, figures = self.merged_factors(current, updates)
+        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), {**state, "round": round_}, figures)
+
+    def bytes_up(self, adapter):
+        return super().bytes_up(adapter) + tensor_bytes(self.expected_inputs(adapter))
+
+    def bytes_down(self, adapter, num_clients):
+        exact = adapter.spec.rank * max(num_clients, 1)
+        return factor_bytes(adapter, exact if self.rank == 0 else min(self.rank, exact))
+
+
 AGGREGATORS: dict[str, type[Aggregator]] = {
     cls.name: cls
     for cls in (
@@ -522,6 +673,7 @@ AGGREGATORS: dict[str, type[Aggregator]] = {
         LocalOnly,
         WeightSum,
         SubspaceMerge,
+        RegMeanMerge,
     )
 }
 

@@ -12,6 +12,7 @@ scalar metrics); the trained adapter itself stays with the client for personaliz
 from __future__ import annotations
 
 import random
+import time
 
 from pydantic import Field, field_validator
 
@@ -24,7 +25,7 @@ from fedse.evolve.agenttraj import read_agenttraj
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.filters import make_filter
-from fedse.evolve.sft import TrainSection, train_adapter
+from fedse.evolve.sft import TrainSection, input_moments, train_adapter
 from fedse.fl.aggregators import Aggregator
 from fedse.fl.update import Update
 from fedse.sections import Section
@@ -145,11 +146,16 @@ def learn(
     progress: bool = False,
 ) -> tuple[Update, Adapter]:
     """Filter the explored episodes, grow the buffer, train adapter slot `client` on it (Algorithm 1,
-    lines 4-6); returns the update for the server and the trained adapter."""
+    lines 4-6); returns the update for the server and the trained adapter. For a rule that reads
+    inputs, the update also carries its summary of the layers' inputs on the training data."""
     keep = make_filter(explore.filter)
     kept = [t for t in explored if keep.keep(t)]
     added = buffer.add(kept, round_)
     data = buffer.training_set(round_, warmup=round_ < explore.first_round)
+    inputs, started = {}, time.perf_counter()
+    if aggregator.reads_inputs:  # the layers' inputs on this round's training data, under the starting adapter
+        inputs = aggregator.summarize_inputs(input_moments(policy, client, data, train.max_length))
+    inputs_seconds = time.perf_counter() - started
     report = train_adapter(
         policy,
         client,
@@ -174,4 +180,6 @@ def learn(
     }
     if report.steps:
         metrics["train_loss"] = report.loss
-    return Update(client, aggregator.upload(trained.tensors), len(data), metrics), trained
+    if inputs:
+        metrics["inputs_seconds"] = inputs_seconds
+    return Update(client, aggregator.upload(trained.tensors), len(data), metrics, inputs), trained

@@ -127,7 +127,7 @@ def aggregate_round(
 
     With no valid update the global adapter stays as it was.
     """
-    expected = aggregator.upload(current.tensors)
+    expected, expected_inputs = aggregator.upload(current.tensors), aggregator.expected_inputs(current)
     valid, rejected, clipped = [], {}, {}
     senders = Counter(u.client for u in updates)
     for u in updates:
@@ -135,7 +135,7 @@ def aggregate_round(
             rejected[u.client] = [f"client {u.client}: sent {senders[u.client]} updates this round"]
             log.warning("rejected the updates of client %s: %s", u.client, rejected[u.client][0])
             continue
-        problems = update_problems(u, expected)
+        problems = update_problems(u, expected, expected_inputs)
         if not problems:
             bounded, norm = bound_update(u, current.tensors, max_update_norm, bound)
             if bounded is None:
@@ -156,7 +156,7 @@ def aggregate_round(
     if not valid:
         return RoundResult(Aggregation(current, {}, state), [], rejected, clipped, {"clients": 0}, server_state)
     # Factors a client does not send are the global ones (ffa: A), as far as the server knows.
-    full = [Update(u.client, {**current.tensors, **u.tensors}, u.num_examples, u.metrics) for u in valid]
+    full = [Update(u.client, {**current.tensors, **u.tensors}, u.num_examples, u.metrics, u.inputs) for u in valid]
     aggregation, server_state = optimizer.step(current, aggregator.aggregate(current, full, state), server_state)
     diagnostics = round_diagnostics(aggregator, current, full, aggregation)
     return RoundResult(aggregation, [u.client for u in valid], rejected, clipped, diagnostics, server_state)

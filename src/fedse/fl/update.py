@@ -13,12 +13,15 @@ from fedse.agent.lora import tensor_bytes
 
 @dataclass
 class Update:
-    """Adapter tensors, the number of training examples and scalar metrics. Nothing else."""
+    """Adapter tensors, the number of training examples and scalar metrics; and, for a rule that
+    reads inputs (`Aggregator.reads_inputs`), the summary of the client's layer inputs it asks for.
+    Nothing else."""
 
     client: str
     tensors: dict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [k for k, v in self.metrics.items() if not isinstance(v, int | float) or isinstance(v, bool)]
@@ -27,55 +30,70 @@ class Update:
 
     @property
     def num_bytes(self) -> int:
-        return tensor_bytes(self.tensors)
+        return tensor_bytes(self.tensors) + tensor_bytes(self.inputs)
 
 
 MAX_FACTOR_ABS = 1e3
 """Largest magnitude accepted in a LoRA factor. Trained factors of the models fedse runs are
 O(0.01-1); a finite but huge update (one client's factors x 1e20) would otherwise reach the
 global adapter and make the next round's sampling fail, in every resume too."""
+MAX_INPUT_ABS = 1e12
+"""Largest magnitude accepted in an input summary (`Update.inputs`: square roots of a layer input's
+second moment and its diagonal): far above any model's activations, and low enough that the
+server's float64 solve cannot overflow."""
 MAX_EXAMPLES = 10**7
 """Largest num_examples accepted: FedIT weights by it and cannot check it, so a client claiming
 10**15 would own the mean. Far above any buffer fedse keeps; the claim is still trusted below."""
 
 
-def update_problems(update: Update, expected: dict[str, torch.Tensor]) -> list[str]:
-    """Why `update` cannot be aggregated against the expected tensors (empty list: it can)."""
+def update_problems(
+    update: Update, expected: dict[str, torch.Tensor], expected_inputs: dict[str, torch.Tensor] | None = None
+) -> list[str]:
+    """Why `update` cannot be aggregated against the expected tensors and input summary (empty
+    list: it can)."""
     who = f"client {update.client}"
-    problems = []
-    not_tensors = sorted(k for k, v in update.tensors.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        kind = type(update.tensors[not_tensors[0]]).__name__
-        return [f"{who}: tensor {not_tensors[0]} is a {kind}, not a tensor"]
-    on_meta = sorted(k for k, v in update.tensors.items() if v.device.type == "meta")
-    if on_meta:
-        return [f"{who}: tensor {on_meta[0]} is on the meta device (it holds no values)"]
-    missing, extra = sorted(set(expected) - set(update.tensors)), sorted(set(update.tensors) - set(expected))
-    if missing:
-        problems.append(
-            f"{who}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    if extra:
-        problems.append(
-            f"{who}: unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
-        )
-    for name in sorted(set(expected) & set(update.tensors)):
-        got, want = update.tensors[name], expected[name]
-        if tuple(got.shape) != tuple(want.shape):
-            problems.append(f"{who}: tensor {name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-        elif got.dtype != want.dtype:
-            problems.append(f"{who}: tensor {name} has dtype {got.dtype}, expected {want.dtype}")
-        elif got.numel():
-            peak = float(got.abs().max())  # NaN propagates through max, Inf is the max
-            if not math.isfinite(peak):
-                problems.append(f"{who}: tensor {name} contains NaN or Inf")
-            elif peak > MAX_FACTOR_ABS:
-                problems.append(f"{who}: tensor {name} has an entry of magnitude {peak:.3g}, above {MAX_FACTOR_ABS:g}")
+    problems = tensor_problems(who, "tensor", update.tensors, expected, MAX_FACTOR_ABS)
+    problems += tensor_problems(who, "input summary", update.inputs, expected_inputs or {}, MAX_INPUT_ABS)
     n = update.num_examples
     if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_EXAMPLES:
         problems.append(f"{who}: num_examples must be an integer in 0..{MAX_EXAMPLES}, got {n!r}")
     if any(not math.isfinite(v) for v in update.metrics.values()):
         problems.append(f"{who}: a metric is NaN or Inf")
+    return problems
+
+
+def tensor_problems(who: str, what: str, got: dict, expected: dict[str, torch.Tensor], max_abs: float) -> list[str]:
+    """Missing, unexpected, misshapen, mistyped or non-finite tensors of `got`, and entries above
+    `max_abs`, named."""
+    not_tensors = sorted(k for k, v in got.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        kind = type(got[not_tensors[0]]).__name__
+        return [f"{who}: {what} {not_tensors[0]} is a {kind}, not a tensor"]
+    on_meta = sorted(k for k, v in got.items() if v.device.type == "meta")
+    if on_meta:
+        return [f"{who}: {what} {on_meta[0]} is on the meta device (it holds no values)"]
+    problems = []
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing:
+        problems.append(
+            f"{who}: missing {what} {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    if extra:
+        problems.append(
+            f"{who}: unexpected {what} {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    for name in sorted(set(expected) & set(got)):
+        tensor, want = got[name], expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            problems.append(f"{who}: {what} {name} has shape {tuple(tensor.shape)}, expected {tuple(want.shape)}")
+        elif tensor.dtype != want.dtype:
+            problems.append(f"{who}: {what} {name} has dtype {tensor.dtype}, expected {want.dtype}")
+        elif tensor.numel():
+            peak = float(tensor.abs().max())  # NaN propagates through max, Inf is the max
+            if not math.isfinite(peak):
+                problems.append(f"{who}: {what} {name} contains NaN or Inf")
+            elif peak > max_abs:
+                problems.append(f"{who}: {what} {name} has an entry of magnitude {peak:.3g}, above {max_abs:g}")
     return problems
 
 

@@ -186,13 +186,14 @@ def train_content(content, config: dict, directory: Path):
         "generated_tokens": s.generated_tokens,
         "seconds": s.seconds,
     }
-    return RecordDict(
-        {
-            "update": tensors_record(result.update.tensors),
-            "metrics": MetricRecord(metrics),
-            "explore": MetricRecord(explore),
-        }
-    )
+    content = {
+        "update": tensors_record(result.update.tensors),
+        "metrics": MetricRecord(metrics),
+        "explore": MetricRecord(explore),
+    }
+    if result.update.inputs:  # a rule that reads inputs: the summary travels beside the factors
+        content["inputs"] = tensors_record(result.update.inputs)
+    return RecordDict(content)
 
 
 def evaluate_content(content, config: dict, directory: Path):

@@ -188,7 +188,8 @@ class FlowerFederation(Federation):
             stats.seconds = max(stats.seconds, float(explore["seconds"]))
             metrics = dict(content["metrics"])
             num_examples = metrics.pop("num_examples")
-            updates.append(Update(client, record_tensors(content["update"]), num_examples, metrics))
+            inputs = record_tensors(content["inputs"]) if "inputs" in content else {}
+            updates.append(Update(client, record_tensors(content["update"]), num_examples, metrics, inputs))
             records.append(ClientRecord.from_metrics(round_, client, num_examples, metrics))
         explore_record = ExploreRecord(
             round_,
