@@ -8,8 +8,9 @@ Each (model, rule) runs in a fresh process, so that its peak resident memory is 
 `peak` is the process's maximum RSS (torch, the clients' factors and the step), `step` what
 the step added to it. Rules:
 
-- subspace, sum: the weight-space rules' server step proper, `merged_factors`: the factors of
-  the merged update that are sent down (nothing dense);
+- subspace, regmean, sum: the weight-space rules' server step proper, `merged_factors`: the
+  factors of the merged update that are sent down (nothing dense); regmean's clients also send
+  random input summaries of its default size (64 directions and a diagonal per layer);
 - mean: Fed-SE's element-wise mean of A and of B (`FedSE.aggregate`);
 - flora, fedex: their `aggregate`, which builds the dense ΔW to fold into the base. At 7B shapes
   that is 28 GB in float32 for all layers at once, more than this machine holds: they are run
@@ -55,7 +56,7 @@ SHAPES = {  # (layers, {module: (out, in)}) of every linear layer LoRA adapts ("
         },
     ),
 }
-RULES = ["subspace", "sum", "mean", "flora", "fedex"]
+RULES = ["subspace", "regmean", "sum", "mean", "flora", "fedex"]
 DENSE = {"flora", "fedex"}
 DENSE_LIMIT_BYTES = 4 * 2**30
 """Above this much dense float32 output for all layers, dense rules run one layer (x layers)."""
@@ -90,13 +91,18 @@ def one(model: str, rule: str, clients: int, rank: int) -> dict:
 
     spec = LoraSpec(rank=rank, alpha=2 * rank)
     current = Adapter(spec, factors(zero_b=True))
-    updates = [Update(f"c{k}", factors(zero_b=False), 10) for k in range(clients)]
     aggregator = make_aggregator("fedse" if rule == "mean" else rule)
+
+    def summary() -> dict[str, torch.Tensor]:
+        shapes = {k: v.shape for k, v in aggregator.expected_inputs(current).items()}
+        return {k: torch.rand(shape, generator=gen) for k, shape in shapes.items()}
+
+    updates = [Update(f"c{k}", factors(zero_b=False), 10, inputs=summary()) for k in range(clients)]
     before = rss_mb()
     start = time.perf_counter()
-    if rule in ("subspace", "sum"):
+    if rule in ("subspace", "regmean", "sum"):
         out = aggregator.merged_factors(current, updates)
-        figures = out[1] if rule == "subspace" else {}
+        figures = out[1] if rule != "sum" else {}
     else:
         aggregator.aggregate(current, updates, {})
         figures = {}

@@ -380,7 +380,7 @@ def test_a_federation_seeded_from_an_agenttraj_file_trains_on_it(tmp_path):
         Policy(load_base("tiny-random")),
     )
     fed.run()
-    assert len(fed.buffer("maze").entries) == 3 and fed.buffer("wordle").entries == []
+    assert len(fed.transport.buffer("maze").entries) == 3 and fed.transport.buffer("wordle").entries == []
     client = next(json.loads(x) for x in fed.store.metrics.read_text().splitlines() if '"client": "maze"' in x)
     assert client["train_tokens"] > 0
 

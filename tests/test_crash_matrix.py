@@ -147,10 +147,10 @@ def crash_and_resume(tmp_path, setting, target, n, when):
 
 
 PHASES = [
-    ("fedse.experiments.federation:rollout", 1, "before"),  # round 1's exploration
+    ("fedse.experiments.transport:rollout", 1, "before"),  # round 1's exploration
     ("fedse.fl.client:train_adapter", 2, "before"),  # one client trained, the other not
     ("fedse.experiments.federation:aggregate_round", 2, "before"),  # round 2, every client trained
-    ("fedse.experiments.federation:evaluate", 3, "after"),  # evaluated, not checkpointed
+    ("fedse.experiments.transport:evaluate", 3, "after"),  # evaluated, not checkpointed
     ("fedse.files:append_lines", 4, "torn"),  # a metrics line half written
     ("fedse.files:append_lines", 9, "torn"),
     ("fedse.experiments.store:_write_folder", 2, "after"),  # checkpoint renamed, state.json not yet

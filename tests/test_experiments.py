@@ -39,8 +39,8 @@ def test_local_static_never_aggregates_nor_explores_and_evaluates_each_env_with_
     assert fed.global_adapter.hash == start.hash  # the server never moved
     assert all(r["episodes"] == 0 for r in records(fed, "explore"))
     assert all(r["bytes_up"] == [0, 0] and r["bytes_down"] == 0 for r in records(fed, "aggregate"))
-    assert fed.eval_adapters() == {"maze": "eval-maze", "wordle": "eval-wordle"}
-    own = {c: fed.personal[c].hash for c in fed.clients}
+    assert fed.transport.eval_adapters(fed.global_adapter) == {"maze": "eval-maze", "wordle": "eval-wordle"}
+    own = {c: fed.transport.personal[c].hash for c in fed.clients}
     assert len(set(own.values())) == 2 and start.hash not in own.values()
     # round 2 starts from each client's own round-1 adapter, not from the (unchanged) global one
     client = records(fed, "client")
@@ -55,7 +55,7 @@ def test_centralized_static_trains_one_adapter_on_every_clients_expert_data(tmp_
     trajectories = [json.loads(line)["trajectory"] for line in fed.store.buffer(CENTRAL).read_text().splitlines()]
     assert sorted({t["env"] for t in trajectories}) == ["maze", "wordle"]
     assert {e["env"] for e in records(fed, "eval")} == {"maze", "wordle"}
-    assert fed.eval_adapters() == {"maze": "global", "wordle": "global"}
+    assert fed.transport.eval_adapters(fed.global_adapter) == {"maze": "global", "wordle": "global"}
 
 
 def test_centralized_online_explores_every_environment_with_the_same_draws_as_their_own_clients(tmp_path):
@@ -230,9 +230,8 @@ def test_a_run_with_server_momentum_resumes_to_the_uninterrupted_run(tmp_path):
     )
     resumed.run(resume=True, change_config=True)
     assert resumed.global_adapter.hash == straight.global_adapter.hash
-    assert straight.server_state and all(
-        torch.equal(straight.server_state[k], resumed.server_state[k]) for k in straight.server_state
-    )
+    moments = straight.server.optimizer
+    assert moments and all(torch.equal(moments[k], resumed.server.optimizer[k]) for k in moments)
 
 
 def test_several_clients_per_environment_hold_disjoint_partitions_of_its_train_split(tmp_path):

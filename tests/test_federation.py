@@ -152,9 +152,9 @@ def test_batched_exploration_equals_each_client_exploring_alone(tmp_path, aggreg
         Policy(load_base("tiny-random")),
     )
     fed.run()  # two rounds, so fedsa clients hold different personal adapters
-    together, _ = fed.explore(3, fed.clients)
+    together, _ = fed.transport.explore(3, fed.clients, fed.global_adapter)
     for client in fed.clients:
-        fed.policy.load(client, fed.aggregator.client_start(fed.global_adapter, fed.personal.get(client)))
+        fed.policy.load(client, fed.aggregator.client_start(fed.global_adapter, fed.transport.personal.get(client)))
         alone = rollout(fed.policy, exploration_requests(client, client, 3, fed.config.explore, fed.config.fed.seed))
         assert [t.messages for t in alone] == [t.messages for t in together[client]]
         assert [t.adapter for t in alone] == [t.adapter for t in together[client]]
@@ -207,7 +207,7 @@ def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_rep
     from fedse.experiments.report import write_report
     from fedse.fl.update import Update
 
-    real = __import__("fedse.experiments.federation", fromlist=["learn"]).learn
+    real = __import__("fedse.experiments.transport", fromlist=["learn"]).learn
 
     def poisoned(*args, **kwargs):
         update, trained = real(*args, **kwargs)
@@ -215,7 +215,7 @@ def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_rep
             update.client, {k: v * float("nan") for k, v in update.tensors.items()}, 1, update.metrics
         ), trained
 
-    monkeypatch.setattr("fedse.experiments.federation.learn", poisoned)
+    monkeypatch.setattr("fedse.experiments.transport.learn", poisoned)
     fed = run(tmp_path, "fed.rounds=1")
     records = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
     aggregate = next(r for r in records if r["event"] == "aggregate")

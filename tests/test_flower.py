@@ -1,7 +1,7 @@
 """fedse on Flower: the same algorithm as the embedded runtime, what crosses the wire, faults,
 and the deployment engine on loopback (SuperLink + SuperNodes as real processes, TLS, node auth).
 
-Most tests drive `FlowerFederation` through `LoopbackGrid`, a Grid that hands each message to
+Most tests drive a federation with the Flower transport through `LoopbackGrid`, a Grid that hands each message to
 fedse's ClientApp in this process: Flower's Message objects and records, fedse's client and
 server code, no network. The deployment tests start Flower's own processes."""
 
@@ -30,14 +30,14 @@ from fedse.flower.codec import pack, record_json, unpack, wire_bytes
 from fedse.flower.commands import APP_DIR, node_threads
 from fedse.flower.local import LocalDeployment, run_local
 from fedse.flower.options import FlowerOptions
-from fedse.flower.server_app import FlowerFederation
+from fedse.flower.server_app import flower_federation
 from helpers import TINY, records, tiny_config
 
 HANDLERS = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
 
 
 class LoopbackGrid:
-    """The part of Flower's Grid that FlowerFederation uses, delivering in this process.
+    """The part of Flower's Grid that FlowerTransport uses, delivering in this process.
 
     `leave[(round, phase)] = node`: that node disconnects when that phase's messages are pushed
     (it never replies), and connects again for the next phase."""
@@ -78,8 +78,8 @@ class LoopbackGrid:
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 
-def flower_run(tmp_path, grid, *extra, name="flower", resume=False, **options) -> FlowerFederation:
-    fed = FlowerFederation(
+def flower_run(tmp_path, grid, *extra, name="flower", resume=False, **options) -> Federation:
+    fed = flower_federation(
         tiny_config(*extra),
         tmp_path / name,
         grid,
@@ -165,7 +165,7 @@ def test_too_few_replies_stop_the_run_and_a_resume_finishes_it_like_an_uninterru
 
 def test_a_node_for_a_client_the_run_lacks_is_ignored(tmp_path):
     fed = flower_run(tmp_path, LoopbackGrid([*nodes(), {"client": "webshop"}]), "fed.rounds=1")
-    assert sorted(fed.node_of) == ["maze", "wordle"]
+    assert sorted(fed.transport.node_of) == ["maze", "wordle"]
 
 
 def test_a_node_without_a_client_says_how_to_start_it():

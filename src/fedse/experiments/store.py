@@ -145,6 +145,11 @@ class RunStore:
         return self.root / "evals" / f"round_{round_:03d}_tasks_{tasks or 'all'}.json"
 
     @property
+    def flower(self) -> Path:
+        """A Flower run's token (its nodes keep their folders under it)."""
+        return self.root / "flower.json"
+
+    @property
     def machine(self) -> Path:
         return self.root / "machine.jsonl"
 

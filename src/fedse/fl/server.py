@@ -42,6 +42,33 @@ class RoundResult:
     """The server optimiser's moments after this round (`ServerOptimizer`)."""
 
 
+@dataclass
+class ServerState:
+    """Everything the server carries from one round to the next (and checkpoints)."""
+
+    adapter: Adapter
+    """The global adapter clients start from."""
+    base_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Module -> cumulative ΔW folded into the base so far (mutating rules), float32 on the CPU:
+    summed in float64 each round and kept as the checkpoint stores it (half of float64's 850 MB
+    for SmolLM2-135M), so a resumed run holds exactly what an uninterrupted one does."""
+    aggregator: dict = field(default_factory=dict)
+    """The aggregator's own state (e.g. the folding rules' round counter)."""
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The server optimiser's moments (momentum / adam), float32."""
+
+    def apply(self, result: RoundResult) -> dict[str, torch.Tensor]:
+        """Take a round's result as the new state. Returns the cumulative base delta of every
+        module the round changed (what a holder of the base model must now apply)."""
+        self.adapter, self.aggregator = result.aggregation.adapter, result.aggregation.state
+        self.optimizer = result.server_state
+        changed = {}
+        for module, d in result.aggregation.base_delta.items():
+            previous = self.base_delta.get(module, torch.zeros_like(d, dtype=torch.float32))
+            self.base_delta[module] = changed[module] = (previous.double() + d.double()).float()
+        return changed
+
+
 @dataclass(frozen=True)
 class ServerOptimizer:
     """The server's step on the round's pseudo-gradient Δ = aggregate − global, per tensor

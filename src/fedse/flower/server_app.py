@@ -1,12 +1,13 @@
-"""fedse's Flower ServerApp: the server round of `fedse run`, with the clients behind Flower's Grid.
+"""fedse's Flower ServerApp: the server loop of `fedse run`, with the clients behind Flower's Grid.
 
-`FlowerFederation` is `fedse.experiments.federation.Federation` with the clients' half of a round
-(`train_clients`) and the evaluation (`_evaluate`) sent as messages to SuperNodes instead of
-played in this process. Everything else — validation, bounding and aggregation of updates,
-diagnostics, server optimiser, checkpoints, `metrics.jsonl`, resume, report — is the same code.
-Buffers and personal adapters live on the nodes (`fedse.flower.node`); the server keeps the
-global state only. Each round also writes a `wire` record: the bytes of every message as Flower
-serialises them, and which clients did not reply.
+`FlowerTransport` is the federation's transport (`fedse.experiments.transport.Transport`) over
+Flower: the clients' half of a round and the evaluation go as messages to SuperNodes instead of
+being played in this process. The loop itself — validation, bounding and aggregation of updates,
+diagnostics, server optimiser, checkpoints, `metrics.jsonl`, resume, report — is
+`fedse.experiments.federation.Federation`, the same code as an embedded run. Buffers and personal
+adapters live on the nodes (`fedse.flower.node`); the server keeps the global state only. Each
+round also writes a `wire` record: the bytes of every message as Flower serialises them, and
+which clients did not reply.
 
 Run options come from Flower's run config (`flwr run ... --run-config "config='a.toml' ..."`),
 see `fedse.flower.options.FlowerOptions`.
@@ -23,13 +24,16 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedse.agent.lora import Adapter
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats
 from fedse.errors import UserError
 from fedse.experiments.config import RunConfig, load_config
 from fedse.experiments.federation import Federation
 from fedse.experiments.records import ClientRecord, EvalRecord, ExploreRecord, WireRecord
+from fedse.experiments.store import RunStore
 from fedse.files import atomic_write_json
+from fedse.fl.server import ServerState
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_json, record_tensors, tensors_record, wire_bytes
 from fedse.flower.options import FlowerOptions
@@ -38,35 +42,33 @@ from fedse.process import set_up_process
 log = logging.getLogger(__name__)
 
 
-class FlowerFederation(Federation):
-    def __init__(
-        self, config: RunConfig, root: str | Path, grid: Grid, options: FlowerOptions, policy: Policy | None = None
-    ) -> None:
-        super().__init__(config, root, policy)
-        self.grid, self.options = grid, options
+class FlowerTransport:
+    """The clients of `config`, each on the SuperNode that says it is that client, reached through
+    `grid`. The nodes keep the clients' buffers and personal adapters, so nothing of them is
+    restored or checkpointed here."""
+
+    def __init__(self, config: RunConfig, store: RunStore, grid: Grid, options: FlowerOptions) -> None:
+        self.config, self.store, self.grid, self.options = config, store, grid, options
+        self.client_envs, _ = config.client_layout()
+        self.clients = list(self.client_envs)
         self.node_of: dict[str, int] = {}
         """Client -> the SuperNode serving it (learnt by a `query` message)."""
         self.token = ""
 
-    # --- state the nodes keep -----------------------------------------------------------------
-
-    def start(self, resume: bool = False, force: bool = False, change_config: bool = False) -> int:
-        last = super().start(resume=resume, force=force, change_config=change_config)
-        path = self.store.root / "flower.json"
+    def start(self, resume: bool, last: int, recorded: dict[str, str]) -> None:
+        """The run's token (new for a fresh run: the nodes' folders are per token), then the nodes.
+        Nodes seed their own buffers, and cut them back when a round is played again."""
+        path = self.store.flower
         if not resume or not path.exists():
             atomic_write_json(path, {"token": uuid.uuid4().hex[:16]})
         self.token = json.loads(path.read_text())["token"]
         self.discover(self.options.wait_for_nodes)
-        return last
 
-    def seed_buffers(self) -> None:
-        """Nodes seed their own buffers (`NodeClient.buffer`)."""
+    def restore(self, personal: dict[str, Adapter]) -> None:
+        """Nothing to take back: each node reads its personal adapters from its own folder."""
 
-    def check_buffers(self, last: int, recorded: dict[str, str]) -> None:
-        """Nodes cut their own buffers back when a round is played again."""
-
-    def buffer_digests(self) -> dict[str, str]:
-        return {}
+    def kept(self) -> tuple[dict[str, str], dict[str, Adapter]]:
+        return {}, {}
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -144,13 +146,15 @@ class FlowerFederation(Federation):
             time.sleep(self.options.poll)
         return replies, missing
 
-    def _phase(self, kind: str, round_: int, targets: dict[str, dict]) -> tuple[dict[str, Message], WireRecord]:
+    def _phase(
+        self, kind: str, round_: int, targets: dict[str, dict], server: ServerState
+    ) -> tuple[dict[str, Message], WireRecord]:
         """Send `kind` messages (train, evaluate) for `round_` to each target client's node."""
         self.discover(0.0)
         messages, dropped = {}, {}
-        shared = {"global": tensors_record(self.global_adapter.tensors)}  # converted once, sent to every node
-        if self.base_delta:
-            shared["base"] = tensors_record(self.base_delta)
+        shared = {"global": tensors_record(server.adapter.tensors)}  # converted once, sent to every node
+        if server.base_delta:
+            shared["base"] = tensors_record(server.base_delta)
         for client, extra in targets.items():
             if client not in self.node_of:
                 dropped[client] = "no SuperNode connected for it"
@@ -168,8 +172,10 @@ class FlowerFederation(Federation):
 
     # --- the clients' half of a round, and evaluation, over Flower --------------------------------
 
-    def train_clients(self, round_: int, clients: list[str]) -> tuple[ExploreRecord, list[Update], list[ClientRecord]]:
-        replies, wire = self._phase("train", round_, {c: {} for c in clients})
+    def train(
+        self, round_: int, clients: list[str], server: ServerState
+    ) -> tuple[ExploreRecord, list[Update], list[ClientRecord]]:
+        replies, wire = self._phase("train", round_, {c: {} for c in clients}, server)
         done = [c for c in clients if c in replies]
         if len(done) < min(self.options.min_clients, len(clients)):
             self.store.append(wire)
@@ -203,14 +209,14 @@ class FlowerFederation(Federation):
         self.store.append(explore_record, *records, wire)
         return explore_record, updates, records
 
-    def _evaluate(self, round_: int) -> list[EvalRecord]:
+    def evaluate(self, round_: int, server: ServerState) -> list[EvalRecord]:
         """Each environment is tested on the node of the (last) client holding it, with the
         adapter that client holds (the global one, or its personal one)."""
         tester = {env: client for client, envs in self.client_envs.items() for env in envs}
         targets: dict[str, dict] = {}
-        for env in self.envs:
+        for env in self.config.fed.clients:
             targets.setdefault(tester[env], {"envs": []})["envs"].append(env)
-        replies, wire = self._phase("evaluate", round_, targets)
+        replies, wire = self._phase("evaluate", round_, targets, server)
         self.store.append(wire)
         records = {}
         for reply in replies.values():
@@ -218,7 +224,16 @@ class FlowerFederation(Federation):
                 records[r["env"]] = EvalRecord(**r)
         if not records:
             raise UserError(f"round {round_}: no node evaluated ({'; '.join(wire.dropped.values())})")
-        return [records[env] for env in self.envs if env in records]
+        return [records[env] for env in self.config.fed.clients if env in records]
+
+
+def flower_federation(
+    config: RunConfig, root: str | Path, grid: Grid, options: FlowerOptions, policy: Policy | None = None
+) -> Federation:
+    """The federation of `config` in run folder `root`, its clients reached through `grid`."""
+    return Federation(
+        config, root, policy, transport=lambda store, _, __: FlowerTransport(config, store, grid, options)
+    )
 
 
 def run_federation(grid: Grid, options: FlowerOptions, policy: Policy | None = None) -> Path:
@@ -228,7 +243,7 @@ def run_federation(grid: Grid, options: FlowerOptions, policy: Policy | None = N
     overrides = options.overrides.split() if options.overrides else []
     config = load_config(options.config, overrides)
     root = Path(options.run_dir or Path("runs") / config.name)
-    federation = FlowerFederation(config, root, grid, options, policy)
+    federation = flower_federation(config, root, grid, options, policy)
     federation.run(
         resume=options.resume,
         force=options.force,
