@@ -153,7 +153,7 @@ PHASES = [
     ("fedse.experiments.transport:evaluate", 3, "after"),  # evaluated, not checkpointed
     ("fedse.files:append_lines", 4, "torn"),  # a metrics line half written
     ("fedse.files:append_lines", 9, "torn"),
-    ("fedse.experiments.store:_write_folder", 2, "after"),  # checkpoint renamed, state.json not yet
+    ("fedse.files:write_folder", 2, "after"),  # checkpoint renamed, state.json not yet
 ]
 if not FULL:
     PHASES = [PHASES[i] for i in (1, 5, 6)]

@@ -35,12 +35,13 @@ def records(fed: Federation, event: str) -> list[dict]:
 
 def test_local_static_never_aggregates_nor_explores_and_evaluates_each_env_with_its_own_adapter(tmp_path):
     fed = method_run(tmp_path, "local-static")
-    start = fed.store.load_checkpoint(0, fed.clients).global_adapter
+    start = fed.store.load_checkpoint(0).global_adapter
     assert fed.global_adapter.hash == start.hash  # the server never moved
     assert all(r["episodes"] == 0 for r in records(fed, "explore"))
     assert all(r["bytes_up"] == [0, 0] and r["bytes_down"] == 0 for r in records(fed, "aggregate"))
-    assert fed.transport.eval_adapters(fed.global_adapter) == {"maze": "eval-maze", "wordle": "eval-wordle"}
-    own = {c: fed.transport.personal[c].hash for c in fed.clients}
+    last = fed.config.fed.rounds
+    assert fed.transport.eval_adapters(fed.global_adapter, last) == {"maze": "eval-maze", "wordle": "eval-wordle"}
+    own = {c: fed.transport.states[c].personal(last).hash for c in fed.clients}
     assert len(set(own.values())) == 2 and start.hash not in own.values()
     # round 2 starts from each client's own round-1 adapter, not from the (unchanged) global one
     client = records(fed, "client")
@@ -55,7 +56,10 @@ def test_centralized_static_trains_one_adapter_on_every_clients_expert_data(tmp_
     trajectories = [json.loads(line)["trajectory"] for line in fed.store.buffer(CENTRAL).read_text().splitlines()]
     assert sorted({t["env"] for t in trajectories}) == ["maze", "wordle"]
     assert {e["env"] for e in records(fed, "eval")} == {"maze", "wordle"}
-    assert fed.transport.eval_adapters(fed.global_adapter) == {"maze": "global", "wordle": "global"}
+    assert fed.transport.eval_adapters(fed.global_adapter, fed.config.fed.rounds) == {
+        "maze": "global",
+        "wordle": "global",
+    }
 
 
 def test_centralized_online_explores_every_environment_with_the_same_draws_as_their_own_clients(tmp_path):

@@ -154,7 +154,9 @@ def test_batched_exploration_equals_each_client_exploring_alone(tmp_path, aggreg
     fed.run()  # two rounds, so fedsa clients hold different personal adapters
     together, _ = fed.transport.explore(3, fed.clients, fed.global_adapter)
     for client in fed.clients:
-        fed.policy.load(client, fed.aggregator.client_start(fed.global_adapter, fed.transport.personal.get(client)))
+        fed.policy.load(
+            client, fed.aggregator.client_start(fed.global_adapter, fed.transport.states[client].personal(2))
+        )
         alone = rollout(fed.policy, exploration_requests(client, client, 3, fed.config.explore, fed.config.fed.seed))
         assert [t.messages for t in alone] == [t.messages for t in together[client]]
         assert [t.adapter for t in alone] == [t.adapter for t in together[client]]
@@ -207,7 +209,7 @@ def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_rep
     from fedse.experiments.report import write_report
     from fedse.fl.update import Update
 
-    real = __import__("fedse.experiments.transport", fromlist=["learn"]).learn
+    real = __import__("fedse.fl.client", fromlist=["learn"]).learn
 
     def poisoned(*args, **kwargs):
         update, trained = real(*args, **kwargs)
@@ -215,12 +217,12 @@ def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_rep
             update.client, {k: v * float("nan") for k, v in update.tensors.items()}, 1, update.metrics
         ), trained
 
-    monkeypatch.setattr("fedse.experiments.transport.learn", poisoned)
+    monkeypatch.setattr("fedse.fl.client.learn", poisoned)
     fed = run(tmp_path, "fed.rounds=1")
     records = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
     aggregate = next(r for r in records if r["event"] == "aggregate")
     assert aggregate["accepted"] == [] and set(aggregate["rejected"]) == {"maze", "wordle"}
-    start = fed.store.load_checkpoint(0, fed.clients).global_adapter
+    start = fed.store.load_checkpoint(0).global_adapter
     assert fed.global_adapter.hash == start.hash
     assert "| 1 |" in write_report([fed.store.root]).read_text()
     with pytest.raises(ConfigError, match="bad value for 'train.lr'"):
@@ -261,10 +263,10 @@ def test_corrupt_run_files_are_one_line_errors_not_tracebacks(tmp_path):
     tensors[key].view(-1)[0] += 1.0
     save_file(tensors, str(weights))
     with pytest.raises(UserError, match="does not match the hash state.json recorded for round 1"):
-        store.load_checkpoint(1, fed.clients)
+        store.load_checkpoint(1)
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UserError, match="cannot be read"):
-        store.load_checkpoint(1, fed.clients)
+        store.load_checkpoint(1)
     from fedse.evolve.buffer import ExperienceBuffer
 
     fed.store.buffer("maze").write_text("not json\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -132,3 +133,17 @@ def fsync_tree(directory: str | Path, files: bool = True) -> None:
         else:
             _fsync_dir(path)
     _fsync_dir(directory)
+
+
+def write_folder(final: str | Path, write) -> None:
+    """`write(tmp)` fills a temporary folder, which is fsynced and renamed to `final`, the
+    rename fsynced too: a crash leaves the old folder or the new one, never a mix."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fsync_tree(final.parent, files=False)

@@ -94,7 +94,7 @@ class Federation:
                 before = validate_config(recorded, where=str(self.store.checkpoint(last) / "config.json"))
                 if check_resume_changes(before, self.config, change_config, where):
                     self.store.write_config(self.config.model_dump())
-            self.transport.restore(self.load_checkpoint(last))
+            self.load_checkpoint(last)
             self.transport.start(True, last, recorded_buffers)
             self.store.trim_records(last)
             return last
@@ -103,10 +103,9 @@ class Federation:
         self.transport.start(False, 0, {})
         return 0
 
-    def load_checkpoint(self, round_: int) -> dict[str, Adapter]:
-        """Put the policy and server state back to the end of `round_`; returns the personal
-        adapters that round's checkpoint kept for the clients."""
-        checkpoint = self.store.load_checkpoint(round_, self.clients)
+    def load_checkpoint(self, round_: int) -> None:
+        """Put the policy and server state back to the end of `round_`."""
+        checkpoint = self.store.load_checkpoint(round_)
         self.server = ServerState(
             checkpoint.global_adapter,
             {m: d.float() for m, d in checkpoint.base_delta.items()},
@@ -116,7 +115,6 @@ class Federation:
         self.policy.load(GLOBAL, self.global_adapter)
         if self.base_delta:
             self.policy.set_base_delta(self.base_delta)
-        return checkpoint.personal
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -217,7 +215,7 @@ class Federation:
             round_ = self.store.last_round()
             if round_ is None:
                 raise UserError(f"{self.store.root} has no completed round yet")
-        self.transport.restore(self.load_checkpoint(round_))
+        self.load_checkpoint(round_)
         evals = self.transport.evaluate(round_, self.server)
         avg = averages(evals, seconds=0.0)
         per_env = {
@@ -230,10 +228,15 @@ class Federation:
 
     def _checkpoint(self, round_: int) -> None:
         server = self.server
-        buffers, personal = self.transport.kept()
-        checkpoint = Checkpoint(server.adapter, server.base_delta, server.aggregator, personal, server.optimizer)
+        buffers, client_files = self.transport.kept(round_)
+        checkpoint = Checkpoint(server.adapter, server.base_delta, server.aggregator, server.optimizer)
         self.store.save_checkpoint(
-            round_, checkpoint, base_model=self.config.model.name, config=self.config.model_dump(), buffers=buffers
+            round_,
+            checkpoint,
+            base_model=self.config.model.name,
+            config=self.config.model_dump(),
+            buffers=buffers,
+            client_files=client_files,
         )
         keep = self.config.checkpoints
         self.store.prune_checkpoints(keep.keep_last, keep.keep_every)

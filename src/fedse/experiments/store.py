@@ -43,10 +43,11 @@ from fedse.files import (
     atomic_write_json,
     drop_torn_tail,
     file_digest,
-    fsync_tree,
     read_lines,
+    write_folder,
     write_lines,
 )
+from fedse.fl.client import ClientState
 
 GLOBAL = "global"
 DIGEST = re.compile(r"(\d+:)?[0-9a-f]+")
@@ -80,24 +81,8 @@ class Checkpoint:
     base_delta: dict[str, torch.Tensor] = field(default_factory=dict)
     """Cumulative dense ΔW per module, folded into the base (mutating aggregators)."""
     aggregator_state: dict = field(default_factory=dict)
-    personal: dict[str, Adapter] = field(default_factory=dict)
-    """Each client's own adapter (personalised aggregators); stored in the client's folder,
-    never in the server's checkpoint."""
     server_state: dict[str, torch.Tensor] = field(default_factory=dict)
     """The server optimiser's moments (fed.server_optimizer momentum / adam)."""
-
-
-def _write_folder(final: Path, write) -> None:
-    """`write(tmp)` fills a temporary folder, which is fsynced and renamed to `final`, the
-    rename fsynced too: a crash leaves the old folder or the new one, never a mix."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    fsync_tree(final.parent, files=False)
 
 
 def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
@@ -132,14 +117,18 @@ class RunStore:
     def state(self) -> Path:
         return self.root / "state.json"
 
+    def client(self, client: str) -> Path:
+        """The client's own folder (`fedse.fl.client.ClientState`): its buffer and personal adapters."""
+        return self.root / "clients" / client
+
     def buffer(self, client: str) -> Path:
-        return self.root / "clients" / client / "buffer.jsonl"
+        return self.client(client) / "buffer.jsonl"
 
     def checkpoint(self, round_: int) -> Path:
         return self.root / "checkpoints" / f"round_{round_:03d}"
 
     def personal(self, client: str, round_: int) -> Path:
-        return self.root / "clients" / client / "personal" / f"round_{round_:03d}"
+        return ClientState.personal_folder(self.client(client), round_)
 
     def evaluation(self, round_: int, tasks: int | None) -> Path:
         return self.root / "evals" / f"round_{round_:03d}_tasks_{tasks or 'all'}.json"
@@ -278,12 +267,12 @@ class RunStore:
         base_model: str,
         config: dict | None = None,
         buffers: dict[str, str] | None = None,
+        client_files: list[Path] | None = None,
     ) -> None:
-        """Write round `round_`'s personal adapters (each in its client's folder) and the server's
-        checkpoint, each atomically, then mark the round completed in state.json, with a digest of
-        every file the round's state lives in (`verify`) and the clients' buffer digests."""
-        for client, adapter in checkpoint.personal.items():
-            _write_folder(self.personal(client, round_), lambda tmp, a=adapter: save_adapter(a, tmp))
+        """Write the server's checkpoint of round `round_` atomically, then mark the round completed
+        in state.json, with a digest of every file the round's state lives in (`verify`: the
+        checkpoint's and `client_files`, the personal adapters the clients keep in their own
+        folders) and the clients' buffer digests."""
 
         def server_files(tmp: Path) -> None:
             save_adapter(checkpoint.global_adapter, tmp / GLOBAL, base_model=base_model)
@@ -299,9 +288,9 @@ class RunStore:
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
-        _write_folder(self.checkpoint(round_), server_files)
+        write_folder(self.checkpoint(round_), server_files)
         files = [p for p in self.checkpoint(round_).rglob("*") if p.is_file()]
-        files += [p for c in checkpoint.personal for p in self.personal(c, round_).rglob("*") if p.is_file()]
+        files += list(client_files or [])
         digests = {str(p.relative_to(self.root)): file_digest(p) for p in sorted(files)}
         if self.metrics.exists():  # append-only: what later rounds add does not change this prefix
             size = self.metrics.stat().st_size
@@ -344,11 +333,11 @@ class RunStore:
         dropped = [r for r in rounds if r not in keep]
         for r in dropped:
             shutil.rmtree(self.checkpoint(r))
-            for personal in (self.root / "clients").glob(f"*/personal/round_{r:03d}"):
-                shutil.rmtree(personal)
+            for client in (self.root / "clients").glob("*"):
+                shutil.rmtree(ClientState.personal_folder(client, r), ignore_errors=True)
         return dropped
 
-    def load_checkpoint(self, round_: int, clients: list[str]) -> Checkpoint:
+    def load_checkpoint(self, round_: int) -> Checkpoint:
         ckpt = self.checkpoint(round_)
         if not ckpt.exists():
             raise UserError(
@@ -361,9 +350,6 @@ class RunStore:
                 base_delta=load_file(str(delta_file)) if delta_file.exists() else {},
                 aggregator_state=json.loads((ckpt / "aggregator.json").read_text()),
                 server_state=load_file(str(server_file)) if server_file.exists() else {},
-                personal={
-                    c: load_adapter(self.personal(c, round_)) for c in clients if self.personal(c, round_).exists()
-                },
             )
         except (OSError, ValueError, SafetensorError) as error:
             raise UserError(

@@ -16,6 +16,7 @@ scalar records, evaluation outcomes), and the server's state reaches it read-onl
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 from fedse.agent.lora import Adapter
@@ -28,7 +29,7 @@ from fedse.experiments.config import RunConfig
 from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import ClientRecord, EvalRecord, ExploreRecord
 from fedse.experiments.store import GLOBAL, RunStore
-from fedse.fl.client import client_requests, expert_seeds, learn
+from fedse.fl.client import ClientState, client_requests, client_round
 from fedse.fl.server import ServerState
 from fedse.fl.update import Update
 
@@ -40,9 +41,6 @@ class Transport(Protocol):
         """Before the first round of a sitting: a fresh run (`resume` False, `last` 0) or one resumed
         after round `last`, whose checkpoint recorded the buffer digests `recorded`."""
 
-    def restore(self, personal: dict[str, Adapter]) -> None:
-        """Take back the personal adapters a checkpoint kept for the clients (see `kept`)."""
-
     def train(
         self, round_: int, clients: list[str], server: ServerState
     ) -> tuple[ExploreRecord, list[Update], list[ClientRecord]]:
@@ -50,53 +48,55 @@ class Transport(Protocol):
         their records are appended to the run's metrics as they complete."""
 
     def evaluate(self, round_: int, server: ServerState) -> list[EvalRecord]:
-        """Greedy test episodes of every environment with the adapter its client holds."""
+        """Greedy test episodes of every environment with the adapter its client holds after `round_`."""
 
-    def kept(self) -> tuple[dict[str, str], dict[str, Adapter]]:
-        """What the server's checkpoint records of the clients: their buffers' digests, and the
-        personal adapters the run folder keeps for them (both empty when the clients keep their own)."""
+    def kept(self, round_: int) -> tuple[dict[str, str], list[Path]]:
+        """What the server's checkpoint of `round_` records of the clients' state where it can see
+        it (the embedded runtime's run folder): each buffer's digest, and the files of the
+        personal adapters the clients hold after `round_`. Both empty over Flower."""
 
 
 class InProcessTransport:
-    """Every client of `config` in this process, on `policy` (the server's own model)."""
+    """Every client of `config` in this process, on `policy` (the server's own model); each
+    client's private state in the run folder's clients/<client>/ (`ClientState`)."""
 
     def __init__(self, config: RunConfig, store: RunStore, policy: Policy, aggregator, progress: bool = False) -> None:
         self.config, self.store, self.policy, self.aggregator = config, store, policy, aggregator
         self.progress = progress
         self.client_envs, self.partition = config.client_layout()
-        self.personal: dict[str, Adapter] = {}
-        """Client -> the adapter it kept after its last round (personalized rules)."""
-        self._buffers: dict[str, ExperienceBuffer] = {}
-
-    # --- the clients' private state --------------------------------------------------------------
+        self.states = {
+            client: ClientState(store.client(client), client, envs, config.buffer, *self.partition[client])
+            for client, envs in self.client_envs.items()
+        }
 
     def buffer(self, client: str) -> ExperienceBuffer:
-        """The client's buffer, read from disk once per process."""
-        if client not in self._buffers:
-            self._buffers[client] = ExperienceBuffer(self.store.buffer(client), self.config.buffer)
-        return self._buffers[client]
+        return self.states[client].buffer
 
     def start(self, resume: bool, last: int, recorded: dict[str, str]) -> None:
         """A fresh run seeds every buffer with its expert demonstrations (round 0); a resumed one
         cuts every buffer back to round `last` and checks it is what that round recorded."""
-        buf = self.config.buffer
-        for client, envs in self.client_envs.items():
+        for client, state in self.states.items():
             if not resume:
-                part, parts = self.partition[client]
-                self.buffer(client).add(expert_seeds(client, envs, buf.expert_seeds, part, parts, buf.seed_file), 0)
+                state.seed()
                 continue
-            self.buffer(client).truncate(last)
-            if client in recorded and self.buffer(client).digest() != recorded[client]:
+            state.rewind(last)
+            if client in recorded and state.buffer.digest() != recorded[client]:
                 raise UserError(
                     f"{self.store.buffer(client)} differs from what round {last}'s checkpoint recorded: it was "
                     "changed or corrupted; restore it (or start the run again)"
                 )
 
-    def restore(self, personal: dict[str, Adapter]) -> None:
-        self.personal = dict(personal)
-
-    def kept(self) -> tuple[dict[str, str], dict[str, Adapter]]:
-        return {client: self.buffer(client).digest() for client in self.client_envs}, self.personal
+    def kept(self, round_: int) -> tuple[dict[str, str], list[Path]]:
+        """A client the round did not sample keeps its latest personal adapter as this round's too,
+        so that every kept round holds every client's (and pruning old rounds loses none)."""
+        files = []
+        for state in self.states.values():
+            if self.aggregator.personalized and (adapter := state.personal(round_)) is not None:
+                folder = ClientState.personal_folder(state.root, round_)
+                if not folder.exists():
+                    state.keep(round_, adapter)
+                files += [p for p in folder.rglob("*") if p.is_file()]
+        return {client: state.buffer.digest() for client, state in self.states.items()}, files
 
     # --- a round ---------------------------------------------------------------------------------
 
@@ -107,11 +107,10 @@ class InProcessTransport:
         self.store.append(explore_record)
         updates, client_records = [], []
         for client in clients:
-            update, trained = learn(
+            update, _ = client_round(
                 self.policy,
-                client,
+                self.states[client],
                 explored[client],
-                self.buffer(client),
                 round_,
                 self.config.explore,
                 self.config.train,
@@ -119,8 +118,6 @@ class InProcessTransport:
                 seed=self.config.fed.seed,
                 progress=self.progress,
             )
-            if self.aggregator.personalized:  # the client's own state: it never reaches the server
-                self.personal[client] = trained
             updates.append(update)
             client_records.append(ClientRecord.from_metrics(round_, client, update.num_examples, update.metrics))
             self.store.append(client_records[-1])
@@ -140,7 +137,7 @@ class InProcessTransport:
         its evaluations and final adapter were equal.
         """
         for client in clients:  # the adapter each client starts from, in its own slot
-            self.policy.load(client, self.aggregator.client_start(received, self.personal.get(client)))
+            self.policy.load(client, self.aggregator.client_start(received, self.states[client].personal(round_ - 1)))
         if round_ < self.config.explore.first_round:
             return {client: [] for client in clients}, ExploreRecord(round_, clients, 0, 0, 0, 0, 0.0)
         requests = {
@@ -165,14 +162,18 @@ class InProcessTransport:
         )
         return out, record
 
-    def eval_adapters(self, received: Adapter) -> dict[str, str]:
-        """env -> name of the loaded adapter to evaluate it with (personalised rules: each client's own)."""
-        if not (self.aggregator.personalized and self.personal):
+    def eval_adapters(self, received: Adapter, round_: int) -> dict[str, str]:
+        """env -> name of the loaded adapter to evaluate it with after `round_` (personalised
+        rules: each client's own, once it has one)."""
+        if not self.aggregator.personalized:
+            return dict.fromkeys(self.config.fed.clients, GLOBAL)
+        personal = {client: state.personal(round_) for client, state in self.states.items()}
+        if not any(personal.values()):
             return dict.fromkeys(self.config.fed.clients, GLOBAL)
         adapters = {}
         for client, envs in self.client_envs.items():
             name = f"eval-{client}"
-            self.policy.load(name, self.aggregator.client_start(received, self.personal.get(client)))
+            self.policy.load(name, self.aggregator.client_start(received, personal[client]))
             adapters |= dict.fromkeys(envs, name)
         return adapters
 
@@ -180,7 +181,7 @@ class InProcessTransport:
         ev = self.config.eval
         return evaluate(
             self.policy,
-            self.eval_adapters(server.adapter),
+            self.eval_adapters(server.adapter, round_),
             round_,
             tasks=ev.tasks,
             max_new_tokens=ev.max_new_tokens,

@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from fedse.agent.lora import Adapter
+from fedse.agent.lora import Adapter, load_adapter, save_adapter
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling
 from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
 from fedse.evolve.agenttraj import read_agenttraj
-from fedse.evolve.buffer import ExperienceBuffer
+from fedse.evolve.buffer import BufferSection, ExperienceBuffer
 from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.filters import make_filter
 from fedse.evolve.sft import TrainSection, input_moments, train_adapter
+from fedse.files import write_folder
 from fedse.fl.aggregators import Aggregator
 from fedse.fl.update import Update
 from fedse.sections import Section
@@ -183,3 +185,91 @@ def learn(
     if inputs:
         metrics["inputs_seconds"] = inputs_seconds
     return Update(client, aggregator.upload(trained.tensors), len(data), metrics, inputs), trained
+
+
+class ClientState:
+    """One client's private state, in one folder on the client's side of the boundary:
+
+        <root>/buffer.jsonl           its experience buffer
+        <root>/personal/round_NNN/    the adapter it kept after round NNN (personalized rules, PEFT format)
+
+    The embedded runtime keeps it in the run folder's clients/<client>/, a Flower node in its own
+    folder: one layout and one set of rules for both. The buffer is seeded once with the expert
+    demonstrations (`seed`) and cut back to the last completed round when a round is played again
+    (`rewind`); a personal adapter is written atomically (`keep`), and a round reads back the
+    latest kept at or before it (`personal`)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        client: str,
+        envs: list[str],
+        buffer: BufferSection,
+        part: int = 0,
+        parts: int = 1,
+        base_model: str | None = None,
+    ) -> None:
+        self.root, self.client, self.envs = Path(root), client, envs
+        self.part, self.parts, self.section, self.base_model = part, parts, buffer, base_model
+        self._buffer: ExperienceBuffer | None = None
+
+    @property
+    def buffer(self) -> ExperienceBuffer:
+        """The buffer, read from disk once per process."""
+        if self._buffer is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._buffer = ExperienceBuffer(self.root / "buffer.jsonl", self.section)
+        return self._buffer
+
+    def seed(self) -> None:
+        """Start an empty buffer with the client's expert demonstrations (round 0)."""
+        if not self.buffer.stored:
+            seeds = expert_seeds(
+                self.client, self.envs, self.section.expert_seeds, self.part, self.parts, self.section.seed_file
+            )
+            self.buffer.add(seeds, 0)
+
+    def rewind(self, last_round: int) -> None:
+        """Forget what rounds after `last_round` added (an earlier attempt at the next round)."""
+        self.buffer.truncate(last_round)
+
+    @staticmethod
+    def personal_folder(root: str | Path, round_: int) -> Path:
+        return Path(root) / "personal" / f"round_{round_:03d}"
+
+    def kept_rounds(self) -> list[int]:
+        folders = (self.root / "personal").glob("round_[0-9][0-9][0-9]")
+        return sorted(int(p.name[6:]) for p in folders if p.is_dir())
+
+    def personal(self, round_: int) -> Adapter | None:
+        """The adapter this client kept after round `round_`, or the latest before it (None: none)."""
+        rounds = [r for r in self.kept_rounds() if r <= round_]
+        return load_adapter(self.personal_folder(self.root, rounds[-1])) if rounds else None
+
+    def keep(self, round_: int, adapter: Adapter) -> Path:
+        """Write `adapter` as the one this client kept after round `round_`; returns its folder."""
+        folder = self.personal_folder(self.root, round_)
+        write_folder(folder, lambda tmp: save_adapter(adapter, tmp, base_model=self.base_model))
+        return folder
+
+
+def client_round(
+    policy: Policy,
+    state: ClientState,
+    explored: list[Trajectory],
+    round_: int,
+    explore: ExploreSection,
+    train: TrainSection,
+    aggregator: Aggregator,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Update, Adapter]:
+    """A client's round after its exploration, in either runtime: `learn` on its buffer, and the
+    trained adapter kept in its own folder when the rule is personalized. The adapter slot is the
+    client's name; it holds the adapter the client started the round from."""
+    update, trained = learn(
+        policy, state.client, explored, state.buffer, round_, explore, train, aggregator, seed=seed, progress=progress
+    )
+    if aggregator.personalized:  # the client's own state: it never reaches the server
+        state.keep(round_, trained)
+    return update, trained

@@ -1,9 +1,10 @@
 """A client of a Flower federation: its round, on its own machine, with its own data.
 
-`NodeClient` does for one client what `fedse.experiments.federation.Federation` does for each of its
-clients, with the same functions (`client_requests`, `rollout`, `learn`, `evaluate`): the
+`NodeClient` does for one client what the embedded runtime (`fedse.experiments.transport`) does for each of its
+clients, with the same functions (`client_requests`, `rollout`, `client_round`, `evaluate`): the
 round's episodes, the success filter, the buffer, local SFT and the update. Everything it keeps
-(buffer, personal adapter) lives under its node directory, `<data-dir>/<run token>/<client>/`;
+(buffer, personal adapters: `fedse.fl.client.ClientState`, the layout an embedded run's client
+folders have too) lives under its node directory, `<data-dir>/<run token>/<client>/`;
 nothing but the update's tensors and scalar metrics leaves it.
 
 The base model is the expensive part: `cached_policy` loads it once per process and keeps it
@@ -14,13 +15,12 @@ next one, and a restarted node continues where its files are.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flwr.app import MetricRecord, RecordDict
 
-from fedse.agent.lora import Adapter, load_adapter, save_adapter
+from fedse.agent.lora import Adapter
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats, on_backends, rollout
@@ -28,7 +28,7 @@ from fedse.evolve.buffer import ExperienceBuffer
 from fedse.experiments.config import RunConfig, validate_config
 from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import EvalRecord
-from fedse.fl.client import client_requests, expert_seeds, learn
+from fedse.fl.client import ClientState, client_requests, client_round
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_tensors, tensors_record
 
@@ -60,52 +60,28 @@ class NodeClient:
         self.config, self.client = config, client
         self.envs, (self.part, self.parts) = client_envs[client], partition[client]
         self.directory = Path(directory)
+        self.state = ClientState(
+            self.directory, client, self.envs, config.buffer, self.part, self.parts, config.model.name
+        )
+        """The client's buffer and personal adapters, in its node folder."""
         self.aggregator = config.fed.build_aggregator()
         self.policy = policy or cached_policy(config)
         self.spec = config.lora_spec()
 
-    # --- state on disk -----------------------------------------------------------------------
+    # --- state on disk ---------------------------------------------------------------------------
 
     def buffer(self, round_: int) -> ExperienceBuffer:
         """The buffer as it stood after round `round_ - 1`, seeded with the experts on first use:
         what an earlier attempt at `round_` (a crash, a resumed server) left is dropped."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        buffer = ExperienceBuffer(self.directory / "buffer.jsonl", self.config.buffer)
-        if buffer.path.exists():
-            buffer.truncate(round_ - 1)
-        if not buffer.stored:
-            buffer.add(
-                expert_seeds(
-                    self.client,
-                    self.envs,
-                    self.config.buffer.expert_seeds,
-                    self.part,
-                    self.parts,
-                    self.config.buffer.seed_file,
-                ),
-                0,
-            )
-        return buffer
-
-    def personal(self, round_: int) -> Adapter | None:
-        """The adapter this client kept after round `round_` or the latest before it (personalized rules)."""
-        rounds = sorted(int(p.name[6:]) for p in self.directory.glob("round_[0-9][0-9][0-9]") if p.is_dir())
-        rounds = [r for r in rounds if r <= round_]
-        return load_adapter(self.directory / f"round_{rounds[-1]:03d}") if rounds else None
-
-    def _keep_personal(self, round_: int, adapter: Adapter) -> None:
-        final = self.directory / f"round_{round_:03d}"
-        partial = self.directory / f".round_{round_:03d}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        save_adapter(adapter, partial, base_model=self.config.model.name)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        self.state.rewind(round_ - 1)
+        self.state.seed()
+        return self.state.buffer
 
     # --- the round ---------------------------------------------------------------------------
 
     def start_adapter(self, round_: int, received: Adapter, slot: str) -> None:
         """Load the adapter this client works with in `round_` into `slot` (Federation.explore's rule)."""
-        self.policy.load(slot, self.aggregator.client_start(received, self.personal(round_)))
+        self.policy.load(slot, self.aggregator.client_start(received, self.state.personal(round_)))
 
     def set_base(self, base_delta: dict) -> None:
         """The server's cumulative ΔW folded into the base (mutating rules), float32 as it keeps it."""
@@ -125,19 +101,17 @@ class NodeClient:
             )
             requests = on_backends(requests, self.config.env)
             explored = rollout(self.policy, requests, max_batch=self.config.explore.max_batch, stats=stats)
-        update, trained = learn(
+        self.buffer(round_)
+        update, _ = client_round(
             self.policy,
-            self.client,
+            self.state,
             explored,
-            self.buffer(round_),
             round_,
             self.config.explore,
             self.config.train,
             self.aggregator,
             seed=self.config.fed.seed,
         )
-        if self.aggregator.personalized:
-            self._keep_personal(round_, trained)
         return TrainResult(update, stats)
 
     def evaluate(self, round_: int, received: Adapter, base_delta: dict, envs: list[str]) -> list[EvalRecord]:

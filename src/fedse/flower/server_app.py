@@ -24,7 +24,6 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedse.agent.lora import Adapter
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats
 from fedse.errors import UserError
@@ -64,11 +63,9 @@ class FlowerTransport:
         self.token = json.loads(path.read_text())["token"]
         self.discover(self.options.wait_for_nodes)
 
-    def restore(self, personal: dict[str, Adapter]) -> None:
-        """Nothing to take back: each node reads its personal adapters from its own folder."""
-
-    def kept(self) -> tuple[dict[str, str], dict[str, Adapter]]:
-        return {}, {}
+    def kept(self, round_: int) -> tuple[dict[str, str], list[Path]]:
+        """Nothing: the nodes keep their clients' state, out of the server's sight."""
+        return {}, []
 
     # --- messages -------------------------------------------------------------------------------
 
