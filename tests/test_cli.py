@@ -143,3 +143,27 @@ def test_run_says_and_records_the_machine_and_dtype_it_ran_in(tmp_path, capsys):
     sitting = json.loads(lines[0])
     assert sitting["dtype"] == "float32" and sitting["resumed"] is False and sitting["cpu"]
     assert sitting["threads"] == torch.get_num_threads()
+
+
+def test_run_and_flower_name_and_resume_a_run_folder_the_same_way(tmp_path, capsys):
+    from fedse.cli import build_parser
+    from helpers import TINY
+
+    sets = [f"--set={s}" for s in [*TINY, "fed.rounds=1", "fed.clients=['maze']"]]
+    folder = tmp_path / "mine"
+    assert main(["run", "--run-dir", str(folder), *sets]) == 0
+    more = [*sets[:-2], "--set=fed.rounds=2", "--set=fed.clients=['maze']", "--change-config"]
+    assert main(["run", "--run-dir", str(folder), "--resume", *more]) == 0  # the flag, with --run-dir
+    assert (
+        main(["run", "--resume", str(folder), "--set=fed.rounds=3", "--change-config"]) == 0
+    )  # the folder as its value
+    sittings = [json.loads(line)["resumed"] for line in (folder / "machine.jsonl").read_text().splitlines()]
+    assert sittings == [False, True, True]
+    assert main(["run", "--resume", str(folder), "--run-dir", str(tmp_path / "other")]) == 2
+    assert "name two folders" in capsys.readouterr().err
+    parser = build_parser()
+    flower_run = ["flower", "run", "a.toml", "--superlink", "h:9093"]
+    for argv in (["run"], ["flower", "sim", "a.toml"], ["flower", "local", "a.toml"], flower_run):
+        args = parser.parse_args([*argv, "--resume", "runs/x"])
+        assert args.resume == "runs/x" and args.run_dir is None and args.runs_dir == "runs"
+        assert parser.parse_args([*argv, "--run-dir", "d", "--resume"]).resume is True

@@ -5,7 +5,15 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedse"
 LAYERS = ["envs", "agent", "evolve", "fl", "experiments", "flower", "cli"]  # each may import only those before it
-LEAVES = {"files", "seeds", "progress", "process", "sections", "errors"}  # import nothing of fedse's but errors
+LEAVES = {
+    "files",
+    "seeds",
+    "progress",
+    "process",
+    "sections",
+    "errors",
+    "run_options",
+}  # import nothing of fedse's but errors
 
 
 def imports(path: Path) -> list[str]:

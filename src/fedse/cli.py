@@ -13,6 +13,7 @@ from fedse.envs import list_envs, make_env, replay
 from fedse.errors import UserError
 from fedse.flower.cli import add_flower_parser
 from fedse.process import set_up_process
+from fedse.run_options import add_run_folder_options, chosen_run_folder
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
@@ -117,24 +118,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedse.experiments.store import machine_record
 
     _quiet_libraries()
-    if args.resume:
-        root = Path(args.resume)
+    named = None if isinstance(args.resume, str) and not args.config else load_config(args.config, args.set)
+    if named is not None and args.name is not None:
+        named = named.model_copy(update={"name": check_run_name(args.name)})
+    root, resume = chosen_run_folder(args, named.name if named is not None else "")
+    if resume:
         config = _run_config(root)
         if args.config or args.set:  # checked against the run's own when it resumes (--change-config)
             changed = load_config(args.config, args.set, base=None if args.config else config.model_dump())
             config = changed.model_copy(update={"name": config.name})
     else:
-        config = load_config(args.config, args.set)
-        if args.name is not None:
-            config = config.model_copy(update={"name": check_run_name(args.name)})
-        root = Path(args.runs_dir) / config.name
+        config = named
     print(
         f"run {config.name}: {len(config.fed.clients)} clients ({', '.join(config.fed.clients)}), "
         f"{config.fed.rounds} rounds, aggregator {config.fed.aggregator}, model {config.model.name} -> {root}"
     )
     start = time.perf_counter()
     federation = Federation(config, root, progress=True)
-    sitting = machine_record(federation.policy.dtype, bool(args.resume))
+    sitting = machine_record(federation.policy.dtype, resume)
     auto_fp32 = config.base_dtype() == "auto" and sitting["dtype"] == "float32"
     slower = " (bf16 measured slower here; the README's demo times are bf16's, expect 1.5-4x)"
     print(
@@ -142,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{slower if auto_fp32 and config.model.name != TINY else ''}; `fedse info` says why"
     )
     federation.run(
-        resume=bool(args.resume),
+        resume=resume,
         force=args.force,
         change_config=args.change_config,
         echo=lambda records: print(round_summary(records, config.fed.rounds, config.fed.aggregator)),
@@ -270,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="TOML file (e.g. configs/demo.toml); defaults apply without one")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. fed.rounds=3")
     run.add_argument("--name", help="run name (default: the config's)")
-    run.add_argument("--runs-dir", default="runs")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed round")
+    add_run_folder_options(run)
     run.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     run.add_argument(
         "--change-config",

@@ -1,4 +1,7 @@
-"""One progress-bar helper for rollouts and training (tqdm), or nothing when no label is given."""
+"""One progress-bar helper for rollouts and training (tqdm), or nothing when no label is given.
+
+The rule for `progress` arguments: a function that draws a bar takes its label (None: no bar); a
+runtime (`Federation`, its transport) takes a bool, whether to show bars, and names them."""
 
 from __future__ import annotations
 

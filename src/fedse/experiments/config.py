@@ -157,6 +157,8 @@ class EvalSection(Section):
     tasks: int | None = Field(None, ge=1)
     """Test tasks per environment, spread evenly over the AgentEval test split (None: all of it)."""
     max_new_tokens: int = Field(96, ge=1)
+    max_batch: int | None = Field(None, ge=1)
+    """Test episodes played at once (None: explore.max_batch, the same memory budget)."""
     every: int = Field(1, ge=1)
     """Evaluate after every N-th round; round 0 (unless `first` is false) and the last round always."""
     first: bool = True
@@ -221,6 +223,10 @@ class RunConfig(Section):
         deltas into the base (a bf16 base would round them away)."""
         dtype = self.model.dtype
         return "float32" if dtype == "auto" and AGGREGATORS[self.fed.aggregator].mutates_base else dtype
+
+    def eval_batch(self) -> int:
+        """How many test episodes an evaluation plays at once (`eval.max_batch`)."""
+        return self.eval.max_batch or self.explore.max_batch
 
     def lora_spec(self) -> LoraSpec:
         targets = self.model.target_modules

@@ -116,7 +116,7 @@ class InProcessTransport:
                 self.config.train,
                 self.aggregator,
                 seed=self.config.fed.seed,
-                progress=self.progress,
+                progress=f"{client}: train" if self.progress else None,
             )
             updates.append(update)
             client_records.append(ClientRecord.from_metrics(round_, client, update.num_examples, update.metrics))
@@ -185,7 +185,7 @@ class InProcessTransport:
             round_,
             tasks=ev.tasks,
             max_new_tokens=ev.max_new_tokens,
-            max_batch=self.config.explore.max_batch,
+            max_batch=self.config.eval_batch(),
             progress=f"eval round {round_}" if self.progress else None,
             backends=self.config.env,
         )

@@ -145,7 +145,7 @@ def learn(
     train: TrainSection,
     aggregator: Aggregator,
     seed: int = 0,
-    progress: bool = False,
+    progress: str | None = None,
 ) -> tuple[Update, Adapter]:
     """Filter the explored episodes, grow the buffer, train adapter slot `client` on it (Algorithm 1,
     lines 4-6); returns the update for the server and the trained adapter. For a rule that reads
@@ -165,7 +165,7 @@ def learn(
         train,
         seed=derived_seed(seed, round_, client),
         factors=aggregator.trains,
-        progress=f"{client}: train" if progress else None,
+        progress=progress,
     )
     trained = policy.get(client)
     metrics = {
@@ -262,7 +262,7 @@ def client_round(
     train: TrainSection,
     aggregator: Aggregator,
     seed: int = 0,
-    progress: bool = False,
+    progress: str | None = None,
 ) -> tuple[Update, Adapter]:
     """A client's round after its exploration, in either runtime: `learn` on its buffer, and the
     trained adapter kept in its own folder when the rule is personalized. The adapter slot is the

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from fedse.run_options import add_run_folder_options, chosen_run_folder
+
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedse.flower.certificates import make_certificates
@@ -62,11 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedse.flower.options import FlowerOptions
 
     config = load_config(args.config, args.set)  # a bad config fails here, not on the SuperLink
-    run_dir = Path(args.run_dir or Path("runs") / config.name).resolve()
+    run_dir, resume = chosen_run_folder(args, config.name)
+    run_dir = run_dir.resolve()
     home = Path(args.flwr_home)
     write_connection(home, "fedse", args.superlink, Path(args.ca).resolve() if args.ca else None)
     options = FlowerOptions(
-        config=str(Path(args.config).resolve()), run_dir=str(run_dir), resume=args.resume, force=args.force,
+        config=str(Path(args.config).resolve()), run_dir=str(run_dir), resume=resume, force=args.force,
         overrides=" ".join(args.set), min_clients=args.min_clients, round_timeout=args.round_timeout,
     )  # fmt: skip
     command = flwr_run_command("fedse", options.run_config())
@@ -79,10 +82,10 @@ def cmd_local(args: argparse.Namespace) -> int:
     from fedse.flower.local import run_local
 
     config = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or Path("runs") / f"{config.name}-flower")
+    run_dir, resume = chosen_run_folder(args, f"{config.name}-flower")
     done = run_local(
         args.config, run_dir, args.work_dir or run_dir.with_name(run_dir.name + "-deploy"), args.set,
-        tls=args.tls, node_auth=args.node_auth, resume=args.resume,
+        tls=args.tls, node_auth=args.node_auth, resume=resume,
     )  # fmt: skip
     sys.stdout.write(done.run.stdout)
     sys.stderr.write(done.run.stderr[-5000:])
@@ -102,10 +105,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from fedse.flower.server_app import make_server_app
 
     config = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or Path("runs") / f"{config.name}-flower-sim").resolve()
+    run_dir, resume = chosen_run_folder(args, f"{config.name}-flower-sim")
+    run_dir = run_dir.resolve()
     options = FlowerOptions(
         config=str(Path(args.config).resolve()) if args.config else "",
-        run_dir=str(run_dir), resume=args.resume, force=args.force, overrides=" ".join(args.set),
+        run_dir=str(run_dir), resume=resume, force=args.force, overrides=" ".join(args.set),
     )  # fmt: skip
     run_simulation(
         server_app=make_server_app(options),
@@ -124,8 +128,7 @@ def add_flower_parser(sub) -> None:
     def run_options(p, local: bool = False) -> None:
         p.add_argument("config", help="the fedse TOML (as for fedse run)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        p.add_argument("--run-dir", help="the run folder (default: runs/<name>...)")
-        p.add_argument("--resume", action="store_true", help="continue the run folder after its last completed round")
+        add_run_folder_options(p, "<runs-dir>/<the config's name>, -flower-sim for sim, -flower for local")
         if not local:
             p.add_argument("--force", action="store_true", help="replace an existing run folder")
 

@@ -129,7 +129,7 @@ class NodeClient:
             round_,
             tasks=ev.tasks,
             max_new_tokens=ev.max_new_tokens,
-            max_batch=self.config.explore.max_batch,
+            max_batch=self.config.eval_batch(),
             backends=self.config.env,
         )
 
