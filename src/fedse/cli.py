@@ -230,6 +230,7 @@ def cmd_serve_env(args: argparse.Namespace) -> int:
 def cmd_traj(args: argparse.Namespace) -> int:
     from fedse.evolve.agenttraj import read_agenttraj, write_agenttraj
     from fedse.evolve.buffer import ExperienceBuffer
+    from fedse.experiments.store import RunStore
 
     if args.action == "check":
         for path in args.paths:
@@ -238,7 +239,7 @@ def cmd_traj(args: argparse.Namespace) -> int:
         return 0
     if len(args.paths) != 1 or not args.out:
         raise UserError("traj export takes one run folder and --out FILE.json")
-    buffers = sorted((Path(args.paths[0]) / "clients").glob("*/buffer.jsonl"))
+    buffers = RunStore(args.paths[0]).buffers()
     if not buffers:
         raise UserError(f"{args.paths[0]}: no client buffers (clients/*/buffer.jsonl); is it a fedse run folder?")
     kept = [t for path in buffers for _, t in ExperienceBuffer(path).entries if t.success or args.all]

@@ -37,8 +37,8 @@ def return_large_buffers_to_the_os() -> None:
 
     A rollout allocates attention buffers whose sizes drift from pass to pass. With glibc's
     adaptive threshold those come from the heap, each a little larger than the freed one
-    before it, and the heap fragments: a 30-episode evaluation at 4k tokens reached 12 GB of
-    resident memory (24 GB, killed, in a later round) against 4.9 GB with a fixed threshold.
+    before it, and the heap fragments: a long evaluation's resident memory grows round after
+    round until the process is killed (results/measurements.md has the figures).
     A library user driving long rollouts from their own program should call this once too.
     """
     libc = _glibc()

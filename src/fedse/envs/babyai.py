@@ -106,7 +106,7 @@ class BabyAIEnv(TextEnv):
         self.view = None
         """The current `fedse.envs.babyai_text.View`: description, actions and their primitives."""
 
-    def _reset(self, task_id: int) -> str:
+    def start_task(self, task_id: int) -> str:
         level, seed = level_and_seed(task_id)
         # A fresh minigrid env per episode, as AgentGym makes one: a reused env can sample a
         # different mission for the same seed (SynthLoc keeps state across resets).

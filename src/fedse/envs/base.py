@@ -44,7 +44,7 @@ class TextEnv(ABC):
     """Base class: task-id checks, call-order checks and splits; subclasses do the game.
 
     Subclasses set `name`, `instruction`, `max_turns` and `num_tasks` and implement
-    `_reset`, `parse_action`, `act` and `expert`. A step is split where AgentGym splits
+    `start_task`, `parse_action`, `act` and `expert`. A step is split where AgentGym splits
     it: `parse_action` is the client's half (model text -> action string, or None for a
     reply the client rejects without calling the server) and `act` the server's half
     (action string -> what happened), so the same game runs in process, behind
@@ -87,7 +87,7 @@ class TextEnv(ABC):
         """Start task `task_id` and return its first observation."""
         self.check_task_id(task_id)
         self.task_id, self.done, self.turns = task_id, False, 0
-        return self._reset(task_id)
+        return self.start_task(task_id)
 
     def step(self, model_output: str) -> StepResult:
         """Parse the raw model output, apply its action, return what happened."""
@@ -115,7 +115,8 @@ class TextEnv(ABC):
         return result
 
     @abstractmethod
-    def _reset(self, task_id: int) -> str: ...
+    def start_task(self, task_id: int) -> str:
+        """Set up task `task_id` (already checked by `reset`) and return its first observation."""
 
     @abstractmethod
     def parse_action(self, model_output: str) -> str | None:

@@ -99,7 +99,7 @@ class MazeEnv(TextEnv):
     max_turns = 15
     num_tasks = len(START_CELLS)
 
-    def _reset(self, task_id: int) -> str:
+    def start_task(self, task_id: int) -> str:
         self.position = START_CELLS[task_id]
         self.env_steps = 0
         return describe(self.position)

@@ -106,7 +106,7 @@ class RemoteEnv(TextEnv):
 
     # --- the protocol -------------------------------------------------------------------
 
-    def _reset(self, task_id: int) -> str:
+    def start_task(self, task_id: int) -> str:
         d = self.dialect
         if self.env_id is None:
             reply = self._call("POST", "/create", d.create_body, idempotent=True)

@@ -77,7 +77,7 @@ class TextCraftEnv(TextEnv):
 
     # --- episode -------------------------------------------------------------------
 
-    def _reset(self, task_id: int) -> str:
+    def start_task(self, task_id: int) -> str:
         self.goal = self.goal_of(task_id)
         self.inventory: dict[str, int] = {}
         self.commands = self.command_list(self.goal)

@@ -60,7 +60,7 @@ class WordleEnv(TextEnv):
     max_turns = 8
     num_tasks = None
 
-    def _reset(self, task_id: int) -> str:
+    def start_task(self, task_id: int) -> str:
         self.rng = random.Random(task_id)
         self.history: list[tuple[str, str]] = []
         self.guesses = 0

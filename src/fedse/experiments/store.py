@@ -122,7 +122,11 @@ class RunStore:
         return self.root / "clients" / client
 
     def buffer(self, client: str) -> Path:
-        return self.client(client) / "buffer.jsonl"
+        return ClientState.buffer_file(self.client(client))
+
+    def buffers(self) -> list[Path]:
+        """Every client buffer the run folder holds."""
+        return sorted(p for c in (self.root / "clients").glob("*") if (p := ClientState.buffer_file(c)).exists())
 
     def checkpoint(self, round_: int) -> Path:
         return self.root / "checkpoints" / f"round_{round_:03d}"

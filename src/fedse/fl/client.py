@@ -218,7 +218,7 @@ class ClientState:
         """The buffer, read from disk once per process."""
         if self._buffer is None:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._buffer = ExperienceBuffer(self.root / "buffer.jsonl", self.section)
+            self._buffer = ExperienceBuffer(self.buffer_file(self.root), self.section)
         return self._buffer
 
     def seed(self) -> None:
@@ -232,6 +232,10 @@ class ClientState:
     def rewind(self, last_round: int) -> None:
         """Forget what rounds after `last_round` added (an earlier attempt at the next round)."""
         self.buffer.truncate(last_round)
+
+    @staticmethod
+    def buffer_file(root: str | Path) -> Path:
+        return Path(root) / "buffer.jsonl"
 
     @staticmethod
     def personal_folder(root: str | Path, round_: int) -> Path:

@@ -20,7 +20,8 @@ from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
 # torch is imported where tensors are made: the ClientApp process that only forwards a message to
-# the node's worker (fedse.flower.worker) starts ~2 s sooner without it, on every message.
+# the node's worker (fedse.flower.worker) starts sooner without it, on every message
+# (results/measurements.md).
 
 
 def tensors_record(tensors: dict) -> ArrayRecord:

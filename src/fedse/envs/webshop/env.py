@@ -188,7 +188,7 @@ class WebShopEnv(TextEnv):
 
     # --- protocol ---------------------------------------------------------------------------
 
-    def _reset(self, task_id: int) -> str:
+    def start_task(self, task_id: int) -> str:
         self.goal = self.shop.goals[task_id]
         self.page = Page()
         return self.observation()
