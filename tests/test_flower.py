@@ -104,8 +104,14 @@ def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
         tiny_config(f"fed.aggregator='{aggregator}'"), tmp_path / "emb", Policy(load_base("tiny-random"))
     )
     embedded.run()
-    flower = flower_run(tmp_path, LoopbackGrid(nodes()), f"fed.aggregator='{aggregator}'")
+    grid = LoopbackGrid(nodes())
+    flower = flower_run(tmp_path, grid, f"fed.aggregator='{aggregator}'")
     assert flower.global_adapter.hash == embedded.global_adapter.hash
+    carried = {name for m in grid.sent if m.metadata.message_type == "train" for name in m.content}
+    if aggregator in ("subspace", "regmean"):  # low-rank results: factors travel, never a dense matrix
+        assert "folded" in carried and "base" not in carried
+    elif aggregator == "fedex":
+        assert "base" in carried and "folded" not in carried
     assert records(flower.store.root) == records(embedded.store.root)
     assert not (flower.store.root / "clients").exists()  # buffers and personal adapters stay on the nodes
     assert (
@@ -150,15 +156,20 @@ def test_a_node_that_leaves_mid_round_is_recorded_and_rejoins_the_next(tmp_path)
     assert [r["client"] for r in log if r["event"] == "client" and r["round"] == 1] == ["maze"]
 
 
-def test_too_few_replies_stop_the_run_and_a_resume_finishes_it_like_an_uninterrupted_one(tmp_path):
-    uninterrupted = flower_run(tmp_path, LoopbackGrid(nodes()), name="whole")
+@pytest.mark.parametrize("aggregator", ["fedse", "subspace"])  # subspace: its factor history resumes too
+def test_too_few_replies_stop_the_run_and_a_resume_finishes_it_like_an_uninterrupted_one(tmp_path, aggregator):
+    rule = f"fed.aggregator='{aggregator}'"
+    uninterrupted = flower_run(tmp_path, LoopbackGrid(nodes()), rule, name="whole")
     grid = LoopbackGrid(nodes())
     grid.leave[("2", "train")] = 1
     with pytest.raises(UserError, match="1 of 2 clients replied"):
-        flower_run(tmp_path, grid, name="cut", min_clients=2)
+        flower_run(tmp_path, grid, rule, name="cut", min_clients=2)
     cut = tmp_path / "cut"
     assert json.loads((cut / "state.json").read_text())["round"] == 1
-    resumed = flower_run(tmp_path, LoopbackGrid(nodes()), name="cut", resume=True, min_clients=2)
+    again = LoopbackGrid(nodes())
+    resumed = flower_run(tmp_path, again, rule, name="cut", resume=True, min_clients=2)
+    if aggregator == "subspace":
+        assert all("folded" in m.content for m in again.sent if m.metadata.message_type == "train")
     assert resumed.global_adapter.hash == uninterrupted.global_adapter.hash
     assert records(cut) == records(uninterrupted.store.root)
 

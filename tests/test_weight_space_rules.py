@@ -8,8 +8,9 @@ import torch
 
 from fedse.agent.lora import A_SUFFIX, B_SUFFIX, Adapter, LoraSpec, load_adapter, save_adapter
 from fedse.fl.aggregators import SubspaceMerge, WeightSum, core_space, make_aggregator, subspace_merge
-from fedse.fl.server import aggregate_round
+from fedse.fl.server import ServerState, aggregate_round, fold, folded_tensors, tensors_folded
 from fedse.fl.update import Update
+from helpers import random_factors, updates_for
 
 SPEC = LoraSpec(rank=2, alpha=2)  # s = 1: ΔW_k = B_k A_k
 MODULE = "base_model.model.model.layers.0.mlp.up_proj"
@@ -205,3 +206,22 @@ def test_declared_properties_of_the_weight_space_rules(name):
 def test_a_client_that_did_not_move_changes_nothing():
     torch.testing.assert_close(merged(SubspaceMerge(), [[(2.0, 0, 0)], []]), dense([(2.0, 0, 0)]), atol=1e-6, rtol=0)
     assert merged(SubspaceMerge(), [[], []]).abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["sum", "subspace", "regmean"])
+def test_every_rounds_factors_fold_to_the_servers_dense_total_bit_for_bit(name):
+
+    current = random_factors(0)
+    state = ServerState(current)
+    for round_ in range(3):
+        updates = updates_for(name, state.adapter)
+        for u in updates:  # a different update each round
+            u.tensors.update({k: v * (1 + round_) for k, v in u.tensors.items()})
+        state.apply(aggregate_round(make_aggregator(name), state.adapter, updates, state.aggregator))
+    assert len(state.folded) == 3
+    rebuilt = fold(tensors_folded(folded_tensors(state.folded)))  # through the wire's naming too
+    assert rebuilt.keys() == state.base_delta.keys()
+    assert all(torch.equal(rebuilt[m], state.base_delta[m]) for m in rebuilt)
+    fedex = ServerState(current)
+    fedex.apply(aggregate_round(make_aggregator("fedex"), current, updates_for("fedex", current), {}))
+    assert fedex.folded is None and fedex.base_delta  # a dense-only rule: the total travels densely

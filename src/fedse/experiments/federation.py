@@ -111,6 +111,7 @@ class Federation:
             {m: d.float() for m, d in checkpoint.base_delta.items()},
             checkpoint.aggregator_state,
             checkpoint.server_state,
+            checkpoint.folded,
         )
         self.policy.load(GLOBAL, self.global_adapter)
         if self.base_delta:
@@ -229,7 +230,7 @@ class Federation:
     def _checkpoint(self, round_: int) -> None:
         server = self.server
         buffers, client_files = self.transport.kept(round_)
-        checkpoint = Checkpoint(server.adapter, server.base_delta, server.aggregator, server.optimizer)
+        checkpoint = Checkpoint(server.adapter, server.base_delta, server.aggregator, server.optimizer, server.folded)
         self.store.save_checkpoint(
             round_,
             checkpoint,

@@ -48,6 +48,7 @@ from fedse.files import (
     write_lines,
 )
 from fedse.fl.client import ClientState
+from fedse.fl.server import folded_tensors, tensors_folded
 
 GLOBAL = "global"
 DIGEST = re.compile(r"(\d+:)?[0-9a-f]+")
@@ -83,6 +84,8 @@ class Checkpoint:
     aggregator_state: dict = field(default_factory=dict)
     server_state: dict[str, torch.Tensor] = field(default_factory=dict)
     """The server optimiser's moments (fed.server_optimizer momentum / adam)."""
+    folded: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = field(default_factory=list)
+    """Every round's folded delta as factors (`fedse.fl.server.ServerState.folded`)."""
 
 
 def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
@@ -288,6 +291,8 @@ class RunStore:
                     {k: v.contiguous() for k, v in checkpoint.server_state.items()},
                     str(tmp / "server_state.safetensors"),
                 )
+            if checkpoint.folded:
+                save_file(folded_tensors(checkpoint.folded), str(tmp / "folded.safetensors"))
             (tmp / "aggregator.json").write_text(json.dumps(checkpoint.aggregator_state))
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -348,12 +353,19 @@ class RunStore:
                 f"{self.root} has no checkpoint for round {round_}; completed rounds: {self.completed_rounds() or 'none'}"
             )
         delta_file, server_file = ckpt / "base_delta.safetensors", ckpt / "server_state.safetensors"
+        folded_file = ckpt / "folded.safetensors"
         try:
+            base_delta = load_file(str(delta_file)) if delta_file.exists() else {}
+            # no file: nothing folded yet, or a rule (or an older fedse) that kept the total only densely
+            folded = None if base_delta else []
+            if folded_file.exists():
+                folded = tensors_folded(load_file(str(folded_file)))
             checkpoint = Checkpoint(
                 global_adapter=load_adapter(ckpt / GLOBAL),
-                base_delta=load_file(str(delta_file)) if delta_file.exists() else {},
+                base_delta=base_delta,
                 aggregator_state=json.loads((ckpt / "aggregator.json").read_text()),
                 server_state=load_file(str(server_file)) if server_file.exists() else {},
+                folded=folded,
             )
         except (OSError, ValueError, SafetensorError) as error:
             raise UserError(

@@ -50,6 +50,9 @@ class Aggregation:
     state: dict = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     """Figures the rule measured this round (recorded with the round's diagnostics as `merge`)."""
+    folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """The same base delta as factors, module -> (U, V) with base_delta = `densify` of them, for
+    the rules whose result is low-rank: what a client needs instead of the dense matrices."""
 
 
 class Aggregator:
@@ -284,8 +287,9 @@ class CoordinateMedian(TrimmedMean):
 # adapter (B = 0, A drawn from a seed every client knows), as FLoRA does: clients keep training at
 # rank r. The round's result is factors, U (out x R) and V (in x R) per layer, computed without any
 # dense d_out x d_in matrix; `bytes_down` counts them, what a client needs to fold the round into
-# its own copy of the base. The runtimes then hold the folded total densely, as for FLoRA (the
-# embedded one in memory and in checkpoints; Flower sends that total to its nodes).
+# its own copy of the base. The embedded runtime holds the folded total densely, as for FLoRA (in
+# memory and in checkpoints); on Flower the nodes receive every round's factors (`Aggregation.folded`)
+# and fold them themselves (`fedse.fl.server.fold`), never a dense matrix.
 
 
 def update_factors(current: Adapter, update: Update, module: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,8 +355,9 @@ class WeightSum(Aggregator):
 
     def aggregate(self, current, updates, state):
         round_ = state.get("round", 0) + 1
-        base_delta = densify(self.merged_factors(current, updates))
-        return Aggregation(fresh_adapter(current, seed=round_), base_delta, {**state, "round": round_})
+        factors = self.merged_factors(current, updates)
+        state = {**state, "round": round_}
+        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), state, folded=factors)
 
     def bytes_down(self, adapter, num_clients):
         return factor_bytes(adapter, adapter.spec.rank * max(num_clients, 1))
@@ -514,7 +519,8 @@ class SubspaceMerge(Aggregator):
     def aggregate(self, current, updates, state):
         round_ = state.get("round", 0) + 1
         factors, figures = self.merged_factors(current, updates)
-        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), {**state, "round": round_}, figures)
+        state = {**state, "round": round_}
+        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), state, figures, folded=factors)
 
     def as_adapter(self, like: Adapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Adapter:
         """The merged update as one PEFT adapter of rank R = the largest layer's (B = U, A = V^T,
@@ -649,7 +655,8 @@ class RegMeanMerge(Aggregator):
     def aggregate(self, current, updates, state):
         round_ = state.get("round", 0) + 1
         factors, figures = self.merged_factors(current, updates)
-        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), {**state, "round": round_}, figures)
+        state = {**state, "round": round_}
+        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), state, figures, folded=factors)
 
     def bytes_up(self, adapter):
         return super().bytes_up(adapter) + tensor_bytes(self.expected_inputs(adapter))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedse.agent.lora import Adapter, delta_weight, lora_modules
-from fedse.fl.aggregators import Aggregation, Aggregator
+from fedse.fl.aggregators import Aggregation, Aggregator, densify
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM, Bound, Update, bound_update, update_problems
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,38 @@ class ServerState:
     """The aggregator's own state (e.g. the folding rules' round counter)."""
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     """The server optimiser's moments (momentum / adam), float32."""
+    folded: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = field(default_factory=list)
+    """Every round's folded delta as factors, in order (`Aggregation.folded`): `fold` of it is
+    `base_delta`, bit for bit. None once a round folded a delta it had only densely (flora, fedex)."""
 
     def apply(self, result: RoundResult) -> dict[str, torch.Tensor]:
         """Take a round's result as the new state. Returns the cumulative base delta of every
         module the round changed (what a holder of the base model must now apply)."""
-        self.adapter, self.aggregator = result.aggregation.adapter, result.aggregation.state
+        aggregation = result.aggregation
+        self.adapter, self.aggregator = aggregation.adapter, aggregation.state
         self.optimizer = result.server_state
-        changed = {}
-        for module, d in result.aggregation.base_delta.items():
-            previous = self.base_delta.get(module, torch.zeros_like(d, dtype=torch.float32))
-            self.base_delta[module] = changed[module] = (previous.double() + d.double()).float()
-        return changed
+        if aggregation.base_delta and self.folded is not None:
+            self.folded = [*self.folded, aggregation.folded] if aggregation.folded else None
+        return accumulate(self.base_delta, aggregation.base_delta)
+
+
+def accumulate(total: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add a round's folded `delta` into the running `total` (in place): summed in float64, kept
+    in float32. Returns the new totals of the modules it changed."""
+    changed = {}
+    for module, d in delta.items():
+        previous = total.get(module, torch.zeros_like(d, dtype=torch.float32))
+        total[module] = changed[module] = (previous.double() + d.double()).float()
+    return changed
+
+
+def fold(history: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The cumulative base delta of every round's factors in `history`, exactly as the server
+    accumulated it (`ServerState.base_delta`)."""
+    total: dict[str, torch.Tensor] = {}
+    for factors in history:
+        accumulate(total, densify(factors))
+    return total
 
 
 @dataclass(frozen=True)
@@ -232,3 +253,22 @@ def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Up
     unit = norms.clamp_min(1e-30)
     out["update_cosine"] = (gram / unit[:, None] / unit[None, :]).tolist()
     return out
+
+
+def folded_tensors(history: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Rounds' factors as flat named tensors, "<index>:<module>:U" and ":V" (a checkpoint, a message)."""
+    return {
+        f"{i}:{m}:{side}": t.contiguous()
+        for i, factors in enumerate(history)
+        for m, (u, v) in factors.items()
+        for side, t in (("U", u), ("V", v))
+    }
+
+
+def tensors_folded(tensors: dict[str, torch.Tensor]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The inverse of `folded_tensors`."""
+    rounds: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for name, t in tensors.items():
+        index, module, side = name.split(":")
+        rounds.setdefault(int(index), {}).setdefault(module, {})[side] = t
+    return [{m: (f["U"], f["V"]) for m, f in rounds[i].items()} for i in sorted(rounds)]

@@ -29,6 +29,7 @@ from fedse.experiments.config import RunConfig, validate_config
 from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import EvalRecord
 from fedse.fl.client import ClientState, client_requests, client_round
+from fedse.fl.server import fold, tensors_folded
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_tensors, tensors_record
 
@@ -139,6 +140,8 @@ class NodeClient:
 
 def _received(client: NodeClient, content) -> tuple[Adapter, dict]:
     received = Adapter(client.spec, record_tensors(content["global"]))
+    if "folded" in content:  # every round's factors: the node folds them as the server did
+        return received, fold(tensors_folded(record_tensors(content["folded"])))
     return received, record_tensors(content["base"]) if "base" in content else {}
 
 

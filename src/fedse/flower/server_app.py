@@ -32,7 +32,7 @@ from fedse.experiments.federation import Federation
 from fedse.experiments.records import ClientRecord, EvalRecord, ExploreRecord, WireRecord
 from fedse.experiments.store import RunStore
 from fedse.files import atomic_write_json
-from fedse.fl.server import ServerState
+from fedse.fl.server import ServerState, folded_tensors
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_json, record_tensors, tensors_record, wire_bytes
 from fedse.flower.options import FlowerOptions
@@ -150,7 +150,9 @@ class FlowerTransport:
         self.discover(0.0)
         messages, dropped = {}, {}
         shared = {"global": tensors_record(server.adapter.tensors)}  # converted once, sent to every node
-        if server.base_delta:
+        if server.base_delta and server.folded:  # low-rank rules: every round's factors, folded on the node
+            shared["folded"] = tensors_record(folded_tensors(server.folded))
+        elif server.base_delta:
             shared["base"] = tensors_record(server.base_delta)
         for client, extra in targets.items():
             if client not in self.node_of:
