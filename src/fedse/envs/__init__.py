@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
+from functools import cache, partial
+from importlib.metadata import entry_points
 
 from fedse.envs.babyai import BabyAIEnv
 from fedse.envs.base import ACK, EnvError, StepResult, TextEnv, replay
@@ -19,17 +23,107 @@ from fedse.envs.textcraft import TextCraftEnv
 from fedse.envs.webshop import WebShopEnv
 from fedse.envs.wordle import WordleEnv
 
-_REGISTRY: dict[str, Callable[..., TextEnv]] = {
+ENTRY_POINTS = "fedse.envs"
+"""The entry-point group an installed package registers its environments in:
+`[project.entry-points."fedse.envs"] tickets = "acme_envs:TicketEnv"`."""
+
+_BUILT_IN: dict[str, Callable[..., TextEnv]] = {
     "maze": MazeEnv,
     "wordle": WordleEnv,
     "textcraft": TextCraftEnv,
     "babyai": BabyAIEnv,
     "webshop": WebShopEnv,
 }
+_REGISTERED: dict[str, Callable[..., TextEnv]] = {}
+"""Environments a run configuration named by class (`register_env`), for this process."""
+
+
+@cache
+def _installed() -> dict[str, object]:
+    """Name -> entry point, for every environment an installed package registers."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
 
 
 def list_envs() -> list[str]:
-    return list(_REGISTRY)
+    return list(dict.fromkeys([*_BUILT_IN, *_REGISTERED, *_installed()]))
+
+
+def env_class(name: str, path: str) -> type[TextEnv]:
+    """The class `path` ("package.module:ClassName") names for environment `name`, checked to be
+    a `TextEnv` with its `name`, `instruction`, `max_turns` and `num_tasks`; a mistake is one
+    EnvError line naming the environment and what to do."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise EnvError(f"environment {name!r}: class = {path!r} is not 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise EnvError(
+            f"environment {name!r}: cannot import {module_name!r} ({error}); is its package installed?"
+        ) from None
+    cls = module
+    for part in attribute.split("."):
+        cls = getattr(cls, part, None)
+        if cls is None:
+            raise EnvError(f"environment {name!r}: {module_name!r} has no {attribute!r}")
+    if not (inspect.isclass(cls) and issubclass(cls, TextEnv)):
+        raise EnvError(f"environment {name!r}: {path} is not a subclass of fedse.envs.TextEnv")
+    missing = [a for a in ("name", "instruction", "max_turns", "num_tasks") if not hasattr(cls, a)]
+    if missing:
+        raise EnvError(
+            f"environment {name!r}: {path} lacks the class attribute {missing[0]!r} (see fedse.envs.TextEnv)"
+        )
+    if inspect.isabstract(cls):
+        methods = ", ".join(sorted(cls.__abstractmethods__))
+        raise EnvError(f"environment {name!r}: {path} does not implement {methods}")
+    return cls
+
+
+def register_env(name: str, path: str, options: dict | None = None) -> None:
+    """Make `name` the environment class `path` names, built with `options`, in this process
+    (what a run configuration's `[env.<name>] class = ...` does). Checked by building one."""
+    if name in _BUILT_IN:
+        raise EnvError(f"environment {name!r} is built in; give yours another name")
+    factory = partial(env_class(name, path), **(options or {}))
+    check_env(name, factory)
+    _REGISTERED[name] = factory
+
+
+def check_env(name: str, factory: Callable[..., TextEnv]) -> TextEnv:
+    """Build one instance and check what fedse needs of it: its splits."""
+    try:
+        env = factory()
+    except TypeError as error:
+        raise EnvError(f"environment {name!r}: cannot build it with its options ({error})") from None
+    splits = env.splits
+    for split in ("train", "test"):
+        ids = splits.get(split) if isinstance(splits, dict) else None
+        if not ids:
+            raise EnvError(f"environment {name!r}: its splits name no {split} task ids; return them from `splits`")
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        if not bad and env.num_tasks is not None:
+            bad = [i for i in ids if i >= env.num_tasks]
+        if bad:
+            raise EnvError(f"environment {name!r}: {split} task id {bad[0]!r} is out of range ({env.valid_ids_text()})")
+    return env
+
+
+def _factory(name: str) -> Callable[..., TextEnv]:
+    if name in _BUILT_IN:
+        return _BUILT_IN[name]
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _installed():
+        try:
+            loaded = _installed()[name].load()
+        except Exception as error:  # a third-party package's import may raise anything
+            raise EnvError(f"environment {name!r}: its package's entry point failed to load ({error})") from None
+        path = f"{loaded.__module__}:{loaded.__qualname__}" if inspect.isclass(loaded) else str(loaded)
+        cls = env_class(name, path)
+        check_env(name, cls)
+        _REGISTERED[name] = cls
+        return cls
+    raise EnvError(f"unknown environment {name!r}; choose one of: {', '.join(list_envs())}")
 
 
 def make_env(name: str, backend: EnvBackend | None = None, **options) -> TextEnv:
@@ -38,23 +132,33 @@ def make_env(name: str, backend: EnvBackend | None = None, **options) -> TextEnv
     With an http `backend` the games run on that AgentGym-compatible server (`RemoteEnv`);
     `options` configure the in-process copy that supplies the instruction and the expert.
     """
-    if name not in _REGISTRY:
-        raise EnvError(f"unknown environment {name!r}; choose one of: {', '.join(_REGISTRY)}")
-    local = _REGISTRY[name](**options)
+    local = _factory(name)(**options)
     if backend is None or backend.backend == "local":
         return local
     return RemoteEnv(local, backend.url, timeout=backend.timeout, retries=backend.retries)
 
 
+def has_expert(name: str) -> bool:
+    """Whether environment `name` has a scripted expert to seed buffers with."""
+    factory = _factory(name)
+    cls = factory.func if isinstance(factory, partial) else factory
+    return cls.expert is not TextEnv.expert
+
+
 __all__ = [
     "ACK",
+    "ENTRY_POINTS",
     "EnvBackend",
     "EnvError",
     "EnvServerError",
     "RemoteEnv",
     "StepResult",
     "TextEnv",
+    "check_env",
+    "env_class",
+    "has_expert",
     "list_envs",
     "make_env",
+    "register_env",
     "replay",
 ]

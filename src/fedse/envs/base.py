@@ -44,7 +44,7 @@ class TextEnv(ABC):
     """Base class: task-id checks, call-order checks and splits; subclasses do the game.
 
     Subclasses set `name`, `instruction`, `max_turns` and `num_tasks` and implement
-    `start_task`, `parse_action`, `act` and `expert`. A step is split where AgentGym splits
+    `start_task`, `parse_action` and `act`; `expert` and (outside AgentGym's games) `splits` too. A step is split where AgentGym splits
     it: `parse_action` is the client's half (model text -> action string, or None for a
     reply the client rejects without calling the server) and `act` the server's half
     (action string -> what happened), so the same game runs in process, behind
@@ -68,7 +68,10 @@ class TextEnv(ABC):
 
     @property
     def splits(self) -> dict[str, tuple[int, ...]]:
-        """AgentEval test ids and AgentTraj train ids (environments.md, Appendix A)."""
+        """Train and test task ids: AgentGym's (AgentTraj train ids, AgentEval test ids) for its
+        environments; an environment of your own returns its own."""
+        if self.name not in _splits_file():
+            raise EnvError(f"environment {self.name!r} states no splits: define `splits` returning train and test ids")
         return agentgym_splits(self.name)
 
     def check_task_id(self, task_id: int) -> int:
@@ -139,12 +142,16 @@ class TextEnv(ABC):
         """The current observation, for environments whose rejections repeat it."""
         raise NotImplementedError(f"{self.name} does not repeat its observation")
 
-    @abstractmethod
     def expert(self, task_id: int) -> list[str]:
         """Model outputs that solve `task_id` when replayed through `step` after `reset`.
 
-        Computed on a private copy of the game: the caller's episode is not touched.
+        Computed on a private copy of the game: the caller's episode is not touched. Optional: an
+        environment without an expert seeds its client's buffer from an AgentTraj file
+        (`buffer.seed_file`) or from exploration alone (`buffer.expert_seeds = 0`).
         """
+        raise EnvError(
+            f"{self.name} has no expert: set buffer.expert_seeds = 0 (and buffer.seed_file to seed from a file)"
+        )
 
 
 def replay(env: TextEnv, task_id: int, outputs: list[str]) -> tuple[bool, int]:

@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from fedse.envs.base import EnvError, StepResult, TextEnv
 from fedse.sections import Section
@@ -65,7 +65,14 @@ _CONNECTION_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, OSEr
 
 
 class EnvBackend(Section):
-    """One environment's `[env.<name>]` table in a run configuration: where its games run."""
+    """One environment's `[env.<name>]` table in a run configuration: which game (for an
+    environment of your own, its class and options) and where its games run."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+    class_: str | None = Field(None, alias="class")
+    """"package.module:ClassName" of an environment of your own (a `TextEnv`), named `<name>`."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments its class is built with."""
 
     backend: Literal["local", "http"] = "local"
     """local: in this process; http: on an AgentGym-compatible server at `url`."""

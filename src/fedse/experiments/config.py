@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedse.agent.lora import LoraSpec
 from fedse.agent.model import KNOWN_MODELS, model_available
-from fedse.envs import EnvBackend, list_envs
+from fedse.envs import EnvBackend, EnvError, has_expert, list_envs, register_env
 from fedse.errors import UserError
 from fedse.evolve.buffer import BufferSection
 from fedse.evolve.sft import TrainSection
@@ -256,6 +256,21 @@ class RunConfig(Section):
             raise ValueError("fed.rounds = 0 with eval.first = false evaluates nothing: set eval.first = true")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _register_own_envs(cls, data: object) -> object:
+        """Environments of your own named by class (`[env.<name>] class = ...`) are registered
+        before anything names them (fed.clients): `fedse.envs.register_env`."""
+        tables = data.get("env") if isinstance(data, dict) else None
+        for name, table in (tables or {}).items():
+            path = table.get("class") or table.get("class_") if isinstance(table, dict) else None
+            if isinstance(path, str):
+                try:
+                    register_env(name, path, table.get("options") or {})
+                except EnvError as error:
+                    raise ValueError(f"[env.{name}]: {error}") from None
+        return data
+
     @field_validator("env")
     @classmethod
     def _known_env_backends(cls, v: dict[str, EnvBackend]) -> dict[str, EnvBackend]:
@@ -263,6 +278,18 @@ class RunConfig(Section):
         if unknown:
             raise ValueError(f"[env.{unknown[0]}]: not an environment; one of: {', '.join(list_envs())}")
         return v
+
+    @model_validator(mode="after")
+    def _seeds_have_experts(self) -> RunConfig:
+        if self.buffer.expert_seeds == 0:
+            return self
+        for env in self.fed.clients:
+            if not has_expert(env):
+                raise ValueError(
+                    f"environment {env!r} has no expert to seed buffers with: set buffer.expert_seeds = 0 "
+                    "(and buffer.seed_file to seed from an AgentTraj file)"
+                )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -366,4 +393,6 @@ def validate_config(tree: dict, where: str = "") -> RunConfig:
             for part in section:
                 model = model.model_fields[str(part)].annotation
             raise ConfigError(f"{prefix}unknown key {key!r}; allowed: {', '.join(model.model_fields)}") from None
+        if not key:  # a check across sections: its message names what is wrong
+            raise ConfigError(f"{prefix}{first['msg'].removeprefix('Value error, ')}") from None
         raise ConfigError(f"{prefix}bad value for {key!r}: {first['msg']}") from None

@@ -1,0 +1,94 @@
+"""Environments of one's own: named by class in the run configuration or registered by an installed
+package's entry point, federated beside the built-in ones, and every mistake one line."""
+
+import pytest
+
+import fedse.envs
+from fedse.agent.model import load_base
+from fedse.agent.policy import Policy
+from fedse.envs import EnvError, has_expert, list_envs, make_env
+from fedse.experiments.config import ConfigError, load_config
+from fedse.experiments.federation import Federation
+from helpers import TINY, records
+
+
+def own_config(tmp_path, table: str, *extra: str):
+    path = tmp_path / "own.toml"
+    path.write_text(table)
+    return load_config(path, [*TINY, *extra])
+
+
+TICKETS = '[env.tickets]\nclass = "own_envs:TicketRouting"\noptions = { tasks = 12 }\n'
+
+
+def test_an_environment_named_by_class_federates_beside_a_built_in_one(tmp_path):
+    config = own_config(tmp_path, TICKETS, "fed.clients=['tickets', 'maze']", "fed.rounds=1")
+    assert "tickets" in list_envs() and has_expert("tickets")
+    env = make_env("tickets")
+    assert env.splits == {"train": (0, 2, 4, 6, 8, 10), "test": (1, 3, 5, 7, 9, 11)}  # its own, with its options
+    fed = Federation(config, tmp_path / "run", Policy(load_base("tiny-random")))
+    fed.run()
+    seeded = [t for _, t in fed.transport.buffer("tickets").entries]
+    assert seeded and all(t.env == "tickets" and t.success for t in seeded)  # its expert's demonstrations
+    assert {t.task_id for t in seeded} <= set(env.splits["train"])
+    evaluated = {r["env"] for r in records(fed.store.root) if r["event"] == "eval"}
+    assert evaluated == {"tickets", "maze"}
+
+
+def test_an_environment_without_an_expert_needs_seeds_from_elsewhere(tmp_path):
+    table = '[env.quiet]\nclass = "own_envs:NoExpert"\n'
+    with pytest.raises(ConfigError, match="'quiet' has no expert to seed buffers with: set buffer.expert_seeds = 0"):
+        own_config(tmp_path, table, "fed.clients=['quiet']")
+    config = own_config(tmp_path, table, "fed.clients=['quiet']", "buffer.expert_seeds=0")
+    assert config.fed.clients == ["quiet"] and not has_expert("quiet")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('[env.a]\nclass = "own_envs"\n', "is not 'package.module:ClassName'"),
+        ('[env.b]\nclass = "no_such_pkg.envs:X"\n', "cannot import 'no_such_pkg.envs'"),
+        ('[env.c]\nclass = "own_envs:Missing"\n', "'own_envs' has no 'Missing'"),
+        ('[env.d]\nclass = "own_envs:NotAnEnv"\n', "is not a subclass of fedse.envs.TextEnv"),
+        ('[env.e]\nclass = "own_envs:Unfinished"\n', "does not implement act, parse_action, start_task"),
+        ('[env.f]\nclass = "own_envs:TicketRouting"\noptions = { size = 3 }\n', "cannot build it with its options"),
+        ('[env.g]\nclass = "own_envs:TicketRouting"\noptions = { tasks = 0 }\n', "its splits name no train task ids"),
+        ('[env.maze]\nclass = "own_envs:TicketRouting"\n', "'maze' is built in; give yours another name"),
+    ],
+)
+def test_each_mistake_in_an_own_environment_is_one_line_naming_it(tmp_path, table, message):
+    with pytest.raises(ConfigError) as raised:
+        own_config(tmp_path, table)
+    text = str(raised.value)
+    assert message in text and "\n" not in text and f"[env.{table[5]}" in text
+
+
+def test_split_ids_beyond_the_task_count_are_refused(tmp_path, monkeypatch):
+    import own_envs
+
+    monkeypatch.setattr(own_envs.TicketRouting, "num_tasks", 4)
+    with pytest.raises(ConfigError, match=r"train task id 4 is out of range \(0..3\)"):
+        own_config(tmp_path, TICKETS.replace("12", "6"))
+
+
+def test_an_installed_packages_entry_point_registers_its_environment(monkeypatch):
+    import own_envs
+
+    class EntryPoint:
+        name = "routed"
+
+        def load(self):
+            return own_envs.TicketRouting
+
+    class Broken(EntryPoint):
+        name = "broken"
+
+        def load(self):
+            raise ImportError("no module named acme")
+
+    monkeypatch.setattr(fedse.envs, "_installed", lambda: {"routed": EntryPoint(), "broken": Broken()})
+    monkeypatch.setattr(fedse.envs, "_REGISTERED", {})
+    assert {"routed", "broken"} <= set(list_envs())
+    assert make_env("routed").reset(0).startswith("Ticket 0")
+    with pytest.raises(EnvError, match="'broken': its package's entry point failed to load"):
+        make_env("broken")
