@@ -417,3 +417,36 @@ def test_a_bad_agenttraj_file_names_the_record_and_what_is_wrong(tmp_path, text,
 def test_an_unknown_environment_error_is_an_env_error():
     with pytest.raises(EnvError, match="unknown environment"):
         make_env("alfworld", EnvBackend(backend="http", url="http://127.0.0.1:1"))
+
+
+def test_a_game_described_only_by_configuration_plays_on_its_server(servers, tmp_path):
+    from fedse.experiments.config import ConfigError, load_config
+
+    maze = make_env("maze")
+    (tmp_path / "instruction.txt").write_text(maze.instruction)
+    table = (
+        "[env.far-maze]\n"
+        f'backend = "http"\nurl = "{servers["lmrlgym"].url}"\n'
+        f'instruction_file = "{tmp_path / "instruction.txt"}"\nmax_turns = {maze.max_turns}\n'
+        'train = "0-9"\ntest = "10-14"\naction = "after"\n'
+        '[env.far-maze.dialect]\nprefix = "/maze"\ntask_field = "game"\n'
+    )
+    (tmp_path / "far.toml").write_text(table + '[fed]\nclients = ["far-maze"]\n[buffer]\nexpert_seeds = 0\n')
+    config = load_config(tmp_path / "far.toml", [])
+    far = make_env("far-maze", config.env["far-maze"])
+    assert far.instruction == maze.instruction and far.splits == {
+        "train": tuple(range(10)),
+        "test": tuple(range(10, 15)),
+    }
+    outputs = maze.expert(3)
+    assert [getattr(s, "observation", s) for s in transcript(far, 3, outputs)] == [
+        getattr(s, "observation", s) for s in transcript(maze, 3, outputs)
+    ]
+    assert far.done  # the expert's episode ended with the server's done
+    far.close()
+    wrong = make_env("far-maze", config.env["far-maze"].model_copy(update={"dialect": None}))
+    with pytest.raises(EnvServerError, match="far-maze server .*: POST /create"):
+        wrong.reset(0)  # AgentGym's common spelling, without LMRL-Gym's /maze prefix
+    (tmp_path / "far.toml").write_text(table.replace("max_turns = ", "max_turnz = ").split("max_turnz")[0])
+    with pytest.raises(ConfigError, match=r"\[env.far-maze\]: environment 'far-maze' .* needs max_turns"):
+        load_config(tmp_path / "far.toml", [])

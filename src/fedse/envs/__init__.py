@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from fedse.envs.babyai import BabyAIEnv
 from fedse.envs.base import ACK, EnvError, StepResult, TextEnv, replay
 from fedse.envs.maze import MazeEnv
-from fedse.envs.remote import EnvBackend, EnvServerError, RemoteEnv
+from fedse.envs.remote import EnvBackend, EnvServerError, RemoteEnv, ServedGame
 from fedse.envs.textcraft import TextCraftEnv
 from fedse.envs.webshop import WebShopEnv
 from fedse.envs.wordle import WordleEnv
@@ -27,7 +27,7 @@ ENTRY_POINTS = "fedse.envs"
 """The entry-point group an installed package registers its environments in:
 `[project.entry-points."fedse.envs"] tickets = "acme_envs:TicketEnv"`."""
 
-_BUILT_IN: dict[str, Callable[..., TextEnv]] = {
+BUILT_IN_ENVS: dict[str, Callable[..., TextEnv]] = {
     "maze": MazeEnv,
     "wordle": WordleEnv,
     "textcraft": TextCraftEnv,
@@ -45,7 +45,7 @@ def _installed() -> dict[str, object]:
 
 
 def list_envs() -> list[str]:
-    return list(dict.fromkeys([*_BUILT_IN, *_REGISTERED, *_installed()]))
+    return list(dict.fromkeys([*BUILT_IN_ENVS, *_REGISTERED, *_installed()]))
 
 
 def env_class(name: str, path: str) -> type[TextEnv]:
@@ -82,9 +82,19 @@ def env_class(name: str, path: str) -> type[TextEnv]:
 def register_env(name: str, path: str, options: dict | None = None) -> None:
     """Make `name` the environment class `path` names, built with `options`, in this process
     (what a run configuration's `[env.<name>] class = ...` does). Checked by building one."""
-    if name in _BUILT_IN:
+    if name in BUILT_IN_ENVS:
         raise EnvError(f"environment {name!r} is built in; give yours another name")
     factory = partial(env_class(name, path), **(options or {}))
+    check_env(name, factory)
+    _REGISTERED[name] = factory
+
+
+def register_served_env(name: str, table: EnvBackend) -> None:
+    """Make `name` a game that runs only on its server, described by its `[env.<name>]` table
+    (`fedse.envs.remote.ServedGame`), in this process."""
+    if name in BUILT_IN_ENVS:
+        raise EnvError(f"environment {name!r} is built in; give yours another name")
+    factory = partial(ServedGame, name, table)
     check_env(name, factory)
     _REGISTERED[name] = factory
 
@@ -109,8 +119,8 @@ def check_env(name: str, factory: Callable[..., TextEnv]) -> TextEnv:
 
 
 def _factory(name: str) -> Callable[..., TextEnv]:
-    if name in _BUILT_IN:
-        return _BUILT_IN[name]
+    if name in BUILT_IN_ENVS:
+        return BUILT_IN_ENVS[name]
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name in _installed():
@@ -135,7 +145,7 @@ def make_env(name: str, backend: EnvBackend | None = None, **options) -> TextEnv
     local = _factory(name)(**options)
     if backend is None or backend.backend == "local":
         return local
-    return RemoteEnv(local, backend.url, timeout=backend.timeout, retries=backend.retries)
+    return RemoteEnv(local, backend.url, timeout=backend.timeout, retries=backend.retries, dialect=backend.dialect)
 
 
 def has_expert(name: str) -> bool:
@@ -147,6 +157,7 @@ def has_expert(name: str) -> bool:
 
 __all__ = [
     "ACK",
+    "BUILT_IN_ENVS",
     "ENTRY_POINTS",
     "EnvBackend",
     "EnvError",
@@ -160,5 +171,6 @@ __all__ = [
     "list_envs",
     "make_env",
     "register_env",
+    "register_served_env",
     "replay",
 ]

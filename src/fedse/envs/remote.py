@@ -21,26 +21,34 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from fedse.envs.base import EnvError, StepResult, TextEnv
+from fedse.envs.base import (
+    ONLY_ONE_ACTION,
+    EnvError,
+    StepResult,
+    TextEnv,
+    parse_action_lmrl,
+    parse_action_single_line,
+    parse_ranges,
+)
 from fedse.sections import Section
 
 
-@dataclass(frozen=True)
-class Dialect:
-    """How one AgentGym server spells the environment protocol."""
+class Dialect(Section):
+    """How one AgentGym server spells the environment protocol; as `[env.<name>.dialect]`, your
+    server's (each field defaults to AgentGym's common spelling, BabyAI's and TextCraft's)."""
 
-    prefix: str
+    prefix: str = ""
     """Path prefix of every endpoint ('/maze' for LMRL-Gym's Maze)."""
-    id_field: str
-    task_field: str
+    id_field: str = "id"
+    task_field: str = "data_idx"
     """The `reset` field carrying the task id."""
-    reward_field: str
-    observation_field: str
+    reward_field: str = "reward"
+    observation_field: str = "observation"
     """The `step` reply's observation field."""
     create_body: dict | None = None
     observation_after_reset: bool = False
@@ -48,12 +56,15 @@ class Dialect:
 
 
 DIALECTS: dict[str, Dialect] = {
-    "babyai": Dialect("", "id", "data_idx", "score", "observation"),
-    "maze": Dialect("/maze", "id", "game", "reward", "observation"),
-    "wordle": Dialect("/wordle", "id", "seed", "reward", "observation"),
-    "textcraft": Dialect("", "id", "data_idx", "reward", "observation", create_body={"commands": None, "goal": None}),
-    "webshop": Dialect("", "env_idx", "session_id", "reward", "state", observation_after_reset=True),
+    "babyai": Dialect(reward_field="score"),
+    "maze": Dialect(prefix="/maze", task_field="game"),
+    "wordle": Dialect(prefix="/wordle", task_field="seed"),
+    "textcraft": Dialect(create_body={"commands": None, "goal": None}),
+    "webshop": Dialect(
+        id_field="env_idx", task_field="session_id", observation_field="state", observation_after_reset=True
+    ),
 }
+"""The five built-in games' servers: instances of the same mechanism a server of your own uses."""
 
 
 class EnvServerError(EnvError):
@@ -83,6 +94,23 @@ class EnvBackend(Section):
     retries: int = Field(3, ge=0)
     """Extra tries after a connection error, with doubling waits from 0.2 s."""
 
+    dialect: Dialect | None = None
+    """How the server spells the protocol (default: the game's own server's for AgentGym's games,
+    AgentGym's common spelling for others)."""
+    instruction: str | None = None
+    """A game that runs only on its server (no class in fedse): the instruction its agent gets..."""
+    instruction_file: str | None = None
+    """...or the file that holds it (UTF-8);"""
+    max_turns: int | None = Field(None, ge=1)
+    """its turn limit;"""
+    train: str | None = None
+    """its train task ids, as ranges: "0-99,120";"""
+    test: str | None = None
+    """its test task ids;"""
+    action: Literal["line", "after"] = "line"
+    """and how an action is read from the model's text: the one `Action:` line, cleaned
+    (AgentGym's BabyAI and TextCraft clients), or the text after `Action:` (LMRL-Gym's)."""
+
     @model_validator(mode="after")
     def _url_fits(self) -> EnvBackend:
         if self.backend == "http":
@@ -97,19 +125,23 @@ class EnvBackend(Section):
 class RemoteEnv(TextEnv):
     """`local`'s game, played on the AgentGym server at `url` (one server-side instance)."""
 
-    def __init__(self, local: TextEnv, url: str, *, timeout: float = 30.0, retries: int = 3) -> None:
+    def __init__(
+        self, local: TextEnv, url: str, *, timeout: float = 30.0, retries: int = 3, dialect: Dialect | None = None
+    ) -> None:
         super().__init__()
-        if local.name not in DIALECTS:
-            raise EnvError(f"no AgentGym server protocol for {local.name!r}; one of: {', '.join(DIALECTS)}")
         self.local = local
         self.name, self.instruction, self.max_turns = local.name, local.instruction, local.max_turns
         self.num_tasks, self.rejection = local.num_tasks, local.rejection
         self.rejection_shows_observation = local.rejection_shows_observation
         self.success_of = local.success_of
-        self.dialect = DIALECTS[local.name]
+        self.dialect = dialect or DIALECTS.get(local.name) or Dialect()
         self.url = url.rstrip("/")
         self.timeout, self.retries = timeout, retries
         self.env_id: int | None = None
+
+    @property
+    def splits(self) -> dict[str, tuple[int, ...]]:
+        return self.local.splits
 
     # --- the protocol -------------------------------------------------------------------
 
@@ -220,3 +252,47 @@ class RemoteEnv(TextEnv):
                 f"{self._where('POST' if path != '/observation' else 'GET', path)} answered without {wanted} of the expected type: {shown}"
             )
         return value
+
+
+class ServedGame(TextEnv):
+    """The rules of a game that runs only on its server, from its `[env.<name>]` table: the
+    instruction, the turn limit, the splits and the action parsing (no expert; fedse cannot play
+    it in process). `fedse.envs.make_env` plays it on the server through `RemoteEnv`."""
+
+    num_tasks = None
+
+    def __init__(self, name: str, table: EnvBackend) -> None:
+        super().__init__()
+        where = f"environment {name!r} ([env.{name}], a game on its server only)"
+        text = table.instruction
+        if table.instruction_file is not None:
+            try:
+                text = Path(table.instruction_file).read_text(encoding="utf-8")
+            except OSError as error:
+                raise EnvError(f"{where}: cannot read instruction_file ({error})") from None
+        missing = [k for k, v in (("instruction", text), ("max_turns", table.max_turns), ("train", table.train),
+                                  ("test", table.test), ("url", table.url)) if v is None]  # fmt: skip
+        if missing:
+            raise EnvError(
+                f"{where} needs {missing[0]} (and url, instruction or instruction_file, max_turns, train, test)"
+            )
+        self.name, self.instruction, self.max_turns = name, text, table.max_turns
+        try:
+            self._splits = {"train": parse_ranges(table.train), "test": parse_ranges(table.test)}
+        except ValueError:
+            raise EnvError(f"{where}: train and test are id ranges such as '0-99,120'") from None
+        self._read = parse_action_single_line if table.action == "line" else parse_action_lmrl
+        self.rejection = ONLY_ONE_ACTION if table.action == "line" else ""
+
+    @property
+    def splits(self) -> dict[str, tuple[int, ...]]:
+        return self._splits
+
+    def parse_action(self, model_output: str) -> str | None:
+        return self._read(model_output)
+
+    def start_task(self, task_id: int) -> str:
+        raise EnvError(f"{self.name} runs only on its server: play it through make_env({self.name!r}, its backend)")
+
+    def act(self, action: str) -> StepResult:
+        raise EnvError(f"{self.name} runs only on its server: play it through make_env({self.name!r}, its backend)")

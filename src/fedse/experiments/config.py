@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedse.agent.lora import LoraSpec
 from fedse.agent.model import KNOWN_MODELS, model_available
-from fedse.envs import EnvBackend, EnvError, has_expert, list_envs, register_env
+from fedse.envs import BUILT_IN_ENVS, EnvBackend, EnvError, has_expert, list_envs, register_env, register_served_env
 from fedse.errors import UserError
 from fedse.evolve.buffer import BufferSection
 from fedse.evolve.sft import TrainSection
@@ -263,12 +263,18 @@ class RunConfig(Section):
         before anything names them (fed.clients): `fedse.envs.register_env`."""
         tables = data.get("env") if isinstance(data, dict) else None
         for name, table in (tables or {}).items():
-            path = table.get("class") or table.get("class_") if isinstance(table, dict) else None
-            if isinstance(path, str):
-                try:
+            if not isinstance(table, dict):
+                continue
+            path = table.get("class") or table.get("class_")
+            try:
+                if isinstance(path, str):
                     register_env(name, path, table.get("options") or {})
-                except EnvError as error:
-                    raise ValueError(f"[env.{name}]: {error}") from None
+                elif table.get("backend") == "http" and name not in BUILT_IN_ENVS:  # a game on its server only
+                    register_served_env(name, EnvBackend.model_validate(table))
+            except EnvError as error:
+                raise ValueError(f"[env.{name}]: {error}") from None
+            except ValidationError:  # the table's own mistake: reported by key when `env` is validated
+                continue
         return data
 
     @field_validator("env")
