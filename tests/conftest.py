@@ -1,7 +1,15 @@
+import sys
+from pathlib import Path
+
 import pytest
 
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
+
+# The example environment package (examples/ticket-routing), importable as a user's would be
+# once installed: tests name its class in run configurations and register its entry point.
+EXAMPLE_SRC = Path(__file__).resolve().parents[1] / "examples" / "ticket-routing" / "src"
+sys.path.insert(0, str(EXAMPLE_SRC))
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """Environments of one's own: named by class in the run configuration or registered by an installed
 package's entry point, federated beside the built-in ones, and every mistake one line."""
 
+from pathlib import Path
+
 import pytest
 
 import fedse.envs
@@ -18,14 +20,14 @@ def own_config(tmp_path, table: str, *extra: str):
     return load_config(path, [*TINY, *extra])
 
 
-TICKETS = '[env.tickets]\nclass = "own_envs:TicketRouting"\noptions = { tasks = 12 }\n'
+TICKETS = '[env.tickets]\nclass = "acme_tickets:TicketRouting"\noptions = { tickets = 12 }\n'
 
 
 def test_an_environment_named_by_class_federates_beside_a_built_in_one(tmp_path):
     config = own_config(tmp_path, TICKETS, "fed.clients=['tickets', 'maze']", "fed.rounds=1")
     assert "tickets" in list_envs() and has_expert("tickets")
     env = make_env("tickets")
-    assert env.splits == {"train": (0, 2, 4, 6, 8, 10), "test": (1, 3, 5, 7, 9, 11)}  # its own, with its options
+    assert env.splits == {"train": (1, 2, 3, 4, 6, 7, 8, 9, 11), "test": (0, 5, 10)}  # its own, with its options
     fed = Federation(config, tmp_path / "run", Policy(load_base("tiny-random")))
     fed.run()
     seeded = [t for _, t in fed.transport.buffer("tickets").entries]
@@ -51,9 +53,12 @@ def test_an_environment_without_an_expert_needs_seeds_from_elsewhere(tmp_path):
         ('[env.c]\nclass = "own_envs:Missing"\n', "'own_envs' has no 'Missing'"),
         ('[env.d]\nclass = "own_envs:NotAnEnv"\n', "is not a subclass of fedse.envs.TextEnv"),
         ('[env.e]\nclass = "own_envs:Unfinished"\n', "does not implement act, parse_action, start_task"),
-        ('[env.f]\nclass = "own_envs:TicketRouting"\noptions = { size = 3 }\n', "cannot build it with its options"),
-        ('[env.g]\nclass = "own_envs:TicketRouting"\noptions = { tasks = 0 }\n', "its splits name no train task ids"),
-        ('[env.maze]\nclass = "own_envs:TicketRouting"\n', "'maze' is built in; give yours another name"),
+        ('[env.f]\nclass = "acme_tickets:TicketRouting"\noptions = { size = 3 }\n', "cannot build it with its options"),
+        (
+            '[env.g]\nclass = "acme_tickets:TicketRouting"\noptions = { tickets = 0 }\n',
+            "its splits name no train task ids",
+        ),
+        ('[env.maze]\nclass = "acme_tickets:TicketRouting"\n', "'maze' is built in; give yours another name"),
     ],
 )
 def test_each_mistake_in_an_own_environment_is_one_line_naming_it(tmp_path, table, message):
@@ -64,31 +69,41 @@ def test_each_mistake_in_an_own_environment_is_one_line_naming_it(tmp_path, tabl
 
 
 def test_split_ids_beyond_the_task_count_are_refused(tmp_path, monkeypatch):
-    import own_envs
+    import acme_tickets
 
-    monkeypatch.setattr(own_envs.TicketRouting, "num_tasks", 4)
+    monkeypatch.setattr(acme_tickets.TicketRouting, "num_tasks", 4)
     with pytest.raises(ConfigError, match=r"train task id 4 is out of range \(0..3\)"):
         own_config(tmp_path, TICKETS.replace("12", "6"))
 
 
-def test_an_installed_packages_entry_point_registers_its_environment(monkeypatch):
-    import own_envs
-
-    class EntryPoint:
-        name = "routed"
-
-        def load(self):
-            return own_envs.TicketRouting
-
-    class Broken(EntryPoint):
-        name = "broken"
-
-        def load(self):
-            raise ImportError("no module named acme")
-
-    monkeypatch.setattr(fedse.envs, "_installed", lambda: {"routed": EntryPoint(), "broken": Broken()})
+def test_an_installed_packages_entry_point_registers_its_environment(tmp_path, monkeypatch):
+    # what `pip install examples/ticket-routing` leaves for importlib.metadata to find
+    dist = tmp_path / "acme_tickets-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-tickets\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[fedse.envs]\nrouted = acme_tickets:TicketRouting\nbroken = acme_tickets_missing:Nothing\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(fedse.envs, "_REGISTERED", {})
-    assert {"routed", "broken"} <= set(list_envs())
-    assert make_env("routed").reset(0).startswith("Ticket 0")
-    with pytest.raises(EnvError, match="'broken': its package's entry point failed to load"):
-        make_env("broken")
+    fedse.envs._installed.cache_clear()
+    try:
+        assert {"routed", "broken"} <= set(list_envs())
+        assert make_env("routed").reset(0).startswith("New ticket:")
+        with pytest.raises(EnvError, match="'broken': its package's entry point failed to load"):
+            make_env("broken")
+        config = load_config(None, [*TINY, "fed.clients=['routed', 'maze']"])  # no [env.*] table needed
+        assert config.fed.clients == ["routed", "maze"] and has_expert("routed")
+    finally:
+        fedse.envs._installed.cache_clear()
+
+
+def test_the_example_package_federates_with_two_built_in_games(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "ticket-routing"
+    config = load_config(
+        example / "federation.toml", [*TINY, "fed.clients=['tickets', 'maze', 'babyai']", "fed.rounds=1"]
+    )
+    fed = Federation(config, tmp_path / "run", Policy(load_base("tiny-random")))
+    fed.run()
+    assert {r["env"] for r in records(fed.store.root) if r["event"] == "eval"} == {"tickets", "maze", "babyai"}
+    assert make_env("tickets").num_tasks == 300
