@@ -450,3 +450,23 @@ def test_a_game_described_only_by_configuration_plays_on_its_server(servers, tmp
     (tmp_path / "far.toml").write_text(table.replace("max_turns = ", "max_turnz = ").split("max_turnz")[0])
     with pytest.raises(ConfigError, match=r"\[env.far-maze\]: environment 'far-maze' .* needs max_turns"):
         load_config(tmp_path / "far.toml", [])
+
+
+def test_serve_env_serves_an_environment_of_your_own():
+    from fedse.envs import register_env
+    from fedse.errors import UserError
+
+    register_env("desk", "acme_tickets:TicketRouting", {"tickets": 20})
+    served = Served("desk")
+    try:
+        local, far = make_env("desk"), make_env("desk", EnvBackend(backend="http", url=served.url))
+        for task in (0, 7):
+            outputs = ["Thought: guess.\nAction: route billing", *local.expert(task)]
+            assert [getattr(s, "observation", s) for s in transcript(far, task, outputs)] == [
+                getattr(s, "observation", s) for s in transcript(local, task, outputs)
+            ]
+        far.close()
+    finally:
+        served.stop()
+    with pytest.raises(UserError, match="unknown environment server 'nowhere'; choose one of: babyai, lmrlgym"):
+        make_app("nowhere")

@@ -223,6 +223,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_serve_env(args: argparse.Namespace) -> int:
     from fedse.envs.http_server import serve
 
+    if args.env_class:
+        from fedse.envs import register_env
+
+        register_env(args.env, args.env_class)
     serve(args.env, host=args.host, port=args.port, ttl=args.ttl)
     return 0
 
@@ -299,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_env = sub.add_parser("serve-env", help="serve an environment over AgentGym's HTTP protocol")
     from fedse.envs.http_server import SERVERS
 
-    serve_env.add_argument("env", choices=list(SERVERS), help="an environment, or lmrlgym (maze and wordle)")
+    serve_env.add_argument(
+        "env", help=f"an environment (yours too: installed, or --class), or a group: {', '.join(SERVERS)}"
+    )
+    serve_env.add_argument("--class", dest="env_class", metavar="PKG.MODULE:CLASS", help="serve this TextEnv as ENV")
     serve_env.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve_env.add_argument("--port", type=int, default=36001)
     serve_env.add_argument("--ttl", type=float, default=600.0, help="seconds an idle session lives")

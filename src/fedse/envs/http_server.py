@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedse.envs.base import EnvError, StepResult, TextEnv
-from fedse.envs.remote import DIALECTS
+from fedse.envs.remote import DIALECTS, Dialect
 from fedse.errors import UserError
 
 MAX_BODY = 64 * 1024
@@ -37,6 +37,18 @@ SERVERS = {"babyai": ["babyai"], "lmrlgym": ["maze", "wordle"], "textcraft": ["t
 """What `fedse serve-env` can serve, as AgentGym groups its servers: LMRL-Gym holds Maze and Wordle."""
 for _env in ("maze", "wordle"):
     SERVERS[_env] = [_env]
+
+
+def served_envs(server: str, known: list[str]) -> list[str]:
+    """The environments `fedse serve-env <server>` serves: an AgentGym server's group (lmrlgym:
+    Maze and Wordle), or any one environment fedse knows (your own included)."""
+    if server in SERVERS:
+        return SERVERS[server]
+    if server in known:
+        return [server]
+    raise UserError(
+        f"unknown environment server {server!r}; choose one of: {', '.join(dict.fromkeys([*SERVERS, *known]))}"
+    )
 
 
 class RequestError(Exception):
@@ -123,8 +135,9 @@ class EnvService:
     table: SessionTable
 
     @property
-    def dialect(self):
-        return DIALECTS[self.name]
+    def dialect(self) -> Dialect:
+        """The built-in game's own server's spelling; AgentGym's common one for an environment of your own."""
+        return DIALECTS.get(self.name) or Dialect()
 
     def create(self, body: dict) -> Any:
         id_ = self.table.create()
@@ -144,7 +157,7 @@ class EnvService:
             "wordle": {"id": id_, "observation": observation},
             "textcraft": {"id": id_, "observation": observation, "done": False, "reward": 0},
             "webshop": [observation, None],
-        }[self.name]
+        }.get(self.name, {"id": id_, "observation": observation, "done": False, "reward": 0})  # yours: the common shape
 
     def step(self, body: dict) -> Any:
         id_, action = _int(body, self.dialect.id_field), _str(body, "action")
@@ -193,10 +206,10 @@ def make_app(
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
+    from fedse.envs import list_envs
     from fedse.envs import make_env as default_make_env
 
-    if server not in SERVERS:
-        raise UserError(f"unknown environment server {server!r}; choose one of: {', '.join(SERVERS)}")
+    served = served_envs(server, list_envs())
     make_env = make_env or default_make_env
     app = FastAPI(title=f"fedse {server}", docs_url=None, redoc_url=None, openapi_url=None)
     greeting = GREETINGS.get(server) or GREETINGS["lmrlgym"]
@@ -236,10 +249,10 @@ def make_app(
         return greeting
 
     app.state.sessions = {}  # env -> its SessionTable, for inspection
-    for env_name in SERVERS[server]:
+    for env_name in served:
         service = EnvService(env_name, SessionTable(lambda n=env_name: make_env(n), ttl, max_sessions))
         app.state.sessions[env_name] = service.table
-        prefix = DIALECTS[env_name].prefix
+        prefix = service.dialect.prefix
 
         def add(
             path: str, method: str, work: Callable[[EnvService, dict], Any], body: bool = True, s=service, prefix=prefix
@@ -271,5 +284,5 @@ def serve(server: str, host: str = "127.0.0.1", port: int = 36001, ttl: float = 
     import uvicorn
 
     app = make_app(server, ttl=ttl)
-    print(f"fedse: serving {server} ({', '.join(SERVERS[server])}) at http://{host}:{port}", flush=True)
+    print(f"fedse: serving {server} ({', '.join(app.state.sessions)}) at http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
