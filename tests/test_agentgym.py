@@ -470,3 +470,52 @@ def test_serve_env_serves_an_environment_of_your_own():
         served.stop()
     with pytest.raises(UserError, match="unknown environment server 'nowhere'; choose one of: babyai, lmrlgym"):
         make_app("nowhere")
+
+
+def seed_record(item: str = "lmrlgym_maze_3", turns: list | None = None) -> dict:
+    return {
+        "item_id": item,
+        "conversations": turns
+        or [
+            {"from": "human", "value": "instruction"},
+            {"from": "gpt", "value": "OK"},
+            {"from": "human", "value": "observation"},
+            {"from": "gpt", "value": "Thought: go.\nAction: move up"},
+        ],
+    }
+
+
+MALFORMED_SEEDS = {
+    "nested": ("[" * 100_000).encode(),
+    "long-id": json.dumps([seed_record("lmrlgym_maze_" + "7" * 5000)]).encode(),
+    "odd-digit": json.dumps([seed_record("lmrlgym_maze_²")]).encode(),
+    "latin-1": json.dumps([seed_record()]).encode().replace(b"instruction", "instrucción".encode("latin-1")),
+    "no-agent-turn": json.dumps(
+        [seed_record(turns=[{"from": "human", "value": "i"}, {"from": "gpt", "value": "OK"}])]
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED_SEEDS))
+def test_a_malformed_seed_file_is_one_line_and_leaves_no_run_behind(tmp_path, kind, capsys):
+    from fedse.cli import main
+    from helpers import TINY
+
+    seeds = tmp_path / "seeds.json"
+    seeds.write_bytes(MALFORMED_SEEDS[kind])
+    sets = [f"--set={s}" for s in [*TINY, "fed.rounds=1", "fed.clients=['maze']", f"buffer.seed_file='{seeds}'"]]
+    assert main(["run", "--runs-dir", str(tmp_path / "runs"), "--name", "r", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedse: error: ") and "\n" not in err and str(seeds) in err
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_an_over_long_seed_turn_is_cut_like_an_over_long_episode(tmp_path, capsys):
+    from fedse.cli import main
+    from helpers import TINY
+
+    long = seed_record(turns=[*seed_record()["conversations"][:3], {"from": "gpt", "value": "x " * 500_000}])
+    seeds = tmp_path / "seeds.json"
+    seeds.write_text(json.dumps([long, seed_record("lmrlgym_maze_4")]))
+    sets = [f"--set={s}" for s in [*TINY, "fed.rounds=1", "fed.clients=['maze']", f"buffer.seed_file='{seeds}'"]]
+    assert main(["run", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--set=buffer.expert_seeds=0", *sets]) == 0

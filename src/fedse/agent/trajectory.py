@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from fedse.agent.chat import Message
 
@@ -35,11 +35,15 @@ class Trajectory:
     def outputs(self) -> list[str]:
         return [m["content"] for m in self.messages[3::2]]
 
-    def to_json(self) -> str:
-        record = asdict(self)
+    def record(self) -> dict:
+        """The trajectory as a JSON-ready dict (shallow: it shares the messages)."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
         if not record["extra"]:  # files written before the field existed stay byte-identical
             del record["extra"]
-        return json.dumps(record, ensure_ascii=False)
+        return record
+
+    def to_json(self) -> str:
+        return json.dumps(self.record(), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, line: str) -> Trajectory:

@@ -27,6 +27,8 @@ ITEM_PREFIX = {
     "textcraft": "textcraft_",
     "webshop": "webshop_",
 }
+MAX_ID_DIGITS = 9
+"""Task ids are at most this many ASCII digits (every split holds far fewer tasks)."""
 IMPORTED = "agenttraj"
 """`Trajectory.finish` of a record read from a file."""
 _ROLES = {"human": "user", "gpt": "assistant"}
@@ -46,10 +48,12 @@ def parse_item_id(item: object) -> tuple[str, int]:
     if isinstance(item, str):
         for env, prefix in ITEM_PREFIX.items():
             number = item.removeprefix(prefix)
-            if item.startswith(prefix) and number.isdigit():
+            if item.startswith(prefix) and number.isascii() and number.isdigit() and len(number) <= MAX_ID_DIGITS:
                 return env, int(number)
+    shown = repr(item) if len(repr(item)) <= 60 else repr(item)[:57] + "..."
     raise AgentTrajError(
-        f"item_id {item!r} is not '<prefix><task id>' with a prefix among {', '.join(ITEM_PREFIX.values())}"
+        f"item_id {shown} is not '<prefix><task id>' (at most {MAX_ID_DIGITS} digits) with a prefix among "
+        f"{', '.join(ITEM_PREFIX.values())}"
     )
 
 
@@ -81,7 +85,10 @@ def from_agenttraj(record: object, where: str = "record") -> Trajectory:
     holds expert successes)."""
     if not isinstance(record, dict):
         raise AgentTrajError(f"{where}: a record is a JSON object, got {type(record).__name__}")
-    env, task_id = parse_item_id(record.get("item_id"))
+    try:
+        env, task_id = parse_item_id(record.get("item_id"))
+    except AgentTrajError as error:
+        raise AgentTrajError(f"{where}: {error}") from None
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or len(conversations) < 2:
         raise AgentTrajError(f"{where} ({record.get('item_id')}): 'conversations' must be a list of at least 2 turns")
@@ -113,6 +120,8 @@ def read_agenttraj(path: str | Path) -> list[Trajectory]:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as e:
         raise AgentTrajError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise AgentTrajError(f"{path}: not UTF-8 text (byte {e.start}); AgentTraj files are UTF-8 JSON") from None
     try:
         if text.startswith("["):
             records = [(f"{path} [{i}]", r) for i, r in enumerate(json.loads(text))]
@@ -120,7 +129,17 @@ def read_agenttraj(path: str | Path) -> list[Trajectory]:
             records = [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     except json.JSONDecodeError as e:
         raise AgentTrajError(f"{path}: not JSON ({e}); AgentTraj files are a JSON list or JSON lines") from None
+    except RecursionError:
+        raise AgentTrajError(f"{path}: JSON nested too deeply to be AgentTraj records") from None
     return [from_agenttraj(r, where) for where, r in records]
+
+
+def seed_problem(t: Trajectory) -> str | None:
+    """Why an imported record cannot seed a buffer (None: it can): it must hold an agent turn
+    after the instruction and its acknowledgement."""
+    if not any(m["role"] == "assistant" for m in t.messages[2:]):
+        return "no agent turn after the instruction's acknowledgement: nothing to learn from"
+    return None
 
 
 def write_agenttraj(trajectories: Iterable[Trajectory], path: str | Path) -> int:

@@ -55,6 +55,7 @@ class ExperienceBuffer:
         self.path = Path(path)
         self.config = config or BufferSection()
         self.entries: list[tuple[int, Trajectory]] = []
+        self._lines: dict[tuple[int, int], tuple[Trajectory, str]] = {}
         for number, line in enumerate(read_lines(self.path), start=1):
             try:
                 record = json.loads(line)
@@ -125,9 +126,16 @@ class ExperienceBuffer:
             out[r] = out.get(r, 0) + 1
         return out
 
-    @staticmethod
-    def _line(round_: int, t: Trajectory) -> str:
-        return json.dumps({"round": round_, "trajectory": json.loads(t.to_json())}, ensure_ascii=False)
+    def _line(self, round_: int, t: Trajectory) -> str:
+        """An entry's line, computed once per entry and process (a large seed file's digest at
+        every checkpoint would otherwise serialise every trajectory again)."""
+        key = (round_, id(t))
+        cached = self._lines.get(key)
+        if cached is None or cached[0] is not t:  # the cache holds `t`, so its id is not reused meanwhile
+            cached = self._lines[key] = (t, json.dumps({"round": round_, "trajectory": t.record()}, ensure_ascii=False))
+        return cached[1]
 
     def _rewrite(self) -> None:
+        kept = {(r, id(t)) for r, t in self.stored}
+        self._lines = {k: v for k, v in self._lines.items() if k in kept}
         write_lines(self.path, (self._line(r, t) for r, t in self.stored))

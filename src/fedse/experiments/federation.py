@@ -127,6 +127,8 @@ class Federation:
         sitting, recorded in the run's machine.jsonl."""
         if resume and not self.store.root.is_dir():
             raise FileNotFoundError(f"{self.store.root} does not exist: nothing to resume")
+        if not resume:
+            self.transport.prepare()  # a bad seed file fails here, before the run folder is touched
         with self.store.lock():
             last = self.start(resume=resume, force=force, change_config=change_config)
             self.store.record_sitting(machine_record(self.policy.dtype, resume))

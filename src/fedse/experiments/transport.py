@@ -37,6 +37,10 @@ from fedse.fl.update import Update
 class Transport(Protocol):
     """The clients' side of a federation, as the server's loop sees it."""
 
+    def prepare(self) -> None:
+        """Before a fresh run's folder is made: read and check what the clients start from here, so
+        that a bad input (a seed file) fails with nothing created."""
+
     def start(self, resume: bool, last: int, recorded: dict[str, str]) -> None:
         """Before the first round of a sitting: a fresh run (`resume` False, `last` 0) or one resumed
         after round `last`, whose checkpoint recorded the buffer digests `recorded`."""
@@ -64,6 +68,7 @@ class InProcessTransport:
         self.config, self.store, self.policy, self.aggregator = config, store, policy, aggregator
         self.progress = progress
         self.client_envs, self.partition = config.client_layout()
+        self._seeds: dict[str, list[Trajectory]] = {}
         self.states = {
             client: ClientState(store.client(client), client, envs, config.buffer, *self.partition[client])
             for client, envs in self.client_envs.items()
@@ -72,12 +77,16 @@ class InProcessTransport:
     def buffer(self, client: str) -> ExperienceBuffer:
         return self.states[client].buffer
 
+    def prepare(self) -> None:
+        """Every client's seed demonstrations (experts, the seed file), read before the run exists."""
+        self._seeds = {client: state.seeds() for client, state in self.states.items()}
+
     def start(self, resume: bool, last: int, recorded: dict[str, str]) -> None:
         """A fresh run seeds every buffer with its expert demonstrations (round 0); a resumed one
         cuts every buffer back to round `last` and checks it is what that round recorded."""
         for client, state in self.states.items():
             if not resume:
-                state.seed()
+                state.seed(self._seeds.pop(client, None))
                 continue
             state.rewind(last)
             if client in recorded and state.buffer.digest() != recorded[client]:

@@ -22,7 +22,7 @@ from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling
 from fedse.agent.trajectory import Trajectory
 from fedse.envs import make_env
-from fedse.evolve.agenttraj import read_agenttraj
+from fedse.evolve.agenttraj import AgentTrajError, item_id, read_agenttraj, seed_problem
 from fedse.evolve.buffer import BufferSection, ExperienceBuffer
 from fedse.evolve.experts import expert_trajectory
 from fedse.evolve.filters import make_filter
@@ -130,6 +130,9 @@ def expert_seeds(
         experts += [expert_trajectory(env, i) for i in exploration_tasks(env, count, label, part, parts)]
     if seed_file is not None:
         records = read_agenttraj(seed_file)
+        for n, t in enumerate(records):
+            if t.env in envs and (problem := seed_problem(t)) is not None:
+                raise AgentTrajError(f"{seed_file} [{n}] ({item_id(t.env, t.task_id)}): {problem}")
         for env in envs:
             experts += [t for t in records if t.env == env and t.success][part::parts]
     return experts
@@ -221,13 +224,15 @@ class ClientState:
             self._buffer = ExperienceBuffer(self.buffer_file(self.root), self.section)
         return self._buffer
 
-    def seed(self) -> None:
-        """Start an empty buffer with the client's expert demonstrations (round 0)."""
+    def seeds(self) -> list[Trajectory]:
+        """The demonstrations the client's buffer starts with (`expert_seeds`)."""
+        section = self.section
+        return expert_seeds(self.client, self.envs, section.expert_seeds, self.part, self.parts, section.seed_file)
+
+    def seed(self, seeds: list[Trajectory] | None = None) -> None:
+        """Start an empty buffer with the client's demonstrations (round 0), `seeds` if given."""
         if not self.buffer.stored:
-            seeds = expert_seeds(
-                self.client, self.envs, self.section.expert_seeds, self.part, self.parts, self.section.seed_file
-            )
-            self.buffer.add(seeds, 0)
+            self.buffer.add(self.seeds() if seeds is None else seeds, 0)
 
     def rewind(self, last_round: int) -> None:
         """Forget what rounds after `last_round` added (an earlier attempt at the next round)."""

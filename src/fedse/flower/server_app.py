@@ -54,6 +54,9 @@ class FlowerTransport:
         """Client -> the SuperNode serving it (learnt by a `query` message)."""
         self.token = ""
 
+    def prepare(self) -> None:
+        """Nothing to read here: each node reads its own seed demonstrations on its machine."""
+
     def start(self, resume: bool, last: int, recorded: dict[str, str]) -> None:
         """The run's token (new for a fresh run: the nodes' folders are per token), then the nodes.
         Nodes seed their own buffers, and cut them back when a round is played again."""
