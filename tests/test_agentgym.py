@@ -12,6 +12,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 import uvicorn
@@ -519,3 +520,71 @@ def test_an_over_long_seed_turn_is_cut_like_an_over_long_episode(tmp_path, capsy
     seeds.write_text(json.dumps([long, seed_record("lmrlgym_maze_4")]))
     sets = [f"--set={s}" for s in [*TINY, "fed.rounds=1", "fed.clients=['maze']", f"buffer.seed_file='{seeds}'"]]
     assert main(["run", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--set=buffer.expert_seeds=0", *sets]) == 0
+
+
+class CountingGame(BaseHTTPRequestHandler):
+    """A game fedse has never seen, on a minimal server of its own (not fedse's), in its own
+    dialect: `/api/new`-less AgentGym shape with `env`, `task` and `text` fields. Task t: say the
+    number t + 1 (`Action: say <n>`)."""
+
+    sessions: ClassVar[dict] = {}
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+        path = self.path.removeprefix("/game")
+        if path == "/create":
+            reply = {"id": len(self.sessions)}
+            self.sessions[reply["id"]] = None
+        elif path == "/reset":
+            self.sessions[body["env"]] = body["task"]
+            reply = {"observation": f"Say the number after {body['task']}."}
+        elif path == "/step":
+            right = body["action"] == f"say {self.sessions[body['env']] + 1}"
+            reply = {"text": "Right." if right else "No.", "reward": float(right), "done": right}
+        else:
+            reply = True
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_game_on_a_server_of_its_own_federates_from_configuration_alone(tmp_path):
+    from fedse.evolve.agenttraj import to_agenttraj
+    from fedse.experiments.config import load_config
+    from helpers import TINY, records
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Game", (CountingGame,), {"sessions": {}}))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        # its seeds: an AgentTraj file the organisation keeps (the game has no scripted expert)
+        demos = []
+        for task in range(0, 10, 2):
+            record = seed_record(f"counting_{task}")
+            record["conversations"][-1]["value"] = f"Thought: after {task} comes {task + 1}.\nAction: say {task + 1}"
+            demos.append(record)
+        (tmp_path / "seeds.json").write_text(json.dumps(demos))
+        (tmp_path / "run.toml").write_text(
+            "[env.counting]\n"
+            f'backend = "http"\nurl = "http://127.0.0.1:{httpd.server_port}"\n'
+            'instruction = "Say the number that comes next."\nmax_turns = 2\ntrain = "0-9"\ntest = "10-13"\n'
+            '[env.counting.dialect]\nprefix = "/game"\nid_field = "env"\ntask_field = "task"\n'
+            'observation_field = "text"\n'
+            f'[buffer]\nexpert_seeds = 0\nseed_file = "{tmp_path / "seeds.json"}"\n'
+        )
+        config = load_config(
+            tmp_path / "run.toml", [*TINY, "fed.clients=['counting', 'maze']", "fed.rounds=1", "buffer.expert_seeds=0"]
+        )
+        fed = Federation(config, tmp_path / "run", Policy(load_base("tiny-random")))
+        fed.run()
+        seeded = [t for _, t in fed.transport.buffer("counting").entries]
+        assert len(seeded) == 5 and all(t.env == "counting" for t in seeded)  # from the file, no expert
+        assert to_agenttraj(seeded[0])["item_id"] == "counting_0"
+        evals = {r["env"]: r for r in records(fed.store.root) if r["event"] == "eval"}
+        assert set(evals) == {"counting", "maze"} and evals["counting"]["tasks"] == 2  # played on its server
+    finally:
+        httpd.shutdown()

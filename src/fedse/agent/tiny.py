@@ -33,10 +33,10 @@ def byte_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
 
 @cache
 def _trained_bpe(vocab_size: int) -> str:
-    from fedse.envs import list_envs, make_env
+    from fedse.envs import BUILT_IN_ENVS, make_env
 
     corpus = []
-    for name in list_envs():
+    for name in BUILT_IN_ENVS:  # the built-in games only: the same tokenizer whatever else is plugged in
         env = make_env(name)
         corpus += [env.instruction, env.reset(0), *env.expert(0)]
     core = Tokenizer(models.BPE())

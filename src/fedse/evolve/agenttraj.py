@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fedse.agent.trajectory import Trajectory
+from fedse.envs import list_envs
 from fedse.errors import UserError
 
 ITEM_PREFIX = {
@@ -45,15 +46,22 @@ def item_id(env: str, task_id: int) -> str:
 
 def parse_item_id(item: object) -> tuple[str, int]:
     """'lmrlgym_maze_13' -> ('maze', 13)."""
+
+    def task_number(text: str) -> bool:
+        return text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS
+
     if isinstance(item, str):
         for env, prefix in ITEM_PREFIX.items():
             number = item.removeprefix(prefix)
-            if item.startswith(prefix) and number.isascii() and number.isdigit() and len(number) <= MAX_ID_DIGITS:
+            if item.startswith(prefix) and task_number(number):
                 return env, int(number)
+        env, _, number = item.rpartition("_")  # an environment of your own: '<name>_<task id>'
+        if env in list_envs() and env not in ITEM_PREFIX and task_number(number):
+            return env, int(number)
     shown = repr(item) if len(repr(item)) <= 60 else repr(item)[:57] + "..."
     raise AgentTrajError(
         f"item_id {shown} is not '<prefix><task id>' (at most {MAX_ID_DIGITS} digits) with a prefix among "
-        f"{', '.join(ITEM_PREFIX.values())}"
+        f"{', '.join(ITEM_PREFIX.values())} or '<environment>_' for an environment of your own"
     )
 
 
