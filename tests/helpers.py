@@ -93,3 +93,28 @@ def records(root: Path, drop=("wire",)) -> list[dict]:
         if r["event"] not in drop:
             out.append({k: v for k, v in r.items() if k not in ("seconds", "train_seconds", "inputs_seconds")})
     return out
+
+
+class ServedApp:
+    """An ASGI app (e.g. `fedse serve-env`'s) on a loopback port, in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=self.server.run, daemon=True).start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True

@@ -338,3 +338,22 @@ def test_run_options_round_trip_through_flowers_run_config():
     assert FlowerOptions.from_run_config(options.run_config()) == options
     declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert set(options.run_config()) == set(declared)
+
+
+def test_a_node_plays_its_environment_where_its_own_configuration_says(tmp_path):
+    from fedse.envs.http_server import make_app
+    from helpers import ServedApp
+
+    app = make_app("maze")
+    served = ServedApp(app)
+    try:
+        embedded = Federation(tiny_config(), tmp_path / "emb", Policy(load_base("tiny-random")))
+        embedded.run()
+        grid = LoopbackGrid([{"client": "maze", "env-url": served.url}, {"client": "wordle"}])
+        flower = flower_run(tmp_path, grid)  # the run configuration names no server for maze
+        assert not flower.config.env
+        assert next(app.state.sessions["maze"].ids) > 0  # the maze node's episodes ran on that server
+        assert flower.global_adapter.hash == embedded.global_adapter.hash
+        assert records(flower.store.root) == records(embedded.store.root)
+    finally:
+        served.stop()

@@ -24,6 +24,7 @@ from fedse.agent.lora import Adapter
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats, on_backends, rollout
+from fedse.envs import EnvBackend
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.experiments.config import RunConfig, validate_config
 from fedse.experiments.evaluation import evaluate
@@ -54,13 +55,23 @@ class TrainResult:
 class NodeClient:
     """Client `client` of the run `config` describes, keeping its state under `directory`."""
 
-    def __init__(self, config: RunConfig, client: str, directory: str | Path, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        client: str,
+        directory: str | Path,
+        policy: Policy | None = None,
+        backend: EnvBackend | None = None,
+    ) -> None:
+        """`backend`: where this node's own environments run (its node configuration), in place
+        of the run configuration's `[env.*]`."""
         client_envs, partition = config.client_layout()
         if client not in client_envs:
             raise ValueError(f"this run has no client {client!r} (its clients: {', '.join(client_envs)})")
         self.config, self.client = config, client
         self.envs, (self.part, self.parts) = client_envs[client], partition[client]
         self.directory = Path(directory)
+        self.backends = {**config.env, **dict.fromkeys(self.envs, backend)} if backend else dict(config.env)
         self.state = ClientState(
             self.directory, client, self.envs, config.buffer, self.part, self.parts, config.model.name
         )
@@ -100,7 +111,7 @@ class NodeClient:
             requests = client_requests(
                 self.client, self.envs, round_, self.config.explore, self.config.fed.seed, self.part, self.parts
             )
-            requests = on_backends(requests, self.config.env)
+            requests = on_backends(requests, self.backends)
             explored = rollout(self.policy, requests, max_batch=self.config.explore.max_batch, stats=stats)
         self.buffer(round_)
         update, _ = client_round(
@@ -131,7 +142,7 @@ class NodeClient:
             tasks=ev.tasks,
             max_new_tokens=ev.max_new_tokens,
             max_batch=self.config.eval_batch(),
-            backends=self.config.env,
+            backends=self.backends,
         )
 
 
@@ -145,13 +156,14 @@ def _received(client: NodeClient, content) -> tuple[Adapter, dict]:
     return received, record_tensors(content["base"]) if "base" in content else {}
 
 
-def _client(config: dict, directory: Path) -> NodeClient:
-    return NodeClient(validate_config(config["run"], where="the server's train message"), config["client"], directory)
+def _client(config: dict, directory: Path, backend: EnvBackend | None) -> NodeClient:
+    run = validate_config(config["run"], where="the server's train message")
+    return NodeClient(run, config["client"], directory, backend=backend)
 
 
-def train_content(content, config: dict, directory: Path):
+def train_content(content, config: dict, directory: Path, backend: EnvBackend | None = None):
     """A train message's reply content: `update` (the factors the rule uploads) and `metrics`."""
-    client = _client(config, directory)
+    client = _client(config, directory, backend)
     received, base = _received(client, content)
     result = client.train(int(config["round"]), received, base)
     s = result.stats
@@ -173,9 +185,9 @@ def train_content(content, config: dict, directory: Path):
     return RecordDict(content)
 
 
-def evaluate_content(content, config: dict, directory: Path):
+def evaluate_content(content, config: dict, directory: Path, backend: EnvBackend | None = None):
     """An evaluate message's reply content: `eval`, one entry per environment tested."""
-    client = _client(config, directory)
+    client = _client(config, directory, backend)
     received, base = _received(client, content)
     records = client.evaluate(int(config["round"]), received, base, list(config["envs"]))
     return RecordDict({"eval": json_record([asdict(r) for r in records])})
