@@ -107,3 +107,14 @@ def test_the_example_package_federates_with_two_built_in_games(tmp_path):
     fed.run()
     assert {r["env"] for r in records(fed.store.root) if r["event"] == "eval"} == {"tickets", "maze", "babyai"}
     assert make_env("tickets").num_tasks == 300
+
+
+def test_a_bad_plugin_stops_fedse_run_with_one_line_and_creates_nothing(tmp_path, capsys):
+    from fedse.cli import main
+
+    path = tmp_path / "bad.toml"
+    path.write_text('[fed]\nclients = ["desk"]\n[env.desk]\nclass = "acme_tickets:Nope"\n')
+    assert main(["run", str(path), "--runs-dir", str(tmp_path / "runs"), *[f"--set={s}" for s in TINY]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fedse: error: [env.desk]: environment 'desk': 'acme_tickets' has no 'Nope'"
+    assert not (tmp_path / "runs").exists()
