@@ -217,7 +217,7 @@ def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_rep
             update.client, {k: v * float("nan") for k, v in update.tensors.items()}, 1, update.metrics
         ), trained
 
-    monkeypatch.setattr("fedse.fl.client.learn", poisoned)
+    monkeypatch.setattr("fedse.experiments.transport.learn", poisoned)
     fed = run(tmp_path, "fed.rounds=1")
     records = [json.loads(line) for line in fed.store.metrics.read_text().splitlines()]
     aggregate = next(r for r in records if r["event"] == "aggregate")

@@ -29,7 +29,7 @@ from fedse.experiments.config import RunConfig
 from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import ClientRecord, EvalRecord, ExploreRecord
 from fedse.experiments.store import GLOBAL, RunStore
-from fedse.fl.client import ClientState, client_requests, client_round
+from fedse.fl.client import ClientState, client_requests, learn
 from fedse.fl.server import ServerState
 from fedse.fl.update import Update
 
@@ -99,12 +99,13 @@ class InProcessTransport:
         """A client the round did not sample keeps its latest personal adapter as this round's too,
         so that every kept round holds every client's (and pruning old rounds loses none)."""
         files = []
-        for state in self.states.values():
-            if self.aggregator.personalized and (adapter := state.personal(round_)) is not None:
-                folder = ClientState.personal_folder(state.root, round_)
-                if not folder.exists():
-                    state.keep(round_, adapter)
-                files += [p for p in folder.rglob("*") if p.is_file()]
+        for state in self.states.values() if self.aggregator.personalized else []:
+            folder = ClientState.personal_folder(state.root, round_)
+            if not folder.exists():  # read the latest only to carry it forward
+                if (adapter := state.personal(round_)) is None:
+                    continue
+                state.keep(round_, adapter)
+            files += [p for p in folder.rglob("*") if p.is_file()]
         return {client: state.buffer.digest() for client, state in self.states.items()}, files
 
     # --- a round ---------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class InProcessTransport:
         self.store.append(explore_record)
         updates, client_records = [], []
         for client in clients:
-            update, _ = client_round(
+            update, _ = learn(
                 self.policy,
                 self.states[client],
                 explored[client],

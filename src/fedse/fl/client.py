@@ -140,9 +140,8 @@ def expert_seeds(
 
 def learn(
     policy: Policy,
-    client: str,
+    state: ClientState,
     explored: list[Trajectory],
-    buffer: ExperienceBuffer,
     round_: int,
     explore: ExploreSection,
     train: TrainSection,
@@ -150,9 +149,12 @@ def learn(
     seed: int = 0,
     progress: str | None = None,
 ) -> tuple[Update, Adapter]:
-    """Filter the explored episodes, grow the buffer, train adapter slot `client` on it (Algorithm 1,
-    lines 4-6); returns the update for the server and the trained adapter. For a rule that reads
-    inputs, the update also carries its summary of the layers' inputs on the training data."""
+    """A client's round after its exploration, in either runtime (Algorithm 1, lines 4-6): filter
+    the explored episodes, grow the client's buffer, train its adapter slot (named after it, holding
+    the adapter it started the round from); keep the trained adapter in the client's folder when the
+    rule is personalized. Returns the update for the server and the trained adapter. For a rule that
+    reads inputs, the update also carries its summary of the layers' inputs on the training data."""
+    client, buffer = state.client, state.buffer
     keep = make_filter(explore.filter)
     kept = [t for t in explored if keep.keep(t)]
     added = buffer.add(kept, round_)
@@ -187,6 +189,8 @@ def learn(
         metrics["train_loss"] = report.loss
     if inputs:
         metrics["inputs_seconds"] = inputs_seconds
+    if aggregator.personalized:  # the client's own state: it never reaches the server
+        state.keep(round_, trained)
     return Update(client, aggregator.upload(trained.tensors), len(data), metrics, inputs), trained
 
 
@@ -260,25 +264,3 @@ class ClientState:
         folder = self.personal_folder(self.root, round_)
         write_folder(folder, lambda tmp: save_adapter(adapter, tmp, base_model=self.base_model))
         return folder
-
-
-def client_round(
-    policy: Policy,
-    state: ClientState,
-    explored: list[Trajectory],
-    round_: int,
-    explore: ExploreSection,
-    train: TrainSection,
-    aggregator: Aggregator,
-    seed: int = 0,
-    progress: str | None = None,
-) -> tuple[Update, Adapter]:
-    """A client's round after its exploration, in either runtime: `learn` on its buffer, and the
-    trained adapter kept in its own folder when the rule is personalized. The adapter slot is the
-    client's name; it holds the adapter the client started the round from."""
-    update, trained = learn(
-        policy, state.client, explored, state.buffer, round_, explore, train, aggregator, seed=seed, progress=progress
-    )
-    if aggregator.personalized:  # the client's own state: it never reaches the server
-        state.keep(round_, trained)
-    return update, trained

@@ -1,7 +1,7 @@
 """A client of a Flower federation: its round, on its own machine, with its own data.
 
 `NodeClient` does for one client what the embedded runtime (`fedse.experiments.transport`) does for each of its
-clients, with the same functions (`client_requests`, `rollout`, `client_round`, `evaluate`): the
+clients, with the same functions (`client_requests`, `rollout`, `learn`, `evaluate`): the
 round's episodes, the success filter, the buffer, local SFT and the update. Everything it keeps
 (buffer, personal adapters: `fedse.fl.client.ClientState`, the layout an embedded run's client
 folders have too) lives under its node directory, `<data-dir>/<run token>/<client>/`;
@@ -29,7 +29,7 @@ from fedse.evolve.buffer import ExperienceBuffer
 from fedse.experiments.config import RunConfig, validate_config
 from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import EvalRecord
-from fedse.fl.client import ClientState, client_requests, client_round
+from fedse.fl.client import ClientState, client_requests, learn
 from fedse.fl.server import fold, tensors_folded
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_tensors, tensors_record
@@ -114,7 +114,7 @@ class NodeClient:
             requests = on_backends(requests, self.backends)
             explored = rollout(self.policy, requests, max_batch=self.config.explore.max_batch, stats=stats)
         self.buffer(round_)
-        update, _ = client_round(
+        update, _ = learn(
             self.policy,
             self.state,
             explored,
