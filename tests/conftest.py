@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+import fedse.envs
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 
@@ -10,6 +11,16 @@ from fedse.agent.policy import Policy
 # once installed: tests name its class in run configurations and register its entry point.
 EXAMPLE_SRC = Path(__file__).resolve().parents[1] / "examples" / "ticket-routing" / "src"
 sys.path.insert(0, str(EXAMPLE_SRC))
+
+
+@pytest.fixture(autouse=True)
+def own_envs_forgotten():
+    """Environments a test registers (a run configuration's `[env.*]`, a node's own) are this
+    process's state: each test starts from the ones the session started with."""
+    before = dict(fedse.envs._REGISTERED)
+    yield
+    fedse.envs._REGISTERED.clear()
+    fedse.envs._REGISTERED.update(before)
 
 
 @pytest.fixture

@@ -240,7 +240,7 @@ def test_deployment_engine_on_loopback_reproduces_the_embedded_run(tmp_path):
     config = tiny_toml(tmp_path)
     embedded = embedded_like_the_nodes(tmp_path)
     done = run_local(config, tmp_path / "run", tmp_path / "work", timeout=500, options={"poll": 0.2})
-    assert done.run.returncode == 0, done.run.stdout[-3000:] + done.run.stderr[-3000:]
+    assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["global_adapter"] == embedded.global_adapter.hash
     assert records(tmp_path / "run") == records(embedded.store.root)
@@ -255,12 +255,35 @@ def test_tls_with_node_auth_runs_and_refuses_an_unregistered_supernode(tmp_path)
         config, tmp_path / "run", tmp_path / "work", overrides=["fed.rounds=1"], node_auth=True, intruder=True,
         timeout=500, options={"poll": 0.2},
     )  # fmt: skip
-    assert done.run.returncode == 0, done.run.stdout[-3000:] + done.run.stderr[-3000:]
+    assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "state.json").read_text())["round"] == 1
     assert done.exit_codes["node-intruder"] not in (None, 0)  # refused: it exited on its own
     assert "No SuperNode found with the given public key" in (done.logs / "superlink.log").read_text()
     accepted = [r["accepted"] for r in records(tmp_path / "run") if r["event"] == "aggregate"]
     assert accepted == [["maze", "wordle"]]
+
+
+@pytest.mark.deploy
+def test_two_supernodes_each_with_its_own_environment_configuration(tmp_path, monkeypatch):
+    """Real processes: the privdesk node defines its environment by its --env-config file (its
+    package importable there), the maze node plays the built-in game; the server names both."""
+    example_src = Path(__file__).resolve().parents[1] / "examples" / "ticket-routing" / "src"
+    monkeypatch.setenv("PYTHONPATH", str(example_src))
+    file = tmp_path / "privdesk.toml"
+    file.write_text(PRIVDESK)
+    config = tiny_toml(tmp_path)
+    overrides = ["fed.clients=['privdesk','maze']", "env.privdesk.backend='node'", "fed.rounds=1"]
+    done = run_local(
+        config, tmp_path / "run", tmp_path / "work", overrides=overrides, node_envs={"privdesk": str(file)},
+        timeout=500, options={"poll": 0.2},
+    )  # fmt: skip
+    assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
+    log = records(tmp_path / "run")
+    assert [r["accepted"] for r in log if r["event"] == "aggregate"] == [["privdesk", "maze"]]
+    assert {(r["round"], r["env"]) for r in log if r["event"] == "eval"} == {
+        (n, e) for n in (0, 1) for e in ("privdesk", "maze")
+    }
+    assert "acme_tickets" not in (tmp_path / "run" / "config.json").read_text()
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
@@ -328,9 +351,41 @@ def test_a_killed_server_app_resumes_from_its_last_completed_round(tmp_path):
             server.wait(30)
         assert json.loads((run / "state.json").read_text())["round"] == 1  # round 2 was cut short
         done = deployment.run(run, resume=True, options={"poll": 0.2}, timeout=400)
-    assert done.run.returncode == 0, done.run.stdout[-3000:] + done.run.stderr[-3000:]
+    assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
     assert json.loads((run / "state.json").read_text())["global_adapter"] == embedded.global_adapter.hash
     assert records(run) == records(embedded.store.root)
+
+
+PRIVDESK = '[env.privdesk]\nclass = "acme_tickets:TicketRouting"\noptions = { tickets = 12 }\n'
+NODE_ONLY = ("fed.clients=['privdesk', 'maze']", "env.privdesk.backend='node'", "fed.rounds=1")
+
+
+def test_a_nodes_own_environment_federates_unseen_by_the_server(tmp_path):
+    """The server's configuration names `privdesk` only; its node's env-config defines it. The
+    run is the embedded one that names its class, and the class never reaches the run folder."""
+    file = tmp_path / "privdesk.toml"
+    file.write_text(PRIVDESK)
+    grid = LoopbackGrid([{"client": "privdesk", "env-config": str(file)}, {"client": "maze"}])
+    flower = flower_run(tmp_path, grid, *NODE_ONLY)
+    assert flower.config.env["privdesk"].backend == "node"
+    assert "acme_tickets" not in (flower.store.root / "config.json").read_text()
+    mine = (*NODE_ONLY[:1], "env.privdesk.class='acme_tickets:TicketRouting'", "env.privdesk.options={tickets=12}")
+    embedded = Federation(tiny_config(*mine, "fed.rounds=1"), tmp_path / "emb", Policy(load_base("tiny-random")))
+    embedded.run()
+    assert flower.global_adapter.hash == embedded.global_adapter.hash
+    assert records(flower.store.root) == records(embedded.store.root)
+
+
+def test_run_options_survive_flowers_run_config_parser_whatever_they_hold():
+    from flwr.common.config import parse_config_args
+
+    from fedse.flower.commands import run_config_arg
+
+    sets = ["fed.clients=['privdesk', 'maze']", 'name="a b"', "env.x.instruction='it's \\ \"odd\"'"]
+    options = FlowerOptions(config="/a b/c's.toml", overrides=FlowerOptions.join_overrides(sets), poll=0.5)
+    parsed = parse_config_args([run_config_arg(options.run_config())])
+    back = FlowerOptions.from_run_config(parsed)
+    assert back == options and back.override_list() == sets
 
 
 def test_run_options_round_trip_through_flowers_run_config():

@@ -8,10 +8,12 @@ import pytest
 import fedse.envs
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
-from fedse.envs import EnvError, has_expert, list_envs, make_env
+from fedse.envs import EnvError, defined_on_its_node, has_expert, list_envs, make_env
+from fedse.errors import UserError
 from fedse.experiments.config import ConfigError, load_config
 from fedse.experiments.federation import Federation
-from helpers import TINY, records
+from fedse.flower.node_envs import NodeEnvs
+from helpers import TINY, records, tiny_config
 
 
 def own_config(tmp_path, table: str, *extra: str):
@@ -118,3 +120,57 @@ def test_a_bad_plugin_stops_fedse_run_with_one_line_and_creates_nothing(tmp_path
     err = capsys.readouterr().err.strip()
     assert err == "fedse: error: [env.desk]: environment 'desk': 'acme_tickets' has no 'Nope'"
     assert not (tmp_path / "runs").exists()
+
+
+# --- an environment its Flower node defines: the server's configuration names it only -----------
+
+NODE_ONLY = ["fed.clients=['privdesk', 'maze']", "env.privdesk.backend='node'"]
+PRIVDESK = '[env.privdesk]\nclass = "acme_tickets:TicketRouting"\noptions = { tickets = 12 }\n'
+
+
+def test_a_run_here_refuses_an_environment_only_its_node_defines(tmp_path, capsys):
+    from fedse.cli import main
+
+    config = tiny_config(*NODE_ONLY)  # the server validates it: it knows the name, not the class
+    assert config.env["privdesk"].backend == "node" and defined_on_its_node("privdesk")
+    assert main(["run", "--runs-dir", str(tmp_path / "runs"), *[f"--set={s}" for s in [*TINY, *NODE_ONLY]]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "environment 'privdesk' is defined on its Flower node" in err and "fedse flower" in err
+    assert "\n" not in err and not (tmp_path / "runs").exists()
+
+
+def test_a_node_environment_table_takes_no_definition_on_the_server():
+    with pytest.raises(ConfigError, match=r"backend = 'node' takes no other key \(class\)"):
+        tiny_config(*NODE_ONLY, "env.privdesk.class='acme_tickets:TicketRouting'")
+
+
+def test_the_nodes_own_table_replaces_the_servers_for_the_environments_it_holds(tmp_path):
+    file = tmp_path / "node-env.toml"
+    file.write_text(PRIVDESK)
+    tree = tiny_config(*NODE_ONLY).model_dump(by_alias=True)
+    run = NodeEnvs.from_node_config({"env-config": str(file)}).run_config(tree, "privdesk")
+    assert run.env["privdesk"].class_ == "acme_tickets:TicketRouting" and not defined_on_its_node("privdesk")
+    assert make_env("privdesk").splits["test"] == (0, 5, 10)
+    # the maze node's own address for its (built-in) environment; the run's other tables stay
+    run = NodeEnvs.from_node_config({"env-url": "http://10.0.0.5:36001", "env-timeout": 5}).run_config(tree, "maze")
+    assert run.env["maze"].url == "http://10.0.0.5:36001" and run.env["maze"].timeout == 5
+
+
+@pytest.mark.parametrize(
+    ("content", "node", "message"),
+    [
+        ("[env.privdesk\n", "privdesk", "not valid TOML"),
+        ("[fed]\nrounds = 3\n", "privdesk", "holds only [env.<name>] tables, found [fed]"),
+        (PRIVDESK.replace("privdesk", "other"), "privdesk", "[env.other] is not an environment this node holds"),
+        ("", "privdesk", "this node holds it but does not define it: start the node with --env-config"),
+        ('[env.privdesk]\nclass = "acme_tickets:Nope"\n', "privdesk", "this node's environments: [env.privdesk]"),
+    ],
+)
+def test_each_mistake_in_a_nodes_environments_is_one_line(tmp_path, content, node, message):
+    file = tmp_path / "node-env.toml"
+    file.write_text(content)
+    tree = tiny_config(*NODE_ONLY).model_dump(by_alias=True)
+    node_config = {"env-config": str(file)} if content else {}
+    with pytest.raises(UserError) as raised:
+        NodeEnvs.from_node_config(node_config).run_config(tree, node)
+    assert message in str(raised.value) and "\n" not in str(raised.value)

@@ -99,6 +99,30 @@ def register_served_env(name: str, table: EnvBackend) -> None:
     _REGISTERED[name] = factory
 
 
+def register_node_env(name: str) -> None:
+    """Make `name` known in this process as an environment that the Flower node holding it
+    defines (`[env.<name>] backend = "node"`): a server's run configuration names it, and only
+    that node's own configuration (`fedse flower node --env-config`, `--env-class`, or a package
+    installed there) says what it is. A definition this process already has is kept."""
+    if name in BUILT_IN_ENVS:
+        raise EnvError(f"environment {name!r} is built in; give yours another name")
+    if name not in _REGISTERED and name not in _installed():
+        _REGISTERED[name] = partial(_defined_on_its_node, name)
+
+
+def _defined_on_its_node(name: str, **options) -> TextEnv:
+    raise EnvError(
+        f"environment {name!r} is defined on its Flower node only ([env.{name}] backend = 'node'): run the "
+        "federation with `fedse flower`, the node holding it defining it (--env-config, --env-class or its installed package)"
+    )
+
+
+def defined_on_its_node(name: str) -> bool:
+    """Whether this process knows `name` only as an environment its Flower node defines."""
+    factory = _REGISTERED.get(name)
+    return isinstance(factory, partial) and factory.func is _defined_on_its_node
+
+
 def check_env(name: str, factory: Callable[..., TextEnv]) -> TextEnv:
     """Build one instance and check what fedse needs of it: its splits."""
     try:
@@ -143,13 +167,23 @@ def make_env(name: str, backend: EnvBackend | None = None, **options) -> TextEnv
     `options` configure the in-process copy that supplies the instruction and the expert.
     """
     local = _factory(name)(**options)
-    if backend is None or backend.backend == "local":
+    if local.name != name:  # a class registered under another name plays under that one
+        try:
+            local.name = name
+        except AttributeError:
+            raise EnvError(
+                f"environment {name!r}: its class names itself {local.name!r}; register it under that name"
+            ) from None
+    if backend is None or backend.backend != "http":  # "node": this process holds the node's definition
         return local
     return RemoteEnv(local, backend.url, timeout=backend.timeout, retries=backend.retries, dialect=backend.dialect)
 
 
 def has_expert(name: str) -> bool:
-    """Whether environment `name` has a scripted expert to seed buffers with."""
+    """Whether environment `name` has a scripted expert to seed buffers with (False where this
+    process does not know its class: `defined_on_its_node`)."""
+    if defined_on_its_node(name):
+        return False
     factory = _factory(name)
     cls = factory.func if isinstance(factory, partial) else factory
     return cls.expert is not TextEnv.expert
@@ -166,11 +200,13 @@ __all__ = [
     "StepResult",
     "TextEnv",
     "check_env",
+    "defined_on_its_node",
     "env_class",
     "has_expert",
     "list_envs",
     "make_env",
     "register_env",
+    "register_node_env",
     "register_served_env",
     "replay",
 ]

@@ -85,8 +85,9 @@ class EnvBackend(Section):
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments its class is built with."""
 
-    backend: Literal["local", "http"] = "local"
-    """local: in this process; http: on an AgentGym-compatible server at `url`."""
+    backend: Literal["local", "http", "node"] = "local"
+    """local: in this process; http: on an AgentGym-compatible server at `url`; node: defined on
+    the Flower node that holds it, by that node's own configuration (the server knows its name only)."""
     url: str | None = None
     """The server's base address, e.g. http://127.0.0.1:36001 (LMRL-Gym: without /maze)."""
     timeout: float = Field(30.0, gt=0)
@@ -119,6 +120,17 @@ class EnvBackend(Section):
                 raise ValueError(f"backend 'http' needs url = 'http://host:port', got {self.url!r}")
         elif self.url is not None:
             raise ValueError("url is only for backend = 'http'")
+        given = [
+            k
+            for k, f in type(self).model_fields.items()
+            if k != "backend" and getattr(self, k) != f.get_default(call_default_factory=True)
+        ]
+        if self.backend == "node" and given:
+            extra = [type(self).model_fields[k].alias or k for k in given]
+            raise ValueError(
+                f"backend = 'node' takes no other key ({extra[0]}): the node that holds it defines it in its own "
+                "configuration (fedse flower node --env-config)"
+            )
         return self
 
 

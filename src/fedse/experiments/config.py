@@ -17,7 +17,17 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedse.agent.lora import LoraSpec
 from fedse.agent.model import KNOWN_MODELS, model_available
-from fedse.envs import BUILT_IN_ENVS, EnvBackend, EnvError, has_expert, list_envs, register_env, register_served_env
+from fedse.envs import (
+    BUILT_IN_ENVS,
+    EnvBackend,
+    EnvError,
+    defined_on_its_node,
+    has_expert,
+    list_envs,
+    register_env,
+    register_node_env,
+    register_served_env,
+)
 from fedse.errors import UserError
 from fedse.evolve.buffer import BufferSection
 from fedse.evolve.sft import TrainSection
@@ -216,7 +226,9 @@ class RunConfig(Section):
     checkpoints: CheckpointSection = CheckpointSection()
     env: dict[str, EnvBackend] = Field(default_factory=dict)
     """Per environment, where its games run: `[env.maze] backend = "http"`, `url = "http://host:port"`
-    (an AgentGym server or `fedse serve-env`); environments not listed run in process."""
+    (an AgentGym server or `fedse serve-env`); environments not listed run in process. A Flower
+    node's own configuration may replace the tables of the environments it holds
+    (`fedse.flower.node.NodeEnvs`)."""
 
     def base_dtype(self) -> str:
         """The base model's dtype: the configured one; "auto" is float32 under a rule that folds
@@ -259,8 +271,8 @@ class RunConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _register_own_envs(cls, data: object) -> object:
-        """Environments of your own named by class (`[env.<name>] class = ...`) are registered
-        before anything names them (fed.clients): `fedse.envs.register_env`."""
+        """Environments of your own (named by class, a game on its server only, or one its Flower
+        node defines) are registered before anything names them (fed.clients): `fedse.envs`."""
         tables = data.get("env") if isinstance(data, dict) else None
         for name, table in (tables or {}).items():
             if not isinstance(table, dict):
@@ -271,6 +283,8 @@ class RunConfig(Section):
                     register_env(name, path, table.get("options") or {})
                 elif table.get("backend") == "http" and name not in BUILT_IN_ENVS:  # a game on its server only
                     register_served_env(name, EnvBackend.model_validate(table))
+                elif table.get("backend") == "node":  # defined by the Flower node holding it
+                    register_node_env(name)
             except EnvError as error:
                 raise ValueError(f"[env.{name}]: {error}") from None
             except ValidationError:  # the table's own mistake: reported by key when `env` is validated
@@ -290,7 +304,7 @@ class RunConfig(Section):
         if self.buffer.expert_seeds == 0:
             return self
         for env in self.fed.clients:
-            if not has_expert(env):
+            if not defined_on_its_node(env) and not has_expert(env):  # a node checks its own
                 raise ValueError(
                     f"environment {env!r} has no expert to seed buffers with: set buffer.expert_seeds = 0 "
                     "(and buffer.seed_file to seed from an AgentTraj file)"

@@ -23,6 +23,7 @@ from fedse.agent.lora import Adapter
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats, on_backends, rollout
 from fedse.agent.trajectory import Trajectory
+from fedse.envs import defined_on_its_node
 from fedse.errors import UserError
 from fedse.evolve.buffer import ExperienceBuffer
 from fedse.experiments.config import RunConfig
@@ -65,6 +66,12 @@ class InProcessTransport:
     client's private state in the run folder's clients/<client>/ (`ClientState`)."""
 
     def __init__(self, config: RunConfig, store: RunStore, policy: Policy, aggregator, progress: bool = False) -> None:
+        remote = [env for env in config.fed.clients if defined_on_its_node(env)]
+        if remote:
+            raise UserError(
+                f"environment {remote[0]!r} is defined on its Flower node ([env.{remote[0]}] backend = 'node'): "
+                f"run this federation with `fedse flower`, or give [env.{remote[0]}] its class to run it here"
+            )
         self.config, self.store, self.policy, self.aggregator = config, store, policy, aggregator
         self.progress = progress
         self.client_envs, self.partition = config.client_layout()

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedse.errors import UserError
 from fedse.run_options import add_run_folder_options, chosen_run_folder
 
 
@@ -44,11 +45,24 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from fedse.envs import env_class
     from fedse.flower.commands import supernode_command
+    from fedse.flower.node_envs import NodeEnvs
     from fedse.flower.processes import run_node
 
     data_dir = Path(args.data_dir).expanduser().resolve()
     node_config = {"client": args.client, "data-dir": str(data_dir)}
+    env_config = str(Path(args.env_config).expanduser().resolve()) if args.env_config else None
+    own = {
+        "env-config": env_config,
+        "env-class": args.env_class,
+        "env-url": args.env_url,
+        "env-timeout": args.env_timeout,
+    }
+    node_config.update({k: str(v) for k, v in own.items() if v is not None})
+    NodeEnvs.from_node_config(node_config)  # a file or value that cannot be read: one line, before joining
+    if args.env_class:
+        env_class(args.client, args.env_class)
     command = supernode_command(
         args.superlink, args.port, node_config, Path(args.ca) if args.ca else None, Path(args.key) if args.key else None
     )
@@ -70,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     write_connection(home, "fedse", args.superlink, Path(args.ca).resolve() if args.ca else None)
     options = FlowerOptions(
         config=str(Path(args.config).resolve()), run_dir=str(run_dir), resume=resume, force=args.force,
-        overrides=" ".join(args.set), min_clients=args.min_clients, round_timeout=args.round_timeout,
+        overrides=FlowerOptions.join_overrides(args.set), min_clients=args.min_clients, round_timeout=args.round_timeout,
     )  # fmt: skip
     command = flwr_run_command("fedse", options.run_config())
     print("+", " ".join(command), flush=True)
@@ -85,15 +99,26 @@ def cmd_local(args: argparse.Namespace) -> int:
     run_dir, resume = chosen_run_folder(args, f"{config.name}-flower")
     done = run_local(
         args.config, run_dir, args.work_dir or run_dir.with_name(run_dir.name + "-deploy"), args.set,
-        tls=args.tls, node_auth=args.node_auth, resume=resume,
+        tls=args.tls, node_auth=args.node_auth, resume=resume, node_envs=node_env_files(args.node_env),
     )  # fmt: skip
     sys.stdout.write(done.run.stdout)
     sys.stderr.write(done.run.stderr[-5000:])
-    if done.run.returncode != 0:
-        print(f"flwr run exited with {done.run.returncode}; logs in {done.logs}")
-    else:
-        print(f"run folder {run_dir} ({done.seconds:.0f} s); logs in {done.logs}")
-    return done.run.returncode
+    if not done.ok:
+        print(f"the run failed (flwr run exited with {done.run.returncode}; see its log above); logs in {done.logs}")
+        return done.run.returncode or 1
+    print(f"run folder {run_dir} ({done.seconds:.0f} s); logs in {done.logs}")
+    return 0
+
+
+def node_env_files(items: list[str]) -> dict[str, str]:
+    """`--node-env CLIENT=FILE` options as client -> its node's env-config file."""
+    files = {}
+    for item in items:
+        client, sep, path = item.partition("=")
+        if not sep or not client or not path:
+            raise UserError(f"--node-env takes CLIENT=FILE (an env-config file for that client's node), got {item!r}")
+        files[client] = str(Path(path).expanduser().resolve())
+    return files
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -109,7 +134,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     run_dir = run_dir.resolve()
     options = FlowerOptions(
         config=str(Path(args.config).resolve()) if args.config else "",
-        run_dir=str(run_dir), resume=resume, force=args.force, overrides=" ".join(args.set),
+        run_dir=str(run_dir), resume=resume, force=args.force, overrides=FlowerOptions.join_overrides(args.set),
     )  # fmt: skip
     run_simulation(
         server_app=make_server_app(options),
@@ -142,6 +167,10 @@ def add_flower_parser(sub) -> None:
     local.add_argument("--work-dir", help="certificates, node data and logs (default: beside the run folder)")
     local.add_argument("--tls", action="store_true", help="TLS between SuperLink and SuperNodes")
     local.add_argument("--node-auth", action="store_true", help="only registered SuperNodes may join (implies TLS)")
+    local.add_argument(
+        "--node-env", action="append", default=[], metavar="CLIENT=FILE",
+        help="that client's node defines its environments by this env-config file (the run config need not)",
+    )  # fmt: skip
     local.set_defaults(run=cmd_local)
     certs = fsub.add_parser("certs", help="make a CA, a SuperLink certificate and SuperNode key pairs")
     certs.add_argument("dir")
@@ -168,6 +197,12 @@ def add_flower_parser(sub) -> None:
     node.add_argument("--port", type=int, default=9094, help="the SuperNode's own port (one per node on a machine)")
     node.add_argument("--ca", help="the CA certificate (TLS); without it the connection is insecure")
     node.add_argument("--key", help="this node's private key (node auth)")
+    node.add_argument(
+        "--env-config", metavar="FILE", help="[env.<name>] tables defining this node's environments (known here only)"
+    )
+    node.add_argument("--env-class", metavar="PACKAGE.MODULE:CLASS", help="this node's environment class")
+    node.add_argument("--env-url", metavar="URL", help="the AgentGym-compatible server this node's games run on")
+    node.add_argument("--env-timeout", type=float, metavar="SECONDS", help="how long a request to it may take")
     node.set_defaults(run=cmd_node)
     run = fsub.add_parser("run", help="start a fedse run on a SuperLink (flwr run) and stream its log")
     run_options(run)

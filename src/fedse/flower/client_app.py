@@ -13,10 +13,10 @@ Three messages, each answered from the node's own files and base model:
 
 Node config keys: `client` (e.g. `maze`, or `maze-0` with several clients per environment),
 `data-dir` (where the node keeps its buffer and personal adapters; default: the directory the
-server names, which only makes sense on one machine), `env-url` (the AgentGym-style server this
-node's environment runs on, known to this node only; default: the run configuration's
-`[env.<name>]`, or in process) and `env-timeout` (seconds a request to it may take). With `fedse flower node` a long-lived
-worker holds the base model; this app then forwards each message to it (see `worker.py`).
+server names, which only makes sense on one machine), and the node's own environment settings,
+known to this node only: `env-config`, `env-class`, `env-url`, `env-timeout`
+(`fedse.flower.node_envs`). With `fedse flower node` a long-lived worker holds the base model;
+this app then forwards each message to it (see `worker.py`).
 """
 
 from __future__ import annotations
@@ -44,16 +44,6 @@ def node_client_name(node_config: dict, clients: list[str]) -> str:
     raise ValueError('this SuperNode has no client: start it with --node-config "client=<env> data-dir=<dir>"')
 
 
-def node_backend(node_config: dict):
-    """Where this node's environment runs, from its own configuration (`env-url`), or None."""
-    if "env-url" not in node_config:
-        return None
-    from fedse.envs import EnvBackend
-
-    timeout = float(node_config.get("env-timeout", 30.0))
-    return EnvBackend(backend="http", url=str(node_config["env-url"]), timeout=timeout)
-
-
 def handle(message_type: str, content: RecordDict, node_config: dict) -> RecordDict:
     """The reply content to one message (the same in this process and in a worker)."""
     config = record_json(content["config"])
@@ -64,12 +54,14 @@ def handle(message_type: str, content: RecordDict, node_config: dict) -> RecordD
     name = node_client_name(node_config, config["clients"])
     if name != config["client"]:
         raise ValueError(f"this node is client {name!r}, the server sent a message for {config['client']!r}")
+    from fedse.flower.node_envs import NodeEnvs
+
     directory = node_directory(node_config, config)
-    backend = node_backend(node_config)
+    own = NodeEnvs.from_node_config(node_config)
     if message_type == "train":
-        return train_content(content, config, directory, backend)
+        return train_content(content, config, directory, own)
     if message_type == "evaluate":
-        return evaluate_content(content, config, directory, backend)
+        return evaluate_content(content, config, directory, own)
     raise ValueError(f"unknown message type {message_type!r}")
 
 

@@ -88,7 +88,9 @@ def run_config_arg(options: dict[str, object]) -> str:
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
-        return "'" + str(v).replace("'", "") + "'"
+        # a TOML basic string with no literal '"' (Flower's parser ends a value at the next one)
+        text = str(v).replace("\\", "\\\\").replace('"', "\\u0022").replace("\n", "\\n")
+        return f'"{text}"'
 
     return " ".join(f"{k}={value(v)}" for k, v in options.items())
 
@@ -104,10 +106,14 @@ def node_command(
     port: int,
     ca: Path | None = None,
     key: Path | None = None,
+    env_config: str | None = None,
 ) -> list[str]:
-    """`fedse flower node ...`: a SuperNode for `client` with its worker."""
+    """`fedse flower node ...`: a SuperNode for `client` with its worker (its environments
+    defined by the `env_config` file, if given)."""
     cmd = [sys.executable, "-m", "fedse.cli", "flower", "node", "--client", client, "--data-dir", str(data_dir)]
     cmd += ["--superlink", superlink, "--port", str(port)]
+    if env_config is not None:
+        cmd += ["--env-config", env_config]
     if ca is not None:
         cmd += ["--ca", str(ca)]
     if key is not None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedse.errors import UserError
 from fedse.flower.certificates import make_certificates
 from fedse.flower.commands import (
     flower_env,
@@ -24,13 +25,17 @@ from fedse.flower.commands import (
 from fedse.flower.options import FlowerOptions
 from fedse.flower.processes import Processes, free_port, wait_for_port
 
+SERVER_APP_FAILED = "ServerApp raised an exception"
+"""What Flower's streamed log says when the ServerApp failed."""
+
 
 class LocalDeployment:
     """Flower's deployment engine on this machine for the run `config` describes: a SuperLink and
     one SuperNode (with its worker) per client, each a process in its own group, files and logs
     under `work_dir`. A context manager: every process is stopped on exit.
 
-    `node_auth` implies TLS; `intruder` adds a SuperNode whose key is never registered. Each
+    `node_auth` implies TLS; `intruder` adds a SuperNode whose key is never registered;
+    `node_envs` gives a client's node an env-config file (`fedse.flower.node_envs`). Each
     node gets `os.cpu_count() // clients` torch threads (at least 1), so nodes sharing one
     machine do not oversubscribe its cores (which slows them far more than their share)."""
 
@@ -42,6 +47,7 @@ class LocalDeployment:
         tls: bool = False,
         node_auth: bool = False,
         intruder: bool = False,
+        node_envs: dict[str, str] | None = None,
     ) -> None:
         from fedse.experiments.config import load_config
 
@@ -52,6 +58,12 @@ class LocalDeployment:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.node_auth, self.intruder = node_auth, intruder
+        self.node_envs = dict(node_envs or {})
+        unknown = sorted(set(self.node_envs) - set(self.clients))
+        if unknown:
+            raise UserError(
+                f"--node-env {unknown[0]}=...: the run has no client {unknown[0]!r} ({', '.join(self.clients)})"
+            )
         names = [*self.clients, "intruder"] if intruder else self.clients
         hosts = ["127.0.0.1", "localhost"]
         self.certs = make_certificates(self.work / "certs", hosts, names) if tls or node_auth else None
@@ -93,6 +105,7 @@ class LocalDeployment:
             free_port(),
             ca=self.certs.ca if self.certs else None,
             key=self.certs.node_key(key_name) if self.certs and self.node_auth else None,
+            env_config=self.node_envs.get(client),
         )
         self.processes.start(name or f"node-{client}", command, self.env)
 
@@ -121,7 +134,7 @@ class LocalDeployment:
             config=str(self.config),
             run_dir=str(Path(run_dir).resolve()),
             resume=resume,
-            overrides=" ".join(self.overrides),
+            overrides=FlowerOptions.join_overrides(self.overrides),
             **{k.replace("-", "_"): v for k, v in (options or {}).items()},
         )
         return flwr_run_command("fedse", chosen.run_config())
@@ -151,10 +164,11 @@ def run_local(
     timeout: float = 3600.0,
     options: dict[str, object] | None = None,
     intruder: bool = False,
+    node_envs: dict[str, str] | None = None,
 ) -> LocalResult:
     """A whole deployment on this machine (`LocalDeployment`) running `config` to its end into
     `run_dir`, then stopped."""
-    with LocalDeployment(config, work_dir, overrides, tls, node_auth, intruder) as deployment:
+    with LocalDeployment(config, work_dir, overrides, tls, node_auth, intruder, node_envs) as deployment:
         return deployment.run(run_dir, resume, options, timeout)
 
 
@@ -167,3 +181,9 @@ class LocalResult:
     logs: Path
     seconds: float
     """Wall time of `flwr run` (the processes already listening)."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run ended well: `flwr run --stream` exits 0 even when the ServerApp raised
+        (it only streams the log), so its log is read too."""
+        return self.run.returncode == 0 and SERVER_APP_FAILED not in self.run.stdout + self.run.stderr

@@ -24,15 +24,15 @@ from fedse.agent.lora import Adapter
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutStats, on_backends, rollout
-from fedse.envs import EnvBackend
 from fedse.evolve.buffer import ExperienceBuffer
-from fedse.experiments.config import RunConfig, validate_config
+from fedse.experiments.config import RunConfig
 from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import EvalRecord
 from fedse.fl.client import ClientState, client_requests, learn
 from fedse.fl.server import fold, tensors_folded
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_tensors, tensors_record
+from fedse.flower.node_envs import NodeEnvs
 
 _POLICIES: dict[tuple[str, str], Policy] = {}
 
@@ -55,23 +55,15 @@ class TrainResult:
 class NodeClient:
     """Client `client` of the run `config` describes, keeping its state under `directory`."""
 
-    def __init__(
-        self,
-        config: RunConfig,
-        client: str,
-        directory: str | Path,
-        policy: Policy | None = None,
-        backend: EnvBackend | None = None,
-    ) -> None:
-        """`backend`: where this node's own environments run (its node configuration), in place
-        of the run configuration's `[env.*]`."""
+    def __init__(self, config: RunConfig, client: str, directory: str | Path, policy: Policy | None = None) -> None:
+        """`config`: the run configuration as this node sees it (`NodeEnvs.run_config`)."""
         client_envs, partition = config.client_layout()
         if client not in client_envs:
             raise ValueError(f"this run has no client {client!r} (its clients: {', '.join(client_envs)})")
         self.config, self.client = config, client
         self.envs, (self.part, self.parts) = client_envs[client], partition[client]
         self.directory = Path(directory)
-        self.backends = {**config.env, **dict.fromkeys(self.envs, backend)} if backend else dict(config.env)
+        self.backends = dict(config.env)
         self.state = ClientState(
             self.directory, client, self.envs, config.buffer, self.part, self.parts, config.model.name
         )
@@ -156,14 +148,14 @@ def _received(client: NodeClient, content) -> tuple[Adapter, dict]:
     return received, record_tensors(content["base"]) if "base" in content else {}
 
 
-def _client(config: dict, directory: Path, backend: EnvBackend | None) -> NodeClient:
-    run = validate_config(config["run"], where="the server's train message")
-    return NodeClient(run, config["client"], directory, backend=backend)
+def _client(config: dict, directory: Path, own: NodeEnvs | None) -> NodeClient:
+    run = (own or NodeEnvs()).run_config(config["run"], config["client"])
+    return NodeClient(run, config["client"], directory)
 
 
-def train_content(content, config: dict, directory: Path, backend: EnvBackend | None = None):
+def train_content(content, config: dict, directory: Path, own: NodeEnvs | None = None):
     """A train message's reply content: `update` (the factors the rule uploads) and `metrics`."""
-    client = _client(config, directory, backend)
+    client = _client(config, directory, own)
     received, base = _received(client, content)
     result = client.train(int(config["round"]), received, base)
     s = result.stats
@@ -185,9 +177,9 @@ def train_content(content, config: dict, directory: Path, backend: EnvBackend | 
     return RecordDict(content)
 
 
-def evaluate_content(content, config: dict, directory: Path, backend: EnvBackend | None = None):
+def evaluate_content(content, config: dict, directory: Path, own: NodeEnvs | None = None):
     """An evaluate message's reply content: `eval`, one entry per environment tested."""
-    client = _client(config, directory, backend)
+    client = _client(config, directory, own)
     received, base = _received(client, content)
     records = client.evaluate(int(config["round"]), received, base, list(config["envs"]))
     return RecordDict({"eval": json_record([asdict(r) for r in records])})

@@ -4,6 +4,7 @@ pyproject.toml declares the same keys with the same defaults (a test keeps them 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, fields
 
 from fedse.errors import UserError
@@ -21,7 +22,8 @@ class FlowerOptions:
     """Continue the run folder from its last completed round."""
     force: bool = False
     overrides: str = ""
-    """`--set`-style overrides, space-separated: "fed.rounds=2 explore.tasks=4"."""
+    """`--set`-style overrides, space-separated, quoted as a shell would where they hold spaces:
+    "fed.rounds=2 'fed.clients=[\"maze\", \"wordle\"]'" (`join_overrides`, `override_list`)."""
     min_clients: int = 1
     """Fewest clients whose updates a round needs; with fewer replies the run stops (resumable)."""
     round_timeout: float = 3600.0
@@ -42,6 +44,16 @@ class FlowerOptions:
                 "the fedse ServerApp needs a config: flwr run ... --run-config \"config='path/to/run.toml'\""
             )
         return cls(**values)
+
+    @staticmethod
+    def join_overrides(items: list[str]) -> str:
+        return shlex.join(items)
+
+    def override_list(self) -> list[str]:
+        try:
+            return shlex.split(self.overrides)
+        except ValueError as error:
+            raise UserError(f"run config overrides = {self.overrides!r}: {error}") from None
 
     def run_config(self) -> dict[str, object]:
         """These options as Flower's run config (dashed keys): what `flwr run --run-config` is given."""

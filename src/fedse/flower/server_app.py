@@ -242,8 +242,7 @@ def run_federation(grid: Grid, options: FlowerOptions, policy: Policy | None = N
     """The whole run on the server side; returns the run folder (its report written)."""
     from fedse.experiments.report import round_summary, write_report
 
-    overrides = options.overrides.split() if options.overrides else []
-    config = load_config(options.config, overrides)
+    config = load_config(options.config, options.override_list())
     root = Path(options.run_dir or Path("runs") / config.name)
     federation = flower_federation(config, root, grid, options, policy)
     federation.run(
