@@ -1,6 +1,8 @@
 """Environments of one's own: named by class in the run configuration or registered by an installed
 package's entry point, federated beside the built-in ones, and every mistake one line."""
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,10 @@ from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.envs import EnvError, defined_on_its_node, has_expert, list_envs, make_env
 from fedse.errors import UserError
+from fedse.evolve.agenttraj import to_agenttraj
 from fedse.experiments.config import ConfigError, load_config
 from fedse.experiments.federation import Federation
+from fedse.fl.client import expert_seeds
 from fedse.flower.node_envs import NodeEnvs
 from helpers import TINY, records, tiny_config
 
@@ -39,12 +43,32 @@ def test_an_environment_named_by_class_federates_beside_a_built_in_one(tmp_path)
     assert evaluated == {"tickets", "maze"}
 
 
-def test_an_environment_without_an_expert_needs_seeds_from_elsewhere(tmp_path):
-    table = '[env.quiet]\nclass = "own_envs:NoExpert"\n'
-    with pytest.raises(ConfigError, match="'quiet' has no expert to seed buffers with: set buffer.expert_seeds = 0"):
-        own_config(tmp_path, table, "fed.clients=['quiet']")
-    config = own_config(tmp_path, table, "fed.clients=['quiet']", "buffer.expert_seeds=0")
-    assert config.fed.clients == ["quiet"] and not has_expert("quiet")
+def test_an_environment_without_an_expert_is_seeded_from_a_file_beside_experts(tmp_path):
+    """`quiet` has no expert: its client takes its seeds from an AgentTraj file while maze's
+    still gets its expert's demonstrations; with neither file nor exploration it is refused."""
+    quiet = '[env.quiet]\nclass = "own_envs:NoExpert"\noptions = { tickets = 12 }\n'
+    with pytest.raises(ConfigError, match="'quiet' has no expert, and with no buffer.seed_file and explore.tasks = 0"):
+        own_config(tmp_path, quiet, "fed.clients=['quiet', 'maze']", "explore.tasks=0")
+    own_config(tmp_path, TICKETS, "fed.clients=['tickets']")
+    demos = [replace(t, env="quiet") for t in expert_seeds("tickets", ["tickets"], 3)]
+    seed_file = tmp_path / "quiet.json"
+    seed_file.write_text(json.dumps([to_agenttraj(t) for t in demos]))
+    config = own_config(
+        tmp_path,
+        quiet,
+        "fed.clients=['quiet', 'maze']",
+        "fed.rounds=1",
+        "explore.tasks=0",
+        f"buffer.seed_file='{seed_file}'",
+    )
+    assert not has_expert("quiet")
+    fed = Federation(config, tmp_path / "run", Policy(load_base("tiny-random")))
+    fed.run()
+    quiet_seeds = [t for _, t in fed.transport.buffer("quiet").entries]
+    assert [t.outputs for t in quiet_seeds] == [t.outputs for t in demos]
+    assert len(fed.transport.buffer("maze").entries) == 2  # buffer.expert_seeds of maze's expert
+    trained = {r["client"]: r["train_tokens"] for r in records(fed.store.root) if r["event"] == "client"}
+    assert trained["quiet"] > 0 and trained["maze"] > 0
 
 
 @pytest.mark.parametrize(
@@ -85,6 +109,7 @@ def test_an_installed_packages_entry_point_registers_its_environment(tmp_path, m
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-tickets\nVersion: 0.1.0\n")
     (dist / "entry_points.txt").write_text(
         "[fedse.envs]\nrouted = acme_tickets:TicketRouting\nbroken = acme_tickets_missing:Nothing\n"
+        "built = own_envs:small_echo\nnot_env = own_envs:not_an_env\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(fedse.envs, "_REGISTERED", {})
@@ -96,6 +121,9 @@ def test_an_installed_packages_entry_point_registers_its_environment(tmp_path, m
             make_env("broken")
         config = load_config(None, [*TINY, "fed.clients=['routed', 'maze']"])  # no [env.*] table needed
         assert config.fed.clients == ["routed", "maze"] and has_expert("routed")
+        assert make_env("built").splits["test"] == [0, 4] and has_expert("built")  # a function's environment
+        with pytest.raises(EnvError, match="'not_env': it built a NotAnEnv, not a fedse.envs.TextEnv"):
+            make_env("not_env")
     finally:
         fedse.envs._installed.cache_clear()
 
@@ -174,3 +202,23 @@ def test_each_mistake_in_a_nodes_environments_is_one_line(tmp_path, content, nod
     with pytest.raises(UserError) as raised:
         NodeEnvs.from_node_config(node_config).run_config(tree, node)
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_an_environment_written_from_scratch_federates_with_its_attributes_set_at_construction(tmp_path):
+    config = own_config(tmp_path, '[env.echo]\nclass = "own_envs:Echo"\noptions = { tasks = 16 }\n',
+                        "fed.clients=['echo', 'maze']", "fed.rounds=1")  # fmt: skip
+    env = make_env("echo")
+    assert env.name == "echo" and env.splits["test"] == [0, 4, 8, 12] and has_expert("echo")
+    fed = Federation(config, tmp_path / "run", Policy(load_base("tiny-random")))
+    fed.run()
+    seeded = [t for _, t in fed.transport.buffer("echo").entries]
+    assert len(seeded) == 2 and all(t.success and t.env == "echo" for t in seeded)
+    evaluated = {r["env"]: r["tasks"] for r in records(fed.store.root) if r["event"] == "eval"}
+    assert evaluated == {"echo": 2, "maze": 2}
+
+
+def test_an_attribute_of_the_wrong_kind_is_one_line(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"\[env.turns\]: environment 'turns': max_turns = 0; it must be an integer >= 1"
+    ):
+        own_config(tmp_path, '[env.turns]\nclass = "own_envs:BadTurns"\n')

@@ -34,6 +34,13 @@ BUILT_IN_ENVS: dict[str, Callable[..., TextEnv]] = {
     "babyai": BabyAIEnv,
     "webshop": WebShopEnv,
 }
+_MISSING = object()
+_ATTRIBUTES = {
+    "instruction": (str, "a string"),
+    "max_turns": (int, "an integer >= 1"),
+    "num_tasks": (int | None, "an integer or None"),
+}
+"""What fedse reads of every environment, with the type it must have."""
 _REGISTERED: dict[str, Callable[..., TextEnv]] = {}
 """Environments a run configuration named by class (`register_env`), for this process."""
 
@@ -50,8 +57,8 @@ def list_envs() -> list[str]:
 
 def env_class(name: str, path: str) -> type[TextEnv]:
     """The class `path` ("package.module:ClassName") names for environment `name`, checked to be
-    a `TextEnv` with its `name`, `instruction`, `max_turns` and `num_tasks`; a mistake is one
-    EnvError line naming the environment and what to do."""
+    a `TextEnv` that implements its methods; a mistake is one EnvError line naming the
+    environment and what to do."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise EnvError(f"environment {name!r}: class = {path!r} is not 'package.module:ClassName'")
@@ -68,11 +75,6 @@ def env_class(name: str, path: str) -> type[TextEnv]:
             raise EnvError(f"environment {name!r}: {module_name!r} has no {attribute!r}")
     if not (inspect.isclass(cls) and issubclass(cls, TextEnv)):
         raise EnvError(f"environment {name!r}: {path} is not a subclass of fedse.envs.TextEnv")
-    missing = [a for a in ("name", "instruction", "max_turns", "num_tasks") if not hasattr(cls, a)]
-    if missing:
-        raise EnvError(
-            f"environment {name!r}: {path} lacks the class attribute {missing[0]!r} (see fedse.envs.TextEnv)"
-        )
     if inspect.isabstract(cls):
         methods = ", ".join(sorted(cls.__abstractmethods__))
         raise EnvError(f"environment {name!r}: {path} does not implement {methods}")
@@ -124,16 +126,30 @@ def defined_on_its_node(name: str) -> bool:
 
 
 def check_env(name: str, factory: Callable[..., TextEnv]) -> TextEnv:
-    """Build one instance and check what fedse needs of it: its splits."""
+    """Build one instance and check what fedse needs of it: its instruction, turn limit, task
+    count and splits (as attributes of the class or set by its constructor)."""
     try:
         env = factory()
     except TypeError as error:
         raise EnvError(f"environment {name!r}: cannot build it with its options ({error})") from None
+    if not isinstance(env, TextEnv):
+        raise EnvError(f"environment {name!r}: it built a {type(env).__name__}, not a fedse.envs.TextEnv")
+    _named(env, name)
+    for attribute, (kind, wanted) in _ATTRIBUTES.items():
+        value = getattr(env, attribute, _MISSING)
+        if value is _MISSING:
+            raise EnvError(f"environment {name!r}: it has no {attribute!r}; set it (see fedse.envs.TextEnv)")
+        if isinstance(value, bool) or not isinstance(value, kind) or (attribute == "max_turns" and value < 1):
+            raise EnvError(f"environment {name!r}: {attribute} = {value!r}; it must be {wanted}")
     splits = env.splits
     for split in ("train", "test"):
         ids = splits.get(split) if isinstance(splits, dict) else None
         if not ids:
             raise EnvError(f"environment {name!r}: its splits name no {split} task ids; return them from `splits`")
+        if not isinstance(ids, list | tuple | range):
+            raise EnvError(
+                f"environment {name!r}: its {split} split is a {type(ids).__name__}; give the ids in order, as a list"
+            )
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]
         if not bad and env.num_tasks is not None:
             bad = [i for i in ids if i >= env.num_tasks]
@@ -152,11 +168,15 @@ def _factory(name: str) -> Callable[..., TextEnv]:
             loaded = _installed()[name].load()
         except Exception as error:  # a third-party package's import may raise anything
             raise EnvError(f"environment {name!r}: its package's entry point failed to load ({error})") from None
-        path = f"{loaded.__module__}:{loaded.__qualname__}" if inspect.isclass(loaded) else str(loaded)
-        cls = env_class(name, path)
-        check_env(name, cls)
-        _REGISTERED[name] = cls
-        return cls
+        if inspect.isclass(loaded):
+            factory = env_class(name, f"{loaded.__module__}:{loaded.__qualname__}")
+        elif callable(loaded):  # a function that builds one
+            factory = loaded
+        else:
+            raise EnvError(f"environment {name!r}: its entry point names {loaded!r}, not a TextEnv class or a function")
+        check_env(name, factory)
+        _REGISTERED[name] = factory
+        return factory
     raise EnvError(f"unknown environment {name!r}; choose one of: {', '.join(list_envs())}")
 
 
@@ -166,17 +186,22 @@ def make_env(name: str, backend: EnvBackend | None = None, **options) -> TextEnv
     With an http `backend` the games run on that AgentGym-compatible server (`RemoteEnv`);
     `options` configure the in-process copy that supplies the instruction and the expert.
     """
-    local = _factory(name)(**options)
-    if local.name != name:  # a class registered under another name plays under that one
-        try:
-            local.name = name
-        except AttributeError:
-            raise EnvError(
-                f"environment {name!r}: its class names itself {local.name!r}; register it under that name"
-            ) from None
+    local = _named(_factory(name)(**options), name)
     if backend is None or backend.backend != "http":  # "node": this process holds the node's definition
         return local
     return RemoteEnv(local, backend.url, timeout=backend.timeout, retries=backend.retries, dialect=backend.dialect)
+
+
+def _named(env: TextEnv, name: str) -> TextEnv:
+    """`env` playing as `name`: a class registered under another name plays under that one."""
+    if getattr(env, "name", None) != name:
+        try:
+            env.name = name
+        except AttributeError:
+            raise EnvError(
+                f"environment {name!r}: its class names itself {env.name!r}; register it under that name"
+            ) from None
+    return env
 
 
 def has_expert(name: str) -> bool:
@@ -184,9 +209,7 @@ def has_expert(name: str) -> bool:
     process does not know its class: `defined_on_its_node`)."""
     if defined_on_its_node(name):
         return False
-    factory = _factory(name)
-    cls = factory.func if isinstance(factory, partial) else factory
-    return cls.expert is not TextEnv.expert
+    return type(_factory(name)()).expert is not TextEnv.expert
 
 
 __all__ = [

@@ -69,10 +69,18 @@ class TextEnv(ABC):
     @property
     def splits(self) -> dict[str, tuple[int, ...]]:
         """Train and test task ids: AgentGym's (AgentTraj train ids, AgentEval test ids) for its
-        environments; an environment of your own returns its own."""
+        environments; an environment of your own states its own (a property, a class attribute,
+        or `self.splits = {...}` in its constructor)."""
+        own = self.__dict__.get("_own_splits")
+        if own is not None:
+            return own
         if self.name not in _splits_file():
             raise EnvError(f"environment {self.name!r} states no splits: define `splits` returning train and test ids")
         return agentgym_splits(self.name)
+
+    @splits.setter
+    def splits(self, value: dict[str, tuple[int, ...]]) -> None:
+        self.__dict__["_own_splits"] = value
 
     def check_task_id(self, task_id: int) -> int:
         if isinstance(task_id, bool) or not isinstance(task_id, int):

@@ -300,14 +300,16 @@ class RunConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _seeds_have_experts(self) -> RunConfig:
-        if self.buffer.expert_seeds == 0:
+    def _every_client_has_data(self) -> RunConfig:
+        """An environment without an expert takes no expert seeds; its client needs a seed file
+        or exploration, or it would never train."""
+        if self.buffer.seed_file is not None or self.explore.tasks != 0:
             return self
         for env in self.fed.clients:
             if not defined_on_its_node(env) and not has_expert(env):  # a node checks its own
                 raise ValueError(
-                    f"environment {env!r} has no expert to seed buffers with: set buffer.expert_seeds = 0 "
-                    "(and buffer.seed_file to seed from an AgentTraj file)"
+                    f"environment {env!r} has no expert, and with no buffer.seed_file and explore.tasks = 0 its "
+                    "client would never train: seed it from an AgentTraj file (buffer.seed_file) or let it explore"
                 )
         return self
 

@@ -11,6 +11,7 @@ scalar metrics); the trained adapter itself stays with the client for personaliz
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from fedse.agent.lora import Adapter, load_adapter, save_adapter
 from fedse.agent.policy import Policy
 from fedse.agent.rollout import RolloutRequest, Sampling
 from fedse.agent.trajectory import Trajectory
-from fedse.envs import make_env
+from fedse.envs import has_expert, make_env
 from fedse.evolve.agenttraj import AgentTrajError, item_id, read_agenttraj, seed_problem
 from fedse.evolve.buffer import BufferSection, ExperienceBuffer
 from fedse.evolve.experts import expert_trajectory
@@ -32,6 +33,8 @@ from fedse.fl.aggregators import Aggregator
 from fedse.fl.update import Update
 from fedse.sections import Section
 from fedse.seeds import derived_seed
+
+log = logging.getLogger(__name__)
 
 
 class ExploreSection(Section):
@@ -121,11 +124,16 @@ def expert_seeds(
     seed_file: str | None = None,
 ) -> list[Trajectory]:
     """The demonstrations `client` starts its buffer with: `count` expert episodes on train tasks
-    of each of its environments (its partition), the same ones an environment's own client gets,
-    pooled or not; then the successful records of `seed_file` (AgentTraj) on its environments,
-    every parts-th of them for partition `part`."""
+    of each of its environments that has an expert (its partition), the same ones an environment's
+    own client gets, pooled or not; then the successful records of `seed_file` (AgentTraj) on its
+    environments, every parts-th of them for partition `part`."""
     experts = []
     for env in envs:
+        if count != 0 and not has_expert(env):
+            log.warning(
+                "%s: environment %s has no expert; it is seeded from buffer.seed_file or exploration only", client, env
+            )
+            continue
         label = derived_seed("experts", env) if parts == 1 else derived_seed("experts", client)
         experts += [expert_trajectory(env, i) for i in exploration_tasks(env, count, label, part, parts)]
     if seed_file is not None:
