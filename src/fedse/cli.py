@@ -177,6 +177,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """`fedse config show|check CONFIG`: the resolved configuration (defaults and --set applied),
+    as TOML that `fedse run` takes back; or only whether it is valid."""
+    from fedse.experiments.config import load_config, to_toml
+
+    config = load_config(args.config, args.set)
+    if args.action == "show":
+        sys.stdout.write(to_toml(config))
+        return 0
+    clients = list(config.client_layout()[0])
+    print(
+        f"{args.config or 'the defaults'}: valid; run {config.name!r}, {len(clients)} clients ({', '.join(clients)}), "
+        f"{config.fed.rounds} rounds, aggregator {config.fed.aggregator}, model {config.model.name}"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedse.experiments.report import write_report
 
@@ -252,6 +269,15 @@ def cmd_traj(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedse")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedse", description="Federated self-evolution of LLM agents.")
     parser.add_argument(
@@ -259,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="torch threads (default: $FEDSE_THREADS, else one per core); 1 on a machine shared with other busy work",
     )
+    parser.add_argument("--version", action="version", version=f"fedse {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("envs", help="list the environments and their splits").set_defaults(run=cmd_envs)
     sub.add_parser("info", help="the machine, threads and the dtype fedse runs the model in, and why").set_defaults(
@@ -286,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "are (a refused change names the keys that may change)",
     )
     run.set_defaults(run=cmd_run)
+    config = sub.add_parser("config", help="show a run configuration as fedse resolves it, or check it")
+    config.add_argument("action", choices=["show", "check"], help="show: print it as TOML; check: validate only")
+    config.add_argument("config", nargs="?", help="TOML file (defaults apply without one)")
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. fed.rounds=3")
+    config.set_defaults(run=cmd_config)
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test splits")
     ev.add_argument("run_dir")
     ev.add_argument("--round", type=int, help="checkpoint round (default: the last completed)")

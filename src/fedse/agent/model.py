@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from fedse.agent.dtype import choose_dtype
 
@@ -140,6 +141,7 @@ def load_base(
         tiny_dtype = torch.float32 if dtype in (None, "auto") else resolve_dtype(dtype, device)
         return BaseModel(name, tiny_model(len(tokenizer)).to(device, tiny_dtype), tokenizer)
     source = resolve(name)
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar says nothing about a local file
     tokenizer = AutoTokenizer.from_pretrained(source)
     config = AutoConfig.from_pretrained(source)
     hidden = config.hidden_size

@@ -31,6 +31,7 @@ from fedse.envs import (
 from fedse.errors import UserError
 from fedse.evolve.buffer import BufferSection
 from fedse.evolve.sft import TrainSection
+from fedse.experiments.tensorboard import LogSection
 from fedse.fl.aggregators import AGGREGATORS, Aggregator, make_aggregator
 from fedse.fl.client import ExploreSection
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM
@@ -224,6 +225,7 @@ class RunConfig(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     checkpoints: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
     env: dict[str, EnvBackend] = Field(default_factory=dict)
     """Per environment, where its games run: `[env.maze] backend = "http"`, `url = "http://host:port"`
     (an AgentGym server or `fedse serve-env`); environments not listed run in process. A Flower
@@ -321,7 +323,7 @@ class RunConfig(Section):
         return v
 
 
-CHANGEABLE_ON_RESUME = ("fed.rounds", "eval.", "explore.max_batch", "checkpoints.", "env.")
+CHANGEABLE_ON_RESUME = ("fed.rounds", "eval.", "explore.max_batch", "checkpoints.", "env.", "log.")
 """What a resumed run may change (with `fedse run --resume … --change-config`): how long it runs,
 how it is evaluated and kept, how wide it batches, where its environments' servers are. Everything else shapes the rounds already
 done (a rank, a client, a seed, a learning rate), so it needs a new run."""
@@ -381,6 +383,19 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word is a string
     node[keys[-1]] = value
+
+
+def to_toml(config: RunConfig) -> str:
+    """`config` as a TOML file `load_config` reads back to the same configuration (every field,
+    defaults included; unset optional ones are left out, as TOML has no null)."""
+    import tomli_w
+
+    def drop_none(tree: object) -> object:
+        if isinstance(tree, dict):
+            return {k: drop_none(v) for k, v in tree.items() if v is not None}
+        return [drop_none(v) for v in tree] if isinstance(tree, list) else tree
+
+    return tomli_w.dumps(drop_none(config.model_dump(mode="json", by_alias=True)))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:

@@ -30,6 +30,7 @@ from fedse.experiments.config import RunConfig, check_resume_changes, validate_c
 from fedse.experiments.evaluation import averages
 from fedse.experiments.records import AggregateRecord, RoundRecords
 from fedse.experiments.store import GLOBAL, Checkpoint, RunStore, machine_record
+from fedse.experiments.tensorboard import TensorBoardLog
 from fedse.experiments.transport import InProcessTransport, Transport
 from fedse.files import atomic_write_json
 from fedse.fl.aggregators import Aggregator
@@ -132,6 +133,7 @@ class Federation:
         with self.store.lock():
             last = self.start(resume=resume, force=force, change_config=change_config)
             self.store.record_sitting(machine_record(self.policy.dtype, resume))
+            self.store.sink = TensorBoardLog(self.store.root) if self.config.log.tensorboard else None
             if not resume:
                 start = time.perf_counter()
                 evals, eval_avg = self.evaluate_round(0) if self.config.eval.first else ([], None)

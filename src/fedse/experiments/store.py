@@ -25,7 +25,7 @@ import json
 import platform
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +56,7 @@ DIGEST = re.compile(r"(\d+:)?[0-9a-f]+")
 LOCK = ".lock"
 RUN_ENTRIES = {
     "config.json",
+    "tensorboard",  # [log] tensorboard = true
     "metrics.jsonl",
     "machine.jsonl",  # where each sitting of the run ran (`machine_record`)
     "state.json",
@@ -105,6 +106,8 @@ def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
 class RunStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.sink: Callable[[tuple[Record, ...]], None] | None = None
+        """Also receives every record appended (`fedse.experiments.tensorboard.TensorBoardLog`)."""
 
     # --- paths -------------------------------------------------------------------------------
 
@@ -211,6 +214,8 @@ class RunStore:
 
     def append(self, *records: Record) -> None:
         append_lines(self.metrics, (r.to_json() for r in records))
+        if self.sink is not None:
+            self.sink(records)
 
     def records(self) -> list[Record]:
         out = []
