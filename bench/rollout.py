@@ -1,6 +1,6 @@
 """Rollout throughput: the batched engine against AgentGym's naive loop, on the same episodes.
 
-    .venv/bin/python bench/rollout.py --per-env 32 --max-batch 64 --naive-sample 12  # the issue's workload
+    .venv/bin/python bench/rollout.py --per-env 32 --max-batch 64 --naive-sample 12  # the workload results were measured on
     .venv/bin/python bench/rollout.py --per-env 8 --skip-naive                       # a quick look
 
 Prints, for each way: episodes/s, generated and processed tokens/s (processed: tokens kept in

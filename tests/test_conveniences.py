@@ -20,7 +20,9 @@ def test_version_names_the_installed_package(capsys):
     assert done.value.code == 0 and capsys.readouterr().out.strip().startswith("fedse 0.")
 
 
-@pytest.mark.parametrize("path", ["configs/demo.toml", "configs/experiments/table1-cpu-v2-base.toml", "configs/paper.toml", None])
+@pytest.mark.parametrize(
+    "path", ["configs/demo.toml", "configs/experiments/table1-cpu-v2-base.toml", "configs/paper.toml", None]
+)
 def test_config_show_prints_toml_that_reads_back_to_the_same_configuration(path, capsys):
     args = ["config", "show", *([path] if path else []), "--set", "fed.rounds=7"]
     assert main(args) == 0

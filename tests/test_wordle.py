@@ -1,4 +1,4 @@
-"""Wordle feedback, lazy target sampling, validity and the six-guess limit (environments.md §5)."""
+"""Wordle feedback, lazy target sampling, validity and the six-guess limit (docs/environments.md)."""
 
 import random
 

@@ -194,6 +194,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    """`fedse docs tables [--check]`: regenerate the README's and the docs' generated tables."""
+    from fedse.doc_tables import regenerate
+
+    repo = Path(args.repo).resolve()
+    changed = regenerate(repo)
+    if args.check:
+        if changed:
+            names = ", ".join(str(p.relative_to(repo)) for p in changed)
+            raise UserError(f"generated tables out of date in {names}: run `fedse docs tables`")
+        print("generated tables are up to date")
+        return 0
+    for path, text in changed.items():
+        path.write_text(text)
+        print(f"updated {path.relative_to(repo)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedse.experiments.report import write_report
 
@@ -332,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="output folder (default: the run's own, or <first>-vs-<second>... beside it)")
     report.set_defaults(run=cmd_report)
+    docs = sub.add_parser("docs", help="the README's and the docs' tables, generated from the code and results/")
+    docs.add_argument("action", choices=["tables"])
+    docs.add_argument("--check", action="store_true", help="fail if a generated table is out of date; write nothing")
+    docs.add_argument("--repo", default=".", help="the repository root (default: here)")
+    docs.set_defaults(run=cmd_docs)
     serve_env = sub.add_parser("serve-env", help="serve an environment over AgentGym's HTTP protocol")
     from fedse.envs.http_server import SERVERS
 

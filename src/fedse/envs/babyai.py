@@ -1,4 +1,4 @@
-"""BabyAI: minigrid's grid-world missions played through AgentGym's text layer (environments.md §3).
+"""BabyAI: minigrid's grid-world missions played through AgentGym's text layer (docs/environments.md).
 
 Task id k plays level `LEVELS[k % 40]` with seed `k // 40` (AgentGym's indexing; the
 AgentEval/AgentTraj splits use 18 of the 40 levels). Dynamics come from the `minigrid`

@@ -1,4 +1,4 @@
-"""AgentGym's text layer over a minigrid BabyAI state (environments.md §3.3–§3.5).
+"""AgentGym's text layer over a minigrid BabyAI state (docs/environments.md).
 
 `read_view(env, image)` turns the agent's 7x7 egocentric view into the description the agent
 reads and the dictionary of actions it may take next, each action mapped to the

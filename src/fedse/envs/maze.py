@@ -1,4 +1,4 @@
-"""Maze: LMRL-Gym's double-T maze as AgentGym serves it (environments.md §4).
+"""Maze: LMRL-Gym's double-T maze as AgentGym serves it (docs/environments.md).
 
 One fixed 10x13 maze, goal at (8, 6); task id k starts at the k-th of 25 start cells
 (AgentGym's id 25 is the goal cell itself and is rejected, as upstream's assertion does).

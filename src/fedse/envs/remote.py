@@ -1,4 +1,4 @@
-"""An environment played on an AgentGym environment server (environments.md §8).
+"""An environment played on an AgentGym environment server (docs/environments.md).
 
 `RemoteEnv` keeps fedse's protocol: the model's text is parsed here, as AgentGym's client
 parses it, and only the action string goes to the server, which applies it. Each server
@@ -45,12 +45,15 @@ class Dialect(Section):
     prefix: str = ""
     """Path prefix of every endpoint ('/maze' for LMRL-Gym's Maze)."""
     id_field: str = "id"
+    """The `create` reply's field naming the new instance."""
     task_field: str = "data_idx"
     """The `reset` field carrying the task id."""
     reward_field: str = "reward"
+    """The `step` reply's reward field."""
     observation_field: str = "observation"
     """The `step` reply's observation field."""
     create_body: dict | None = None
+    """The JSON body `create` sends (None: no body)."""
     observation_after_reset: bool = False
     """The first observation is read with GET /observation (WebShop), not from the reset reply."""
 

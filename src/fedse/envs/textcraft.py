@@ -1,4 +1,4 @@
-"""TextCraft: craft a Minecraft item from listed recipes (environments.md §6; ADaPT, AgentGym).
+"""TextCraft: craft a Minecraft item from listed recipes (docs/environments.md; ADaPT, AgentGym).
 
 Task id k selects goal `goals[k % 544]`, where `goals` lists every craftable item stably
 sorted by recipe depth (AgentGym's indexing; ids 0-124 are depth 1, 125-415 depth 2,

@@ -1,4 +1,4 @@
-"""Wordle: LMRL-Gym's 40-word Wordle as AgentGym serves it (environments.md §5).
+"""Wordle: LMRL-Gym's 40-word Wordle as AgentGym serves it (docs/environments.md).
 
 The hidden word is sampled lazily, as upstream does: `reset(task_id)` seeds
 `random.Random(task_id)` and every valid guess draws the target afresh from the words

@@ -42,6 +42,7 @@ class BufferSection(Section):
     cap: int | None = Field(None, ge=1)
     """Keep only the newest N entries (None: unbounded, the paper)."""
     dedup: Literal["none", "exact"] = "none"
+    """exact: skip a trajectory whose environment, task and agent turns the buffer already holds."""
     history: bool = True
     """False: train on the current round's additions only (the "w/o history" ablation)."""
 

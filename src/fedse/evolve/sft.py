@@ -38,14 +38,19 @@ class TrainSection(Section):
     """The `[train]` section of a run configuration: local SFT hyper-parameters (defaults: the paper's)."""
 
     epochs: int = Field(2, ge=0)
+    """Passes over the client's buffer each round."""
     lr: float = Field(5e-5, gt=0)
+    """AdamW's learning rate for the adapter."""
     batch_tokens: int = Field(2048, ge=64)
     """Padded tokens per optimizer step."""
     max_length: int = Field(2048, ge=64)
+    """Tokens of one training example; a longer episode loses its oldest turns (counted, warned)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW's weight decay."""
     grad_clip: float = Field(1.0, ge=0)
     """Max gradient norm (0: no clipping)."""
     fedprox_mu: float = Field(0.0, ge=0)
+    """FedProx's proximal weight μ: + μ/2 ‖θ − θ_global‖² in the local loss (0: plain SFT)."""
 
 
 @dataclass

@@ -39,13 +39,19 @@ from fedse.sections import Section
 
 
 class ModelSection(Section):
+    """The `[model]` section: the frozen base model and the LoRA adapter every client trains."""
+
     name: str = "smollm2-135m"
+    """The base model: "smollm2-135m" (the embedded one), "tiny-random" (tests), a local model
+    folder, or a hub id already in the local cache (nothing is downloaded)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 on CUDA and on CPUs measured to run it faster (fedse.agent.dtype; `fedse info` says which),
     else fp32; fp32 always for aggregators that merge updates into the base weights (a bf16 base would
     round them away)."""
     lora_rank: int = Field(8, ge=1)
+    """The adapter's rank r."""
     lora_alpha: int = Field(16, ge=1)
+    """LoRA's alpha: the update is (alpha / r) · B A."""
     target_modules: str | list[str] = "all-linear"
     """"all-linear" (Fed-SE) or a list of linear-layer names, e.g. ["q_proj", "v_proj"]; names the
     model lacks are refused when it loads (`fedse.agent.lora.check_target_modules`)."""
@@ -73,11 +79,14 @@ class ModelSection(Section):
 
 
 class FedSection(Section):
+    """The `[fed]` section: who federates, for how long, and how the server aggregates."""
+
     clients: list[str] = Field(default_factory=lambda: ["maze", "wordle", "textcraft"])
     """One client per environment (Fed-SE's setup)."""
     rounds: int = Field(20, ge=0)
     """0: evaluate the starting adapter only (the pretrained baseline)."""
     aggregator: str = "fedse"
+    """The aggregation rule (`fedse.fl.aggregators`; the aggregators page lists them)."""
     clients_per_round: float = Field(1.0, gt=0)
     """A fraction (<= 1) or a count (> 1) of clients sampled each round; 1.0 = all."""
     clients_per_env: int = Field(1, ge=1)
@@ -94,8 +103,11 @@ class FedSection(Section):
     """The server's step on the mean update (`fedse.fl.server.ServerOptimizer`): sgd with server_lr
     (1: the paper), momentum (FedAvgM) or adam (FedAdam), both with server_lr as their step size."""
     server_momentum: float = Field(0.9, ge=0, lt=1)
+    """momentum and adam: the first-moment decay (FedAvgM's β, FedAdam's β1)."""
     server_beta2: float = Field(0.99, ge=0, lt=1)
+    """adam: the second-moment decay."""
     server_eps: float = Field(1e-3, gt=0)
+    """adam: the adaptivity floor (FedAdam's τ)."""
     max_update_norm: float = Field(DEFAULT_MAX_UPDATE_NORM, gt=0)
     """Bound on ‖a client's uploaded factors − the global ones‖_F (`fedse.fl.update.bound_update`)."""
     update_bound: Literal["clip", "reject", "off"] = "clip"
@@ -116,6 +128,7 @@ class FedSection(Section):
     input_alpha: float = Field(0.9, ge=0, le=1)
     """The regmean aggregator's shrinkage: G̃ = α G + (1 − α) diag(G) (RegMean's α)."""
     seed: int = 0
+    """Seeds everything random in the run: adapter init, task sampling, exploration, batching."""
 
     def build_aggregator(self) -> Aggregator:
         """The configured aggregation rule, given the options it takes."""
@@ -165,9 +178,12 @@ class FedSection(Section):
 
 
 class EvalSection(Section):
+    """The `[eval]` section: greedy episodes on each environment's test split."""
+
     tasks: int | None = Field(None, ge=1)
     """Test tasks per environment, spread evenly over the AgentEval test split (None: all of it)."""
     max_new_tokens: int = Field(96, ge=1)
+    """Tokens the model may write per turn."""
     max_batch: int | None = Field(None, ge=1)
     """Test episodes played at once (None: explore.max_batch, the same memory budget)."""
     every: int = Field(1, ge=1)

@@ -43,8 +43,11 @@ class ExploreSection(Section):
     tasks: int | None = Field(32, ge=0)
     """Train tasks each client plays per round (None: its whole train split)."""
     temperature: float = Field(1.0, ge=0)
+    """Sampling temperature of exploration."""
     max_new_tokens: int = Field(96, ge=1)
+    """Tokens the model may write per turn."""
     max_batch: int = Field(32, ge=1)
+    """Episodes played at once in one batched rollout (memory grows with it)."""
     first_round: int = Field(1, ge=1)
     """The first round that explores; earlier rounds train on the buffer (the expert seeds) only.
     1: round 1 explores with the fresh adapter, i.e. the raw base model (one reading of the paper);

@@ -8,7 +8,7 @@ flavour options and realistic price spreads (single prices and "$x to $y" ranges
 the products carry an instruction with its instruction attributes, as in the real file.
 `load_catalog(items, attrs)` reads the real files with WebShop's `load_products` rules.
 
-Goals follow WebShop's synthetic-goal procedure (`goals()`, environments.md §7.3): for each
+Goals follow WebShop's synthetic-goal procedure (`goals()`, docs/environments.md): for each
 product with an instruction, in catalog order, a price bound drawn from the first four
 multiples of 10 above its price (`random.seed(233)` first, as AgentGym's copy does), then one
 goal per combination of its option values (option names sorted), finally shuffled with seed
@@ -86,7 +86,7 @@ def sale_prices(products: tuple[Product, ...], seed: int) -> dict[str, float]:
 
 
 def goals(catalog: Catalog) -> list[Goal]:
-    """WebShop's synthetic goals for `catalog`, shuffled with seed 233 (environments.md §7.3)."""
+    """WebShop's synthetic goals for `catalog`, shuffled with seed 233 (docs/environments.md)."""
     rng = random.Random(GOAL_SEED)
     result: list[Goal] = []
     for product in catalog.products:

@@ -1,4 +1,4 @@
-"""WebShop: find and buy the product an instruction describes (environments.md §7; Yao et al. 2022).
+"""WebShop: find and buy the product an instruction describes (docs/environments.md; Yao et al. 2022).
 
 The shop is WebShop's text mode re-implemented without Flask, HTML or Java: pages are the
 "[SEP]"-joined visible texts WebShop's simple observation mode produces, with the same

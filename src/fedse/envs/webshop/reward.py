@@ -1,4 +1,4 @@
-"""WebShop's purchase reward (Yao et al. 2022, `engine/goal.py` as AgentGym vendors it; environments.md §7.5).
+"""WebShop's purchase reward (Yao et al. 2022, `engine/goal.py` as AgentGym vendors it; docs/environments.md).
 
     R = r_type * (attribute matches + option matches + [price <= bound]) / (#attributes + #options + 1)
 

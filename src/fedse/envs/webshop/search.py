@@ -1,4 +1,4 @@
-"""WebShop's product search: BM25 over the catalog, top 50 (environments.md §7.6).
+"""WebShop's product search: BM25 over the catalog, top 50 (docs/environments.md).
 
 WebShop searches a Lucene index with pyserini (a JDK and torch); we use `bm25s` configured
 like Lucene's defaults there: BM25 with k1 0.9 and b 0.4, Lucene's idf, English stopwords and
