@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedse-installed
 
-.PHONY: install demo test test-fast test-crash lint clean
+.PHONY: install demo test test-fast test-crash lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ test-fast: install
 # The whole crash matrix (every aggregator and buffer setting, every phase): ~15 min on 2 cores.
 test-crash: install
 	FEDSE_CRASH_FULL=1 $(PY) -m pytest -m crash tests/test_crash_matrix.py
+
+# The documentation site (docs/, mkdocs.yml) into build/site, warnings as errors; `make test` builds it too.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: install
 	$(VENV)/bin/ruff check src tests

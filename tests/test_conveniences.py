@@ -74,3 +74,10 @@ def test_progress_in_a_log_file_is_one_summary_line_per_phase(capsys):
 def test_the_toml_writer_leaves_out_what_toml_cannot_hold():
     config = load_config(None, [*TINY, "eval.tasks=2"])
     assert "max_batch" not in tomllib.loads(to_toml(config))["eval"]  # None: unset
+
+
+@pytest.mark.slow
+def test_loading_the_embedded_model_draws_no_progress_bar(capfd):
+    load_base("smollm2-135m", dtype="float32")
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
