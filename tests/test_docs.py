@@ -84,8 +84,8 @@ def as_run_here(line: str) -> tuple[list[str], dict[str, str]]:
     while "=" in words[0]:  # VAR=value prefixes
         key, value = words.pop(0).split("=", 1)
         env[key] = str(REPO / value)
-    if words == ["make", "demo"]:  # the Makefile's recipe
-        words = [".venv/bin/fedse", "run", "configs/demo.toml", "--force"]
+    if words == ["make", "demo"]:  # the Makefile's recipe, one round of it
+        words = [".venv/bin/fedse", "run", "configs/demo.toml", "--force", "--set=fed.rounds=1"]
     assert words[0] == ".venv/bin/fedse", line
     args = words[1:]
     if args[0] in ("run",) or args[:2] == ["flower", "local"]:

@@ -412,3 +412,14 @@ def test_a_node_plays_its_environment_where_its_own_configuration_says(tmp_path)
         assert records(flower.store.root) == records(embedded.store.root)
     finally:
         served.stop()
+
+
+def test_a_worker_socket_fits_however_deep_the_data_dir(tmp_path):
+    from fedse.flower.worker import MAX_SOCKET_PATH, socket_path
+
+    shallow = tmp_path / "n"
+    assert socket_path(shallow) == shallow.resolve() / "worker.sock"
+    deep = tmp_path / ("x" * 60) / ("y" * 60) / "node"
+    path = socket_path(deep)
+    assert len(str(path)) <= MAX_SOCKET_PATH and path == socket_path(deep) != socket_path(deep.parent / "other")
+    assert (path.parent.stat().st_mode & 0o777) == 0o700

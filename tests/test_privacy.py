@@ -1,0 +1,141 @@
+"""Differential privacy of the rounds: clipping bounds every update, the noise has the standard
+deviation the mechanism promises, the accountant's ε is the one computed by hand, and every rule
+that cannot run under a mode is refused in one line."""
+
+import math
+
+import pytest
+import torch
+
+from fedse.agent.model import load_base
+from fedse.agent.policy import Policy
+from fedse.experiments.config import ConfigError
+from fedse.experiments.federation import Federation
+from fedse.fl.aggregators import AGGREGATORS, Aggregation
+from fedse.fl.privacy import (
+    ORDERS,
+    PrivacySection,
+    PrivateSeed,
+    clip_update,
+    dp_refusal,
+    epsilon,
+    noise_aggregation,
+    privatize_update,
+)
+from fedse.fl.update import Update, update_norm
+from helpers import random_factors, tiny_config
+
+
+def test_every_clipped_update_is_within_the_bound():
+    current = random_factors(0)
+    for seed in range(1, 20):
+        sent = Update(f"c{seed}", random_factors(seed).tensors, 10)
+        clipped, norm = clip_update(sent, current.tensors, clip=0.5)
+        assert update_norm(clipped, current.tensors) <= 0.5 + 1e-9
+        assert norm == pytest.approx(update_norm(sent, current.tensors))
+
+
+def test_local_noise_has_standard_deviation_sigma_times_c():
+    current = random_factors(0)
+    section = PrivacySection(dp="local", clip=0.3, noise_multiplier=2.0)
+    same = Update("c", {k: t.clone() for k, t in current.tensors.items()}, 10)  # a zero update: noise only
+    draws = torch.cat(
+        [
+            torch.cat([(t.double() - current.tensors[k].double()).flatten() for k, t in privatize_update(
+                same, current.tensors, section, torch.Generator().manual_seed(i)).tensors.items()])
+            for i in range(40)
+        ]
+    )  # fmt: skip
+    assert draws.numel() > 20_000
+    assert draws.std().item() == pytest.approx(2.0 * 0.3, rel=0.02)
+    assert abs(draws.mean().item()) < 0.01
+
+
+def test_central_noise_is_sigma_c_over_the_clients_that_reported():
+    current = random_factors(0)
+    section = PrivacySection(dp="central", clip=1.0, noise_multiplier=1.5)
+    keys = sorted(current.tensors)
+    noisy = [
+        noise_aggregation(Aggregation(current), keys, 3, section, torch.Generator().manual_seed(i)).adapter
+        for i in range(60)
+    ]
+    draws = torch.cat([(a.tensors[k].double() - current.tensors[k].double()).flatten() for a in noisy for k in keys])
+    assert draws.std().item() == pytest.approx(1.5 * 1.0 / 3, rel=0.02)
+
+
+def by_hand_epsilon(sigma: float, q: float, rounds: int, delta: float) -> float:
+    """RDP of the sampled Gaussian at integer α by its binomial expansion (Mironov et al., 2019),
+    times the rounds, then Balle et al.'s (2020) conversion, minimised over the same orders."""
+    best = math.inf
+    for alpha in ORDERS:
+        terms = [
+            math.comb(alpha, k) * (1 - q) ** (alpha - k) * q**k * math.exp((k * k - k) / (2 * sigma**2))
+            for k in range(alpha + 1)
+        ]
+        rdp = rounds * math.log(sum(terms)) / (alpha - 1)
+        eps = rdp - (math.log(delta) + math.log(alpha)) / (alpha - 1) + math.log((alpha - 1) / alpha)
+        best = min(best, eps)
+    return best
+
+
+@pytest.mark.parametrize(("sigma", "q", "rounds"), [(1.0, 1.0, 4), (2.0, 1.0, 20), (1.1, 0.1, 50)])
+def test_the_accountant_gives_the_epsilon_computed_by_hand(sigma, q, rounds):
+    assert epsilon(sigma, rounds, 1e-5, sample_rate=q) == pytest.approx(
+        by_hand_epsilon(sigma, q, rounds, 1e-5), rel=1e-6
+    )
+    # q = 1: the Gaussian mechanism's RDP is rounds · α / (2σ²) in closed form
+    if q == 1.0:
+        closed = min(
+            rounds * a / (2 * sigma**2) - (math.log(1e-5) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
+            for a in ORDERS
+        )
+        assert epsilon(sigma, rounds, 1e-5) == pytest.approx(closed, rel=1e-9)
+
+
+def test_a_private_seed_is_stable_in_its_folder_and_differs_between_folders(tmp_path):
+    a, again, b = PrivateSeed(tmp_path / "a"), PrivateSeed(tmp_path / "a"), PrivateSeed(tmp_path / "b")
+    draw = lambda seed: torch.randn(4, generator=seed.generator(2, "maze")).tolist()  # noqa: E731
+    assert draw(a) == draw(again) != draw(b)
+    assert torch.randn(4, generator=a.generator(3, "maze")).tolist() != draw(a)
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+@pytest.mark.parametrize("rule", sorted(AGGREGATORS))
+def test_a_rule_that_cannot_run_under_a_mode_is_refused_in_one_line(rule, mode):
+    reason = dp_refusal(AGGREGATORS[rule], mode)
+    if reason is None:
+        tiny_config(f"fed.aggregator={rule}", f"privacy.dp={mode}")
+        return
+    with pytest.raises(ConfigError) as raised:
+        tiny_config(f"fed.aggregator={rule}", f"privacy.dp={mode}")
+    assert f"privacy.dp = '{mode}' with fed.aggregator = '{rule}'" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_refusals_are_those_the_properties_imply():
+    assert dp_refusal(AGGREGATORS["fedse"], "central") is None and dp_refusal(AGGREGATORS["ffa"], "central") is None
+    assert dp_refusal(AGGREGATORS["fedsa"], "central") is None
+    assert "example counts" in dp_refusal(AGGREGATORS["fedit"], "central")
+    assert "not only their sum" in dp_refusal(AGGREGATORS["flora"], "central")
+    assert dp_refusal(AGGREGATORS["flora"], "local") is None  # post-processing of noisy factors
+    assert "layer inputs" in dp_refusal(AGGREGATORS["regmean"], "local")
+    assert "nothing leaves" in dp_refusal(AGGREGATORS["local"], "local")
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_a_private_run_records_epsilon_each_round_and_keeps_its_secrets_to_itself(tmp_path, mode):
+    config = tiny_config(f"privacy.dp={mode}", "privacy.noise_multiplier=1.0", "privacy.clip=0.5")
+    private = Federation(config, tmp_path / "private", Policy(load_base("tiny-random")))
+    private.run()
+    spent = [r.privacy for r in private.store.records() if r.event == "aggregate"]
+    assert [p["dp"] for p in spent] == [mode, mode]
+    assert [p["epsilon"] for p in spent] == pytest.approx([epsilon(1.0, n, 1e-5) for n in (1, 2)])
+    assert spent[0]["epsilon"] < spent[1]["epsilon"] and spent[0]["round_epsilon"] == pytest.approx(spent[0]["epsilon"])
+    plain = Federation(tiny_config(), tmp_path / "plain", Policy(load_base("tiny-random")))
+    plain.run()
+    assert private.global_adapter.hash != plain.global_adapter.hash  # the noise is in the adapter
+    holder = tmp_path / "private" if mode == "central" else tmp_path / "private" / "clients" / "maze"
+    secret = (holder / "dp_secret").read_text().strip()
+    assert len(secret) == 64
+    shared = [tmp_path / "private" / n for n in ("config.json", "metrics.jsonl", "state.json")]
+    assert all(secret not in p.read_text() for p in shared)
