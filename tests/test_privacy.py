@@ -31,7 +31,7 @@ def test_every_clipped_update_is_within_the_bound():
     for seed in range(1, 20):
         sent = Update(f"c{seed}", random_factors(seed).tensors, 10)
         clipped, norm = clip_update(sent, current.tensors, clip=0.5)
-        assert update_norm(clipped, current.tensors) <= 0.5 + 1e-9
+        assert update_norm(clipped, current.tensors) <= 0.5
         assert norm == pytest.approx(update_norm(sent, current.tensors))
 
 
@@ -43,7 +43,7 @@ def test_local_noise_has_standard_deviation_sigma_times_c():
         [
             torch.cat([(t.double() - current.tensors[k].double()).flatten() for k, t in privatize_update(
                 same, current.tensors, section, torch.Generator().manual_seed(i)).tensors.items()])
-            for i in range(40)
+            for i in range(200)
         ]
     )  # fmt: skip
     assert draws.numel() > 20_000
@@ -57,7 +57,7 @@ def test_central_noise_is_sigma_c_over_the_clients_that_reported():
     keys = sorted(current.tensors)
     noisy = [
         noise_aggregation(Aggregation(current), keys, 3, section, torch.Generator().manual_seed(i)).adapter
-        for i in range(60)
+        for i in range(200)
     ]
     draws = torch.cat([(a.tensors[k].double() - current.tensors[k].double()).flatten() for a in noisy for k in keys])
     assert draws.std().item() == pytest.approx(1.5 * 1.0 / 3, rel=0.02)
@@ -68,11 +68,16 @@ def by_hand_epsilon(sigma: float, q: float, rounds: int, delta: float) -> float:
     times the rounds, then Balle et al.'s (2020) conversion, minimised over the same orders."""
     best = math.inf
     for alpha in ORDERS:
-        terms = [
-            math.comb(alpha, k) * (1 - q) ** (alpha - k) * q**k * math.exp((k * k - k) / (2 * sigma**2))
+        logs = [  # log of each term C(α,k) (1−q)^(α−k) q^k exp((k²−k)/(2σ²)); q = 1 leaves k = α alone
+            math.log(math.comb(alpha, k))
+            + ((alpha - k) * math.log(1 - q) if k < alpha else 0.0)
+            + k * math.log(q)
+            + (k * k - k) / (2 * sigma**2)
             for k in range(alpha + 1)
+            if q < 1 or k == alpha
         ]
-        rdp = rounds * math.log(sum(terms)) / (alpha - 1)
+        top = max(logs)
+        rdp = rounds * (top + math.log(sum(math.exp(x - top) for x in logs))) / (alpha - 1)
         eps = rdp - (math.log(delta) + math.log(alpha)) / (alpha - 1) + math.log((alpha - 1) / alpha)
         best = min(best, eps)
     return best

@@ -42,6 +42,19 @@ def aggregator_table(repo: Path) -> str:
     return "\n".join(lines)
 
 
+def privacy_table(repo: Path) -> str:
+    """Each rule under each privacy mode: supported, or refused and why (`fedse.fl.privacy.dp_refusal`)."""
+    from fedse.fl.aggregators import AGGREGATORS
+    from fedse.fl.privacy import dp_refusal
+
+    lines = ["| rule | plain | central DP | local DP |", "|---|---|---|---|"]
+    for name, cls in AGGREGATORS.items():
+        cells = [dp_refusal(cls, mode) for mode in ("central", "local")]
+        shown = ["✓" if c is None else f"refused: {c}" for c in cells]
+        lines.append(f"| `{name}` | ✓ | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
 def _type_name(annotation: object) -> str:
     if isinstance(annotation, type) and not isinstance(annotation, types.GenericAlias):
         return annotation.__name__
@@ -180,6 +193,7 @@ def _bench(repo: Path) -> Path:
 
 TABLES: dict[str, Callable[[Path], str]] = {
     "aggregators": aggregator_table,
+    "privacy": privacy_table,
     "config": config_table,
     "demo": demo_table,
     "table1-cpu": lambda repo: experiment_table(repo / "results" / "table1-cpu"),

@@ -34,6 +34,7 @@ from fedse.evolve.sft import TrainSection
 from fedse.experiments.tensorboard import LogSection
 from fedse.fl.aggregators import AGGREGATORS, Aggregator, make_aggregator
 from fedse.fl.client import ExploreSection
+from fedse.fl.privacy import PrivacySection, dp_refusal
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM
 from fedse.sections import Section
 
@@ -242,6 +243,7 @@ class RunConfig(Section):
     eval: EvalSection = EvalSection()
     checkpoints: CheckpointSection = CheckpointSection()
     log: LogSection = LogSection()
+    privacy: PrivacySection = PrivacySection()
     env: dict[str, EnvBackend] = Field(default_factory=dict)
     """Per environment, where its games run: `[env.maze] backend = "http"`, `url = "http://host:port"`
     (an AgentGym server or `fedse serve-env`); environments not listed run in process. A Flower
@@ -279,6 +281,16 @@ class RunConfig(Section):
             client_envs = {f"{env}-{i}": [env] for env in envs for i in range(parts)}
         partition = {c: (int(c.rsplit("-", 1)[1]), parts) if parts > 1 else (0, 1) for c in client_envs}
         return client_envs, partition
+
+    @model_validator(mode="after")
+    def _privacy_fits_the_rule(self) -> RunConfig:
+        refusal = dp_refusal(AGGREGATORS[self.fed.aggregator], self.privacy.dp)
+        if refusal:
+            raise ValueError(
+                f"privacy.dp = '{self.privacy.dp}' with fed.aggregator = '{self.fed.aggregator}': {refusal} "
+                "(the Aggregators page lists what each rule supports)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _evaluates_something(self) -> RunConfig:

@@ -34,6 +34,7 @@ from fedse.experiments.tensorboard import TensorBoardLog
 from fedse.experiments.transport import InProcessTransport, Transport
 from fedse.files import atomic_write_json
 from fedse.fl.aggregators import Aggregator
+from fedse.fl.privacy import PrivateSeed, epsilon
 from fedse.fl.server import ServerOptimizer, ServerState, aggregate_round
 from fedse.fl.update import Update
 from fedse.seeds import derived_seed
@@ -196,12 +197,32 @@ class Federation:
                 fed.server_optimizer, fed.server_lr, fed.server_momentum, fed.server_beta2, fed.server_eps
             ),
             server_state=self.server.optimizer,
+            privacy=self.config.privacy,
+            noise=PrivateSeed(self.store.root).generator(round_, "server")
+            if self.config.privacy.dp == "central"
+            else None,
         )
         changed = self.server.apply(result)
         self.policy.load(GLOBAL, self.global_adapter)
         if changed:
             self.policy.set_base_delta(changed)
-        return AggregateRecord(round_, result.accepted, result.rejected, clipped=result.clipped, **result.diagnostics)
+        privacy = self.privacy_spent(round_) if self.config.privacy.dp != "off" else {}
+        return AggregateRecord(
+            round_, result.accepted, result.rejected, clipped=result.clipped, privacy=privacy, **result.diagnostics
+        )
+
+    def privacy_spent(self, round_: int) -> dict[str, float | str]:
+        """The accountant after `round_` releases of the mechanism (`fedse.fl.privacy`): every
+        round counts, as if every client took part in each (no amplification by sampling)."""
+        p = self.config.privacy
+        return {
+            "dp": p.dp,
+            "noise_multiplier": p.noise_multiplier,
+            "clip": p.clip,
+            "delta": p.delta,
+            "round_epsilon": epsilon(p.noise_multiplier, 1, p.delta),
+            "epsilon": epsilon(p.noise_multiplier, round_, p.delta),
+        }
 
     def evaluate_round(self, round_: int):
         """Evaluate the current global adapter and record the result."""

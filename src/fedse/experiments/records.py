@@ -130,6 +130,8 @@ class AggregateRecord(Record):
     update_cosine: list[list[float]] | None = None
     update_norm: list[float] | None = None
     merge: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float | str] = field(default_factory=dict)
+    """Under `[privacy] dp`: the mode, σ, C, δ, ε of this round alone and ε after it (cumulative)."""
     """What the aggregation rule measured (`fedse.fl.aggregators.Aggregation.metrics`)."""
 
 

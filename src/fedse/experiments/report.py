@@ -135,7 +135,19 @@ def _setup(run: RunRecords) -> str:
         f"{explore['temperature']} (from round {explore.get('first_round', 1)}) and trains {train['epochs']} "
         f"epoch{'s' * (train['epochs'] != 1)} "
         f"at lr {train['lr']:g}; server lr {fed.get('server_lr', 1.0):g}; "
-        f"evaluation: {ev['tasks'] or 'all'} test tasks per env, greedy."
+        f"evaluation: {ev['tasks'] or 'all'} test tasks per env, greedy.{_privacy_setup(run)}"
+    )
+
+
+def _privacy_setup(run: RunRecords) -> str:
+    p = run.config.get("privacy", {})
+    if p.get("dp", "off") == "off":
+        return ""
+    spent = [a.privacy["epsilon"] for a in run.aggregate if a.privacy]
+    eps = f"ε = {spent[-1]:.2f} after the last round" if spent else "no round aggregated yet"
+    return (
+        f" Differential privacy ({p['dp']}): each client's round update clipped to C = {p['clip']:g}, noise "
+        f"σ = {p['noise_multiplier']:g}; {eps} at δ = {p['delta']:g} (unit: one client's round of data)."
     )
 
 
@@ -185,6 +197,11 @@ def _aggregate_line(agg: AggregateRecord, aggregator: str) -> str:
         parts.append(f"mean update cosine {_mean_off_diagonal(agg.update_cosine):.3f}")
     parts += [f"{name.replace('_', ' ')} {value:.3f}" for name, value in agg.merge.items()]
     parts.append(f"{sum(agg.bytes_up) / 1e6:.1f} MB up, {agg.bytes_down / 1e6:.1f} MB down per client")
+    if agg.privacy:
+        p = agg.privacy
+        parts.append(
+            f"DP {p['dp']}: ε = {p['epsilon']:.2f} after this round (δ = {p['delta']:g}, σ = {p['noise_multiplier']:g}, C = {p['clip']:g})"
+        )
     return f"aggregate ({aggregator}): " + ", ".join(parts)
 
 

@@ -57,6 +57,7 @@ LOCK = ".lock"
 RUN_ENTRIES = {
     "config.json",
     "tensorboard",  # [log] tensorboard = true
+    "dp_secret",  # [privacy] dp = "central": the server's noise seed, never sent
     "metrics.jsonl",
     "machine.jsonl",  # where each sitting of the run ran (`machine_record`)
     "state.json",

@@ -133,6 +133,7 @@ class InProcessTransport:
                 self.config.train,
                 self.aggregator,
                 seed=self.config.fed.seed,
+                privacy=self.config.privacy,
                 progress=f"{client}: train" if self.progress else None,
             )
             updates.append(update)

@@ -71,6 +71,9 @@ class Aggregator:
 
     reads_inputs: ClassVar[bool] = False
     """Whether clients also send a summary of their layers' inputs (`summarize_inputs`)."""
+    weights_by_examples: ClassVar[bool] = False
+    """Whether a client's weight in the result is its example count (then one client's influence
+    is not bounded by its update's norm)."""
 
     def summarize_inputs(self, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What a client sends of its layers' input second moments (module -> in x in), if the
@@ -127,6 +130,7 @@ class FedIT(Aggregator):
     """
 
     name = "fedit"
+    weights_by_examples = True
 
     def aggregate(self, current, updates, state):
         weights = [float(u.num_examples) for u in updates]

@@ -30,6 +30,7 @@ from fedse.evolve.filters import make_filter
 from fedse.evolve.sft import TrainSection, input_moments, train_adapter
 from fedse.files import write_folder
 from fedse.fl.aggregators import Aggregator
+from fedse.fl.privacy import PrivacySection, PrivateSeed, privatize_update
 from fedse.fl.update import Update
 from fedse.sections import Section
 from fedse.seeds import derived_seed
@@ -159,6 +160,7 @@ def learn(
     aggregator: Aggregator,
     seed: int = 0,
     progress: str | None = None,
+    privacy: PrivacySection | None = None,
 ) -> tuple[Update, Adapter]:
     """A client's round after its exploration, in either runtime (Algorithm 1, lines 4-6): filter
     the explored episodes, grow the client's buffer, train its adapter slot (named after it, holding
@@ -174,6 +176,7 @@ def learn(
     if aggregator.reads_inputs:  # the layers' inputs on this round's training data, under the starting adapter
         inputs = aggregator.summarize_inputs(input_moments(policy, client, data, train.max_length))
     inputs_seconds = time.perf_counter() - started
+    start = aggregator.upload(policy.get(client).tensors)  # what it received, as far as it uploads
     report = train_adapter(
         policy,
         client,
@@ -202,7 +205,10 @@ def learn(
         metrics["inputs_seconds"] = inputs_seconds
     if aggregator.personalized:  # the client's own state: it never reaches the server
         state.keep(round_, trained)
-    return Update(client, aggregator.upload(trained.tensors), len(data), metrics, inputs), trained
+    update = Update(client, aggregator.upload(trained.tensors), len(data), metrics, inputs)
+    if privacy is not None and privacy.dp == "local":  # noised here, with a secret the server never sees
+        update = privatize_update(update, start, privacy, PrivateSeed(state.root).generator(round_, client))
+    return update, trained
 
 
 class ClientState:

@@ -44,6 +44,7 @@ from fedse.sections import Section
 ORDERS = tuple(range(2, 129))
 """The Rényi orders the accountant minimises over."""
 SECRET_FILE = "dp_secret"
+CLIP_MARGIN = 1e-6
 
 
 class PrivacySection(Section):
@@ -76,9 +77,10 @@ def dp_refusal(rule: type[Aggregator], mode: str) -> str | None:
 
 
 def clip_update(update: Update, current: dict[str, torch.Tensor], clip: float) -> tuple[Update, float]:
-    """`update` with ‖uploaded − global‖_F ≤ `clip`, and its norm before clipping."""
-    clipped, norm = bound_update(update, current, clip, "clip")
-    return clipped, norm
+    """`update` with ‖uploaded − global‖_F ≤ `clip`, and its norm before clipping. It aims a
+    millionth inside the bound so that rounding the result to the factors' dtype stays within it
+    (the sensitivity the noise is calibrated to)."""
+    return bound_update(update, current, clip * (1 - CLIP_MARGIN), "clip")
 
 
 def gaussian(like: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:

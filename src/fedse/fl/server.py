@@ -25,6 +25,7 @@ import torch
 
 from fedse.agent.lora import Adapter, delta_weight, lora_modules
 from fedse.fl.aggregators import Aggregation, Aggregator, densify
+from fedse.fl.privacy import PrivacySection, clip_update, noise_aggregation
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM, Bound, Update, bound_update, update_problems
 
 log = logging.getLogger(__name__)
@@ -168,13 +169,18 @@ def aggregate_round(
     bound: Bound = "clip",
     optimizer: ServerOptimizer | None = None,
     server_state: dict[str, torch.Tensor] | None = None,
+    privacy: PrivacySection | None = None,
+    noise: torch.Generator | None = None,
 ) -> RoundResult:
     """Drop invalid updates (saying which client and tensor), bound the norm of the rest
     (`bound_update`), aggregate them, take the server step (`optimizer`, default the rule's own
     result: SGD at lr 1; `server_state` holds its moments from the previous round).
 
-    With no valid update the global adapter stays as it was.
+    With no valid update the global adapter stays as it was. Under central DP (`privacy.dp =
+    "central"`) every valid update is clipped to `privacy.clip` and the rule's result is noised
+    with `noise` before the server step (`fedse.fl.privacy`).
     """
+    central = privacy is not None and privacy.dp == "central"
     expected, expected_inputs = aggregator.upload(current.tensors), aggregator.expected_inputs(current)
     valid, rejected, clipped = [], {}, {}
     senders = Counter(u.client for u in updates)
@@ -203,9 +209,15 @@ def aggregate_round(
     server_state = server_state or {}
     if not valid:
         return RoundResult(Aggregation(current, {}, state), [], rejected, clipped, {"clients": 0}, server_state)
+    if central:
+        valid = [clip_update(u, current.tensors, privacy.clip)[0] for u in valid]
     # Factors a client does not send are the global ones (ffa: A), as far as the server knows.
     full = [Update(u.client, {**current.tensors, **u.tensors}, u.num_examples, u.metrics, u.inputs) for u in valid]
-    aggregation, server_state = optimizer.step(current, aggregator.aggregate(current, full, state), server_state)
+    aggregated = aggregator.aggregate(current, full, state)
+    if central:
+        uploaded = sorted(aggregator.upload(current.tensors))
+        aggregated = noise_aggregation(aggregated, uploaded, len(valid), privacy, noise)
+    aggregation, server_state = optimizer.step(current, aggregated, server_state)
     diagnostics = round_diagnostics(aggregator, current, full, aggregation)
     return RoundResult(aggregation, [u.client for u in valid], rejected, clipped, diagnostics, server_state)
 

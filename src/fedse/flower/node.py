@@ -115,6 +115,7 @@ class NodeClient:
             self.config.train,
             self.aggregator,
             seed=self.config.fed.seed,
+            privacy=self.config.privacy,
         )
         return TrainResult(update, stats)
 
