@@ -193,7 +193,7 @@ def test_force_never_deletes_a_folder_that_is_not_only_a_run(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "notes.txt").write_text("mine")
-    with pytest.raises(RunExists, match="is not a fedse run folder"):
+    with pytest.raises(RunExists, match="is not a folder fedse created"):
         RunStore(project).create({}, force=True)
     assert (project / "notes.txt").read_text() == "mine"
     fed = run(tmp_path, "fed.rounds=1")
@@ -202,7 +202,32 @@ def test_force_never_deletes_a_folder_that_is_not_only_a_run(tmp_path):
         RunStore(fed.store.root).create({}, force=True)
     (fed.store.root / "my-analysis.ipynb").unlink()
     RunStore(fed.store.root).create({"name": "again"}, force=True)  # a run and only a run: replaced
-    assert sorted(p.name for p in fed.store.root.iterdir()) == [".lock", "config.json"]
+    assert sorted(p.name for p in fed.store.root.iterdir()) == [".fedse-run", ".lock", "config.json"]
+
+
+def test_force_replaces_only_a_folder_fedse_marked_and_never_follows_a_link(tmp_path):
+    from fedse.experiments.store import RunStore
+
+    lookalike = tmp_path / "other-project"  # a run's layout, but not a run fedse made
+    for name in ("checkpoints", "clients"):
+        (lookalike / name).mkdir(parents=True)
+    (lookalike / "config.json").write_text("{}")
+    (lookalike / "report.md").write_text("their report")
+    with pytest.raises(RunExists, match="has no .fedse-run"):
+        RunStore(lookalike).create({}, force=True)
+    assert (lookalike / "report.md").read_text() == "their report"
+    fed = run(tmp_path, "fed.rounds=0")
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "data.txt").write_text("keep")
+    linked_run = tmp_path / "linked-run"
+    linked_run.symlink_to(target)
+    with pytest.raises(RunExists, match="is a symbolic link"):
+        RunStore(linked_run).create({}, force=True)
+    (fed.store.root / "checkpoints-link").symlink_to(target)
+    with pytest.raises(RunExists, match="holds symbolic links"):
+        RunStore(fed.store.root).create({}, force=True)
+    assert (target / "data.txt").read_text() == "keep"
 
 
 def test_a_round_with_every_update_rejected_keeps_the_global_and_the_run_and_report_go_on(tmp_path, monkeypatch):
@@ -289,3 +314,26 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path):
         assert json.loads(fed.store.state.read_text())["round"] == 1 and fed.store.checkpoint(1).exists()
     other.run(resume=True, change_config=True)  # the lock is free again
     assert json.loads(fed.store.state.read_text())["round"] == 2
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "corrupt"),
+    [
+        ("fedex", "checkpoints/round_001/base_delta.safetensors"),
+        ("fedex", "checkpoints/round_001/global/adapter_config.json"),
+        ("fedse", "checkpoints/round_001/aggregator.json"),
+        ("fedsa", "clients/maze/personal/round_001/adapter_model.safetensors"),
+    ],
+)
+def test_eval_refuses_a_checkpoint_that_differs_from_what_was_saved(tmp_path, capsys, aggregator, corrupt):
+    from fedse.cli import main
+
+    fed = run(tmp_path, f"fed.aggregator='{aggregator}'")  # two rounds: round 1 is not the last
+    path = fed.store.root / corrupt
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert main(["eval", str(fed.store.root), "--round", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and corrupt in err and "differs from what round 1's checkpoint recorded" in err
+    assert main(["eval", str(fed.store.root)]) == 0  # round 2 is intact

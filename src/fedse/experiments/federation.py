@@ -241,6 +241,7 @@ class Federation:
             round_ = self.store.last_round()
             if round_ is None:
                 raise UserError(f"{self.store.root} has no completed round yet")
+        self.store.verify_checkpoint(round_)
         self.load_checkpoint(round_)
         evals = self.transport.evaluate(round_, self.server)
         avg = averages(evals, seconds=0.0)

@@ -25,6 +25,7 @@ import json
 import platform
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,7 +55,12 @@ GLOBAL = "global"
 DIGEST = re.compile(r"(\d+:)?[0-9a-f]+")
 """A digest state.json records: hex, after the byte count it covers for an appended file."""
 LOCK = ".lock"
+MARKER = ".fedse-run"
+"""The file that marks a folder as a run fedse created (its run id): only such a folder is replaced by --force."""
+MANIFEST = "digests.json"
+"""In each checkpoint folder: the digest of every file that round's state lives in (`verify_checkpoint`)."""
 RUN_ENTRIES = {
+    MARKER,
     "config.json",
     "tensorboard",  # [log] tensorboard = true
     "dp_secret",  # [privacy] dp = "central": the server's noise seed, never sent
@@ -167,10 +173,25 @@ class RunStore:
         """A new, empty run folder holding `config`; an existing non-empty one only with `force`,
         and only if it is a fedse run holding nothing but what fedse writes (`foreign_entries`):
         --force never deletes a folder of someone else's files."""
+        if self.root.is_symlink():
+            raise RunExists(
+                f"{self.root} is a symbolic link: a run folder must be a real folder; choose another run name"
+            )
         present = [p for p in self.root.iterdir() if p.name != LOCK] if self.root.exists() else []
         if present:
             if not force:
                 raise RunExists(f"{self.root} already exists; use --resume to continue it or --force to overwrite it")
+            links = [p.name for p in present if p.is_symlink()]
+            if links:
+                raise RunExists(
+                    f"{self.root} holds symbolic links ({', '.join(links[:5])}): --force never follows or removes "
+                    "them; remove that folder yourself or choose another run name"
+                )
+            if not (self.root / MARKER).is_file():
+                raise RunExists(
+                    f"{self.root} is not a folder fedse created (it has no {MARKER}): --force only replaces runs "
+                    "fedse made; choose another run name or move that folder away"
+                )
             foreign = self.foreign_entries()
             if foreign:
                 raise RunExists(
@@ -180,6 +201,7 @@ class RunStore:
             for path in present:  # the lock file stays: this process may be holding it
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / MARKER, {"run_id": uuid.uuid4().hex})
         atomic_write_json(self.config_path, config)
 
     def foreign_entries(self) -> list[str]:
@@ -307,11 +329,44 @@ class RunStore:
         files = [p for p in self.checkpoint(round_).rglob("*") if p.is_file()]
         files += list(client_files or [])
         digests = {str(p.relative_to(self.root)): file_digest(p) for p in sorted(files)}
+        atomic_write_json(self.checkpoint(round_) / MANIFEST, digests)
         if self.metrics.exists():  # append-only: what later rounds add does not change this prefix
             size = self.metrics.stat().st_size
             digests["metrics.jsonl"] = f"{size}:{file_digest(self.metrics, size)}"
         state = {"round": round_, "global_adapter": checkpoint.global_adapter.hash, "files": digests}
         atomic_write_json(self.state, {**state, "buffers": buffers or {}})
+
+    def verify_checkpoint(self, round_: int) -> None:
+        """Check every file of round `round_`'s state (its checkpoint and the personal adapters it
+        names) against the digests written with it: what `fedse eval` loads is what was saved. A
+        UserError names the first file that is missing or differs, or a checkpoint without digests."""
+        manifest = self.checkpoint(round_) / MANIFEST
+        if not self.checkpoint(round_).is_dir():
+            return  # no such round: `load_checkpoint` says which there are
+        try:
+            digests = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            raise UserError(
+                f"{manifest} is missing or unreadable, so round {round_}'s checkpoint cannot be verified; "
+                "evaluate a round whose checkpoint has it (rounds written by this fedse do)"
+            ) from None
+        if not isinstance(digests, dict):
+            raise UserError(f"{manifest} is not a digest list; restore it")
+        for name, digest in digests.items():
+            path = self.root / str(name)
+            try:
+                ok = path.is_file() and file_digest(path) == digest
+            except OSError:
+                ok = False
+            if not ok:
+                raise UserError(
+                    f"{path} is missing or differs from what round {round_}'s checkpoint recorded: it was changed "
+                    "or corrupted; restore it (or evaluate another round)"
+                )
+        on_disk = {str(p.relative_to(self.root)) for p in self.checkpoint(round_).rglob("*") if p.is_file()}
+        unlisted = sorted(on_disk - set(digests) - {str(manifest.relative_to(self.root))})
+        if unlisted:
+            raise UserError(f"{self.root / unlisted[0]} was not part of round {round_}'s checkpoint; remove it")
 
     def verify(self, round_: int) -> dict[str, str]:
         """Check every file state.json recorded for `round_` against its digest (the metrics file:
