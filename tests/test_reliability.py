@@ -496,3 +496,31 @@ def test_state_of_the_wrong_shape_and_a_mistyped_round_are_one_line_errors(tmp_p
     rc, err, _ = resume_outcome(copy, capsys)
     assert rc == 2 and err.count("\n") == 1, err
     assert ("metrics.jsonl" in err and "not an integer" in err) if "metrics" in how else "state.json is corrupt" in err
+
+
+def test_seed_records_no_round_can_train_on_are_left_out_and_the_run_resumes(tmp_path, caplog):
+    """A seed whose first turn alone overflows train.max_length, one whose agent turns are all
+    marked not to train, and a max_length shorter than the instruction: each used to crash round 1
+    again on every resume. Now they are left out with a warning and the run goes on."""
+    from fedse.evolve.agenttraj import to_agenttraj
+    from fedse.evolve.experts import expert_trajectory
+    from helpers import tiny_config
+
+    normal, huge, silent = (to_agenttraj(expert_trajectory("maze", i)) for i in (13, 14, 15))
+    huge["conversations"][2]["value"] = "wall " * 3000  # the first observation: far over max_length
+    for turn in silent["conversations"][2:]:
+        if turn["from"] == "gpt":
+            turn["loss"] = False
+    path = tmp_path / "seeds.json"
+    path.write_text(json.dumps([normal, huge, silent]))
+    sets = ["fed.clients=['maze']", "buffer.expert_seeds=0", f"buffer.seed_file='{path}'", "explore.tasks=0"]
+    for max_length, trained in ((512, True), (64, False)):
+        config = tiny_config(*sets, f"train.max_length={max_length}", "fed.rounds=1")
+        root = tmp_path / f"run{max_length}"
+        Federation(config, root, Policy(load_base("tiny-random"))).run()
+        longer = config.model_copy(update={"fed": config.fed.model_copy(update={"rounds": 2})})
+        Federation(longer, root, Policy(load_base("tiny-random"))).run(resume=True, change_config=True)
+        clients = [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines() if '"client"' in x]
+        assert [c["round"] for c in clients] == [1, 2]
+        assert all((c["train_tokens"] > 0) == trained for c in clients)
+    assert "left out of training" in caplog.text

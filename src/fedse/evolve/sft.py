@@ -76,23 +76,42 @@ class TrainReport:
 def encode_examples(
     layout: ChatLayout, trajectories: list[Trajectory], max_length: int
 ) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(ids, loss mask) per trajectory, left-truncating the history of long ones; and how many were."""
-    examples, truncated = [], 0
+    """(ids, loss mask) per trajectory, left-truncating the history of long ones; and how many were.
+
+    A trajectory with nothing to learn from within `max_length` (no agent turn, or an instruction
+    that alone fills `max_length`) is left out with a warning: an input that no round could train
+    on must not stop every round of the run."""
+    examples, truncated, skipped = [], 0, 0
     for t in trajectories:
-        messages = t.messages[:-1] if t.messages[-1]["role"] == "user" else t.messages
+        messages = t.messages[:-1] if t.messages and t.messages[-1]["role"] == "user" else t.messages
+        if len(messages) < 2 or not any(m["role"] == "assistant" for m in messages[2:]):
+            skipped += 1
+            continue
         ids, mask = layout.encode_episode(messages)
         if len(ids) > max_length:
             keep_head = len(layout.encode(layout.prefix_text(messages[0]["content"], messages[1]["content"])))
             if keep_head >= max_length:
-                raise ValueError(f"max_length {max_length} cannot even hold the instruction ({keep_head} tokens)")
+                skipped += 1
+                continue
             tail = max_length - keep_head
             ids, mask = ids[:keep_head] + ids[-tail:], mask[:keep_head] + mask[-tail:]
             truncated += 1
+        if not any(mask):
+            skipped += 1
+            continue
         examples.append((ids, mask))
     if truncated:
         log.warning(
             "%d of %d episodes were longer than %d tokens; their oldest turns were cut",
             truncated,
+            len(trajectories),
+            max_length,
+        )
+    if skipped:
+        log.warning(
+            "%d of %d episodes were left out of training: no agent turn fits in train.max_length = %d tokens "
+            "(raise it, or check the seed file)",
+            skipped,
             len(trajectories),
             max_length,
         )
