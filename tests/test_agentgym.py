@@ -588,3 +588,30 @@ def test_a_game_on_a_server_of_its_own_federates_from_configuration_alone(tmp_pa
         assert set(evals) == {"counting", "maze"} and evals["counting"]["tasks"] == 2  # played on its server
     finally:
         httpd.shutdown()
+
+
+def test_a_huge_body_is_refused_without_being_read(servers):
+    """A client that declares 200 MB gets its error at once, before sending more than a few bytes."""
+    import socket
+
+    lmrl = servers["lmrlgym"]
+    with socket.create_connection(("127.0.0.1", lmrl.port), timeout=10) as conn:
+        head = f"POST /maze/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {200 * 2**20}\r\n\r\n"
+        conn.sendall(head.encode() + b'{"id": 0, "action": "')
+        reply = conn.recv(65536).decode()
+    assert " 200 " in reply.split("\r\n")[0] and "over the limit" in reply
+    # a body a little over the limit is read and dropped, and its sender gets the error as a reply
+    _, reply = lmrl.call("POST", "/maze/step", b'{"action": "' + b"x" * (2 * MAX_BODY) + b'"}')
+    assert "over the limit" in reply["error"]
+
+
+def test_one_client_cannot_take_every_session():
+    from fedse.envs.http_server import RequestError, SessionTable
+
+    table = SessionTable(lambda: make_env("maze"), ttl=600.0, max_sessions=10, per_client=2)
+    table.create("10.0.0.1"), table.create("10.0.0.1")
+    with pytest.raises(RequestError, match="client 10.0.0.1 already holds 2 sessions"):
+        table.create("10.0.0.1")
+    assert table.create("10.0.0.2") not in (None,)  # another client still gets one
+    table.close(0)
+    table.create("10.0.0.1")  # closing one frees its place

@@ -25,7 +25,15 @@ from fedse.envs.remote import DIALECTS, Dialect
 from fedse.errors import UserError
 
 MAX_BODY = 64 * 1024
-"""Bytes a request body may have; a longer one (a 1 MB action) is refused, not parsed."""
+"""Bytes a request body may have; a longer one (a 1 MB action) is refused, and never read whole."""
+DRAIN_LIMIT = 2 * 2**20
+"""Bytes of an over-long body read (and dropped) so that its sender still gets a reply."""
+MAX_SESSIONS_PER_CLIENT = 256
+"""Sessions one client address may hold open at once, so that one client cannot take them all."""
+MAX_CONNECTIONS = 256
+"""Connections (and requests in flight) the server holds at once; more are answered 503."""
+KEEP_ALIVE = 5.0
+"""Seconds an idle connection is kept open between requests."""
 
 GREETINGS = {
     "babyai": "This is environment BabyAI.",
@@ -58,6 +66,8 @@ class RequestError(Exception):
 @dataclass
 class Session:
     env: TextEnv
+    owner: str = ""
+    """The client address that created it."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     used: float = field(default_factory=time.monotonic)
 
@@ -65,20 +75,27 @@ class Session:
 class SessionTable:
     """The environment instances of one server, by id; idle ones expire."""
 
-    def __init__(self, make: Callable[[], TextEnv], ttl: float, max_sessions: int) -> None:
-        self.make, self.ttl, self.max_sessions = make, ttl, max_sessions
+    def __init__(
+        self, make: Callable[[], TextEnv], ttl: float, max_sessions: int, per_client: int = MAX_SESSIONS_PER_CLIENT
+    ) -> None:
+        self.make, self.ttl, self.max_sessions, self.per_client = make, ttl, max_sessions, per_client
         self.sessions: dict[int, Session] = {}
         self.ids = itertools.count()
         self.lock = threading.Lock()
 
-    def create(self) -> int:
-        env = self.make()
+    def create(self, owner: str = "") -> int:
         with self.lock:
             self.expire()
             if len(self.sessions) >= self.max_sessions:
                 raise RequestError(f"server full: {self.max_sessions} sessions open; close some with POST /close")
+            if sum(s.owner == owner for s in self.sessions.values()) >= self.per_client:
+                raise RequestError(
+                    f"client {owner or '?'} already holds {self.per_client} sessions; close some with POST /close"
+                )
+        env = self.make()
+        with self.lock:
             id_ = next(self.ids)
-            self.sessions[id_] = Session(env)
+            self.sessions[id_] = Session(env, owner)
         return id_
 
     def get(self, id_: int) -> Session:
@@ -139,8 +156,8 @@ class EnvService:
         """The built-in game's own server's spelling; AgentGym's common one for an environment of your own."""
         return DIALECTS.get(self.name) or Dialect()
 
-    def create(self, body: dict) -> Any:
-        id_ = self.table.create()
+    def create(self, body: dict, owner: str = "") -> Any:
+        id_ = self.table.create(owner)
         if self.name == "webshop":
             return id_
         if self.name == "textcraft":  # upstream resets a new instance with data_idx = id
@@ -214,13 +231,31 @@ def make_app(
     app = FastAPI(title=f"fedse {server}", docs_url=None, redoc_url=None, openapi_url=None)
     greeting = GREETINGS.get(server) or GREETINGS["lmrlgym"]
 
+    async def bounded_body(request: Request) -> bytes:
+        """The body, holding at most MAX_BODY bytes of it. A longer one is refused: up to
+        DRAIN_LIMIT bytes are read and dropped first, so that an ordinary client gets the error
+        as a reply; a declared length beyond that is refused before any of it is read."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > DRAIN_LIMIT:
+            raise RequestError(f"request body of {declared} bytes is over the limit of {MAX_BODY}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > DRAIN_LIMIT:
+                break
+            if size <= MAX_BODY:
+                chunks.append(chunk)
+        if size > MAX_BODY:
+            raise RequestError(
+                f"request body of {size if size <= DRAIN_LIMIT else 'over ' + str(DRAIN_LIMIT)} bytes is over the limit of {MAX_BODY}"
+            )
+        return b"".join(chunks)
+
     async def answer(request: Request, work: Callable[[dict], Any], *, body: bool = True) -> JSONResponse:
         try:
             parsed: Any = {}
             if body:
-                raw = await request.body()
-                if len(raw) > MAX_BODY:
-                    raise RequestError(f"request body of {len(raw)} bytes is over the limit of {MAX_BODY}")
+                raw = await bounded_body(request)
                 parsed = json.loads(raw) if raw.strip() else {}
                 if not isinstance(parsed, dict):
                     raise RequestError("the request body must be a JSON object")
@@ -258,6 +293,9 @@ def make_app(
             path: str, method: str, work: Callable[[EnvService, dict], Any], body: bool = True, s=service, prefix=prefix
         ) -> None:
             async def endpoint(request: Request) -> JSONResponse:
+                if work is EnvService.create:  # sessions are counted per client address
+                    owner = request.client.host if request.client else ""
+                    return await answer(request, lambda parsed: s.create(parsed, owner), body=body)
                 return await answer(request, lambda parsed: work(s, parsed), body=body)
 
             app.add_api_route(prefix + path, endpoint, methods=[method])
@@ -285,4 +323,12 @@ def serve(server: str, host: str = "127.0.0.1", port: int = 36001, ttl: float = 
 
     app = make_app(server, ttl=ttl)
     print(f"fedse: serving {server} ({', '.join(app.state.sessions)}) at http://{host}:{port}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=int(KEEP_ALIVE),
+        h11_max_incomplete_event_size=MAX_BODY,
+    )
