@@ -524,3 +524,64 @@ def test_seed_records_no_round_can_train_on_are_left_out_and_the_run_resumes(tmp
         assert [c["round"] for c in clients] == [1, 2]
         assert all((c["train_tokens"] > 0) == trained for c in clients)
     assert "left out of training" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[{"item_id": "lmrlgym_maze_13", "success": "no", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]', "'success' must be true, false, 1 or 0"),
+        (None, "not a regular file"),
+    ],
+)  # fmt: skip
+def test_a_seed_file_that_would_read_wrong_or_forever_is_one_line(tmp_path, capsys, content, message):
+    path = Path("/dev/zero") if content is None else tmp_path / "seeds.json"
+    if content is not None:
+        path.write_text(content)
+    runs = tmp_path / "runs"
+    args = ["run", "--runs-dir", str(runs), "--set", "model.name='tiny-random'", "--set", f"buffer.seed_file='{path}'"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not runs.exists()
+
+
+def test_a_metrics_field_of_the_wrong_type_is_one_line_not_a_wrong_figure(tmp_path, capsys):
+    fed = Federation(tiny_config("fed.rounds=1"), tmp_path / "run", Policy(load_base("tiny-random")))
+    fed.run()
+    lines = fed.store.metrics.read_text().splitlines()
+    aggregate = next(i for i, line in enumerate(lines) if '"event": "aggregate"' in line)
+    record = json.loads(lines[aggregate])
+    record["accepted"] = "maze"  # a string where a list belongs: once counted as 4 clients
+    lines[aggregate] = json.dumps(record)
+    fed.store.metrics.write_text("\n".join(lines) + "\n")
+    assert main(["report", str(fed.store.root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'accepted = "maze" is not list[str]' in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "model.name='" + "m" * 256 + "'"], "is not a model fedse can load offline"),
+        (["--runs-dir", "FILE"], "Not a directory"),
+    ],
+)
+def test_impossible_names_and_paths_are_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    assert main(["run", *(["--runs-dir", str(tmp_path / "runs")] if "--runs-dir" not in args else []), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(("raised", "code", "message"), [
+    (KeyboardInterrupt(), 130, "interrupted; a run continues from its last completed round with --resume"),
+    (OSError(28, "No space left on device", "/runs/x/metrics.jsonl"), 2, "No space left on device (/runs/x/metrics.jsonl)"),
+])  # fmt: skip
+def test_ctrl_c_and_a_full_disk_end_a_run_with_one_line(tmp_path, capsys, monkeypatch, raised, code, message):
+    def stopped(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(Federation, "run", stopped)
+    assert main(["run", "--runs-dir", str(tmp_path / "runs"), *[f"--set={s}" for s in TINY]]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(message) and "\n" not in err

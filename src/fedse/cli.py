@@ -384,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileExistsError, FileNotFoundError) as error:
         print(f"fedse: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fedse: interrupted; a run continues from its last completed round with --resume", file=sys.stderr)
+        return 130
+    except OSError as error:  # a full disk, a path that is a file, permissions: the system's words, one line
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"fedse: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

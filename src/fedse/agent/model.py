@@ -114,13 +114,18 @@ KNOWN_MODELS = (*EMBEDDED, TINY)
 def model_available(name: str) -> bool:
     """Whether `load_base(name)` can load without a network: an embedded or built-in name, a
     local model folder, or a hub id whose config is in the local Hugging Face cache."""
-    if name in KNOWN_MODELS or (Path(name) / "config.json").is_file():
+    if name in KNOWN_MODELS:
         return True
+    try:
+        if (Path(name) / "config.json").is_file():
+            return True
+    except OSError:  # a name too long (or otherwise impossible) as a path is no local folder
+        pass
     from huggingface_hub import try_to_load_from_cache
 
     try:
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a valid repo id either
+    except (ValueError, OSError):  # not a valid repo id either
         return False
 
 

@@ -40,6 +40,10 @@ class AgentTrajError(UserError):
     """A record that is not in AgentGym's trajectory format."""
 
 
+MAX_FILE_BYTES = 4 * 2**30
+"""The largest AgentTraj file read: a bound, so that a runaway file cannot exhaust memory."""
+
+
 def item_id(env: str, task_id: int) -> str:
     return f"{ITEM_PREFIX.get(env, env + '_')}{task_id}"
 
@@ -116,7 +120,10 @@ def from_agenttraj(record: object, where: str = "record") -> Trajectory:
     reward = extra.get("reward", 1.0)
     if isinstance(reward, bool) or not isinstance(reward, int | float):
         raise AgentTrajError(f"{where} ({record['item_id']}): 'reward' must be a number")
-    success = bool(extra.get("success", reward == 1))
+    success = extra.get("success", reward == 1)
+    if success not in (True, False, 0, 1) or isinstance(success, float):  # "no" must not read as a success
+        raise AgentTrajError(f"{where} ({record['item_id']}): 'success' must be true, false, 1 or 0")
+    success = bool(success)
     turns = sum(m["role"] == "assistant" for m in messages[2:])
     return Trajectory(env, task_id, messages, float(reward), success, turns, None, IMPORTED, extra=extra)
 
@@ -124,6 +131,13 @@ def from_agenttraj(record: object, where: str = "record") -> Trajectory:
 def read_agenttraj(path: str | Path) -> list[Trajectory]:
     """A JSON list of records (AgentGym's files) or JSON lines of them."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a device (/dev/zero) or a folder would be read forever or fail late
+        raise AgentTrajError(f"{path}: not a regular file; give the path of an AgentTraj JSON file")
+    if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+        raise AgentTrajError(
+            f"{path}: {path.stat().st_size / 2**30:.1f} GB is over the {MAX_FILE_BYTES / 2**30:.0f} GB an AgentTraj file "
+            "may have here; split it"
+        )
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as e:

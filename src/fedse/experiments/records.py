@@ -170,10 +170,32 @@ def parse_record(line: str, where: str = "metrics") -> Record | None:
     round_ = data.get("round")
     if type(round_) is not int:
         raise RecordError(f"{where}: bad {cls.event} record (round {round_!r} is not an integer)")
+    for f in fields(cls):
+        if f.name in data and not _fits(data[f.name], f.type):
+            shown = json.dumps(data[f.name])[:40]
+            raise RecordError(f"{where}: bad {cls.event} record ({f.name} = {shown} is not {f.type})")
     try:
         return cls(**{k: v for k, v in data.items() if k in known})
     except TypeError as error:
         raise RecordError(f"{where}: bad {cls.event} record ({error})") from None
+
+
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
+
+
+def _fits(value: object, annotation: str) -> bool:
+    """Whether a JSON value has the kind a record field's annotation (a string, as written) names:
+    its outer type only ("list[str]" -> a list), None where the annotation allows it."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        return "None" in options
+    for option in options:
+        kinds = _KINDS.get(option.split("[", 1)[0])
+        if kinds is None:
+            return True  # a type this check does not know: the constructor decides
+        if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+            return True
+    return False
 
 
 @dataclass
