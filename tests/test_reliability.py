@@ -585,3 +585,35 @@ def test_ctrl_c_and_a_full_disk_end_a_run_with_one_line(tmp_path, capsys, monkey
     assert main(["run", "--runs-dir", str(tmp_path / "runs"), *[f"--set={s}" for s in TINY]]) == code
     err = capsys.readouterr().err.strip()
     assert err.endswith(message) and "\n" not in err
+
+
+def test_the_final_report_is_written_while_the_run_is_still_locked(tmp_path, monkeypatch):
+    import fedse.experiments.report as report
+    from fedse.experiments.store import RunStore
+
+    seen = []
+
+    def written_under_lock(run_dirs, out=None):
+        try:
+            with RunStore(run_dirs[0]).lock():
+                seen.append("free")
+        except UserError:
+            seen.append("locked")
+        return Path(run_dirs[0]) / "report.md"
+
+    monkeypatch.setattr(report, "write_report", written_under_lock)
+    assert main(["run", "--runs-dir", str(tmp_path / "runs"), *[f"--set={s}" for s in TINY], "--set=fed.rounds=1"]) == 0
+    assert seen == ["locked"]
+
+
+def test_every_new_folder_is_fsynced_in_its_parent(tmp_path, monkeypatch):
+    import fedse.files as files
+
+    synced = []
+    real = files._fsync_dir
+    monkeypatch.setattr(files, "_fsync_dir", lambda d: (synced.append(Path(d)), real(d)))
+    files.atomic_write_text(tmp_path / "a" / "b" / "c.json", "{}")
+    assert {tmp_path, tmp_path / "a", tmp_path / "a" / "b"} <= set(synced)
+    synced.clear()
+    files.append_lines(tmp_path / "x" / "m.jsonl", ["{}"])
+    assert {tmp_path, tmp_path / "x"} <= set(synced)

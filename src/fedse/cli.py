@@ -147,8 +147,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         change_config=args.change_config,
         echo=lambda records: print(round_summary(records, config.fed.rounds, config.fed.aggregator)),
+        finish=lambda: write_report([root]),  # under the run's lock
     )
-    report = write_report([root])
+    report = root / "report.md"
     print(
         f"done in {(time.perf_counter() - start) / 60:.1f} min: report {report}, plots beside it, metrics {root / 'metrics.jsonl'}"
     )

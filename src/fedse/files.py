@@ -28,10 +28,24 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(directory: str | Path) -> Path:
+    """`directory` and any missing parents, each new folder's entry fsynced in its parent: a
+    crash right after cannot leave a file fsynced inside a folder whose own entry was lost."""
+    directory = Path(directory)
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        _fsync_dir(folder.parent)
+    return Path(missing[0]) if missing else directory
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace `path` with `text`: written to a temporary file, fsynced, renamed over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         f.write(text)
@@ -67,7 +81,7 @@ def append_lines(path: str | Path, lines: Iterable[str]) -> int:
     One write: a kill can then only cut the batch's end, never interleave partial lines; a torn
     last line left by an earlier kill is cut first (`drop_torn_tail`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     lines = list(lines)
     if not lines:
         return 0
@@ -141,7 +155,7 @@ def write_folder(final: str | Path, write) -> None:
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    make_dirs(tmp)
     write(tmp)
     fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)

@@ -121,7 +121,13 @@ class Federation:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def rounds(self, resume: bool = False, force: bool = False, change_config: bool = False) -> Iterator[RoundRecords]:
+    def rounds(
+        self,
+        resume: bool = False,
+        force: bool = False,
+        change_config: bool = False,
+        finish: Callable[[], object] | None = None,
+    ) -> Iterator[RoundRecords]:
         """Run (or continue) the federation, yielding each round's records as it completes.
 
         Round 0 evaluates and checkpoints the starting adapter, like any other round. The run
@@ -142,6 +148,8 @@ class Federation:
                 yield RoundRecords(0, evals=evals, eval_avg=eval_avg, seconds=time.perf_counter() - start)
             for round_ in range(last + 1, self.config.fed.rounds + 1):
                 yield self.round(round_)
+            if finish is not None:  # e.g. the report: written while no other process may touch the run
+                finish()
 
     def run(
         self,
@@ -149,12 +157,13 @@ class Federation:
         force: bool = False,
         echo: Callable[[RoundRecords], object] | None = None,
         change_config: bool = False,
+        finish: Callable[[], object] | None = None,
     ) -> list[RoundRecords]:
         """Run every round (or the rest of them): the one driver `fedse run`, the experiment grid
         and Flower's ServerApp share. `echo` is called with each round's records as it completes.
         Returns them all."""
         done = []
-        for records in self.rounds(resume=resume, force=force, change_config=change_config):
+        for records in self.rounds(resume=resume, force=force, change_config=change_config, finish=finish):
             if echo is not None:
                 echo(records)
             done.append(records)

@@ -44,6 +44,7 @@ from fedse.files import (
     atomic_write_json,
     drop_torn_tail,
     file_digest,
+    make_dirs,
     read_lines,
     write_folder,
     write_lines,
@@ -200,7 +201,7 @@ class RunStore:
                 )
             for path in present:  # the lock file stays: this process may be holding it
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.root)
         atomic_write_json(self.root / MARKER, {"run_id": uuid.uuid4().hex})
         atomic_write_json(self.config_path, config)
 
@@ -448,7 +449,7 @@ class RunStore:
     def lock(self) -> Iterator[None]:
         """Hold the run's lock (`.lock`, an exclusive flock) for the duration: a second process
         running or resuming the same run gets a clear error instead of doubling its records."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.root)
         with (self.root / LOCK).open("a") as f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -249,8 +249,8 @@ def run_federation(grid: Grid, options: FlowerOptions, policy: Policy | None = N
         resume=options.resume,
         force=options.force,
         echo=lambda records: print(round_summary(records, config.fed.rounds, config.fed.aggregator), flush=True),
+        finish=lambda: write_report([root]),  # under the run's lock
     )
-    write_report([root])
     return root
 
 
