@@ -351,19 +351,9 @@ class RunStore:
                 f"{manifest} is missing or unreadable, so round {round_}'s checkpoint cannot be verified; "
                 "evaluate a round whose checkpoint has it (rounds written by this fedse do)"
             ) from None
-        if not isinstance(digests, dict):
+        if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
             raise UserError(f"{manifest} is not a digest list; restore it")
-        for name, digest in digests.items():
-            path = self.root / str(name)
-            try:
-                ok = path.is_file() and file_digest(path) == digest
-            except OSError:
-                ok = False
-            if not ok:
-                raise UserError(
-                    f"{path} is missing or differs from what round {round_}'s checkpoint recorded: it was changed "
-                    "or corrupted; restore it (or evaluate another round)"
-                )
+        self._check_files(digests, round_, "evaluate another round")
         on_disk = {str(p.relative_to(self.root)) for p in self.checkpoint(round_).rglob("*") if p.is_file()}
         unlisted = sorted(on_disk - set(digests) - {str(manifest.relative_to(self.root))})
         if unlisted:
@@ -376,8 +366,14 @@ class RunStore:
         state = self.read_state() or {}
         if state.get("round") != round_:
             return {}
-        for name, digest in state.get("files", {}).items():
-            path = self.root / name
+        self._check_files(state.get("files", {}), round_, "start the run again")
+        return state.get("buffers", {})
+
+    def _check_files(self, digests: dict[str, str], round_: int, otherwise: str) -> None:
+        """Each file against its recorded digest ("size:digest": its first `size` bytes, for an
+        append-only file); a UserError names the first that is missing or differs."""
+        for name, digest in digests.items():
+            path = self.root / str(name)
             size, _, digest = digest.rpartition(":") if ":" in digest else ("", "", digest)
             try:
                 ok = path.stat().st_size >= int(size or 0) and file_digest(path, int(size) if size else None) == digest
@@ -386,9 +382,8 @@ class RunStore:
             if not ok:
                 raise UserError(
                     f"{path} is missing or differs from what round {round_}'s checkpoint recorded: it was changed "
-                    "or corrupted; restore it (or start the run again)"
+                    f"or corrupted; restore it (or {otherwise})"
                 )
-        return state.get("buffers", {})
 
     def prune_checkpoints(self, keep_last: int, keep_every: int) -> list[int]:
         """Delete the checkpoints (server and personal) of rounds neither among the last

@@ -176,7 +176,8 @@ def learn(
     if aggregator.reads_inputs:  # the layers' inputs on this round's training data, under the starting adapter
         inputs = aggregator.summarize_inputs(input_moments(policy, client, data, train.max_length))
     inputs_seconds = time.perf_counter() - started
-    start = aggregator.upload(policy.get(client).tensors)  # what it received, as far as it uploads
+    local_dp = privacy is not None and privacy.dp == "local"
+    start = aggregator.upload(policy.get(client).tensors) if local_dp else {}  # what it received, as uploaded
     report = train_adapter(
         policy,
         client,
@@ -206,7 +207,7 @@ def learn(
     if aggregator.personalized:  # the client's own state: it never reaches the server
         state.keep(round_, trained)
     update = Update(client, aggregator.upload(trained.tensors), len(data), metrics, inputs)
-    if privacy is not None and privacy.dp == "local":  # noised here, with a secret the server never sees
+    if local_dp:  # noised here, with a secret the server never sees
         update = privatize_update(update, start, privacy, PrivateSeed(state.root).generator(round_, client))
     return update, trained
 
