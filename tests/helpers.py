@@ -96,21 +96,25 @@ def records(root: Path, drop=("wire",)) -> list[dict]:
 
 
 class ServedApp:
-    """An ASGI app (e.g. `fedse serve-env`'s) on a loopback port, in a thread of this process."""
+    """An ASGI app (e.g. `fedse serve-env`'s) on a loopback port, in a thread of this process,
+    under the uvicorn configuration `fedse serve-env` uses."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         import socket
         import threading
         import time
 
         import uvicorn
 
+        from fedse.envs.http_server import server_config
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=self.server.run, daemon=True).start()
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, **config))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
@@ -118,3 +122,4 @@ class ServedApp:
 
     def stop(self) -> None:
         self.server.should_exit = True
+        self.thread.join(10)

@@ -15,7 +15,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
-import uvicorn
 
 from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
@@ -24,6 +23,7 @@ from fedse.envs.http_server import MAX_BODY, SessionTable, make_app
 from fedse.evolve.agenttraj import AgentTrajError, read_agenttraj, to_agenttraj, write_agenttraj
 from fedse.experiments.federation import Federation
 from fedse.fl.client import expert_seeds
+from helpers import ServedApp
 
 SERVED = {"babyai": "babyai", "maze": "lmrlgym", "wordle": "lmrlgym", "textcraft": "textcraft", "webshop": "webshop"}
 
@@ -34,28 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Served:
-    """A `fedse serve-env` app on a loopback port, in a thread of this process."""
+class Served(ServedApp):
+    """A `fedse serve-env` server on a loopback port, in a thread of this process."""
 
     def __init__(self, server: str, **options) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.uvicorn = uvicorn.Server(
-            uvicorn.Config(make_app(server, **options), host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
+        super().__init__(make_app(server, **options))
 
     def open_sessions(self) -> int:
-        return sum(len(t.sessions) for t in self.uvicorn.config.app.state.sessions.values())
-
-    def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(10)
+        return sum(len(t.sessions) for t in self.server.config.app.state.sessions.values())
 
     def call(self, method: str, path: str, body: bytes | dict | None = None):
         data = json.dumps(body).encode() if isinstance(body, dict) else body
@@ -615,3 +601,41 @@ def test_one_client_cannot_take_every_session():
     assert table.create("10.0.0.2") not in (None,)  # another client still gets one
     table.close(0)
     table.create("10.0.0.1")  # closing one frees its place
+
+
+@pytest.mark.parametrize(
+    "trickle",
+    [
+        [b"POST /maze/step HTTP/1.1\r\n", b"Host: x\r\n", b"X-Slow: 1\r\n", b"X-Slow: 2\r\n", b"X-Slow: 3\r\n"],
+        [b"POST /maze/step HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", b'{"id"', b": 0", b", ", b'"a'],
+    ],
+    ids=["headers", "body"],
+)
+def test_a_request_sent_a_byte_at_a_time_is_disconnected_at_its_deadline(trickle):
+    """Slowloris: each piece arrives in time to keep a connection open, the request never completes;
+    the server closes it once the request deadline passes, and keeps serving everyone else."""
+    served = ServedApp(make_app("maze"), request_deadline=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as conn:
+            start, closed_after = time.monotonic(), None
+            for piece in trickle * 4:
+                try:
+                    conn.sendall(piece)
+                    conn.settimeout(0.4)
+                    if conn.recv(1024) == b"":
+                        closed_after = time.monotonic() - start
+                        break
+                except TimeoutError:
+                    continue  # still open, nothing to read: send the next piece
+                except OSError:
+                    closed_after = time.monotonic() - start
+                    break
+        assert closed_after is not None and 0.9 < closed_after < 2.5
+        # a keep-alive connection gets a fresh deadline for each request: two requests 0.7 s apart pass
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as conn:
+            for _ in range(2):
+                time.sleep(0.7)
+                conn.sendall(b"GET /maze/available_actions HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert b" 200 " in conn.recv(65536).split(b"\r\n")[0]
+    finally:
+        served.stop()

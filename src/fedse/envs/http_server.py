@@ -34,6 +34,8 @@ MAX_CONNECTIONS = 256
 """Connections (and requests in flight) the server holds at once; more are answered 503."""
 KEEP_ALIVE = 5.0
 """Seconds an idle connection is kept open between requests."""
+REQUEST_DEADLINE = 10.0
+"""Seconds a request has to arrive whole (headers and body); a slower sender is disconnected."""
 
 GREETINGS = {
     "babyai": "This is environment BabyAI.",
@@ -317,18 +319,29 @@ def make_app(
     return app
 
 
+def server_config(app: Any, host: str, port: int, request_deadline: float = REQUEST_DEADLINE) -> Any:
+    """The uvicorn configuration `fedse serve-env` runs `app` with: its limits on connections,
+    idle keep-alive, header size and request arrival time (`fedse.envs.http_deadline`)."""
+    import uvicorn
+
+    from fedse.envs.http_deadline import with_deadline
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=with_deadline(request_deadline),
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=int(KEEP_ALIVE),
+        h11_max_incomplete_event_size=MAX_BODY,
+    )
+
+
 def serve(server: str, host: str = "127.0.0.1", port: int = 36001, ttl: float = 600.0) -> None:
     """Run the server until interrupted (uvicorn, one process, sessions in threads)."""
     import uvicorn
 
     app = make_app(server, ttl=ttl)
     print(f"fedse: serving {server} ({', '.join(app.state.sessions)}) at http://{host}:{port}", flush=True)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        limit_concurrency=MAX_CONNECTIONS,
-        timeout_keep_alive=int(KEEP_ALIVE),
-        h11_max_incomplete_event_size=MAX_BODY,
-    )
+    uvicorn.Server(server_config(app, host, port)).run()
