@@ -7,6 +7,7 @@ server code, no network. The deployment tests start Flower's own processes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedse.agent.lora import factor_keys
@@ -32,8 +34,6 @@ from fedse.flower.local import LocalDeployment, run_local
 from fedse.flower.options import FlowerOptions
 from fedse.flower.server_app import flower_federation
 from helpers import TINY, records, tiny_config
-
-HANDLERS = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
 
 
 class LoopbackGrid:
@@ -50,6 +50,8 @@ class LoopbackGrid:
         self.sent: list[Message] = []
         self.received: list[Message] = []
         self.leave: dict[tuple[str, str], int] = {}
+        self.contexts: dict[int, Context] = {}
+        """Each node's Context, kept across messages as a SuperNode keeps it (SecAgg+'s state)."""
 
     def get_node_ids(self):
         return sorted(self.connected)
@@ -65,17 +67,23 @@ class LoopbackGrid:
             if self.leave.get((m.metadata.group_id, m.metadata.message_type)) == node:
                 self.connected.discard(node)
                 continue
-            context = Context(1, node, self.node_configs[node], RecordDict(), {})
-            # the node's copy of the message, its content through the worker's framing
-            copy = Message(unpack(pack(m.content)), node, m.metadata.message_type, group_id=m.metadata.group_id)
-            copy.metadata.__dict__["_message_id"] = mid
-            reply = HANDLERS[m.metadata.message_type](copy, context)
+            context = self.contexts.setdefault(node, Context(1, node, self.node_configs[node], RecordDict(), {}))
+            # the node's copy of the message, its content through the worker's framing (SecAgg+'s
+            # own messages are answered by the ClientApp's mod, never forwarded to a worker)
+            secagg = RECORD_KEY_CONFIGS in m.content.config_records
+            content = copy.deepcopy(m.content) if secagg else unpack(pack(m.content))  # a copy, as on a wire
+            delivered = Message(content, node, m.metadata.message_type, group_id=m.metadata.group_id)
+            delivered.metadata.__dict__["_message_id"] = mid
+            reply = client_app.app(delivered, context)  # the ClientApp with its mods, as a SuperNode runs it
             self.received.append(reply)
             self.replies[mid] = reply
         return ids
 
     def pull_messages(self, ids):
         return [self.replies.pop(i) for i in ids if i in self.replies]
+
+    def send_and_receive(self, messages, timeout=None):
+        return self.pull_messages(list(self.push_messages(messages)))
 
 
 def flower_run(tmp_path, grid, *extra, name="flower", resume=False, **options) -> Federation:
@@ -120,6 +128,59 @@ def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
     if aggregator == "fedsa":  # each node kept its own B for every round
         kept = sorted(p.name for p in (flower.store.root / "nodes").rglob("round_*"))
         assert kept == ["round_001", "round_001", "round_002", "round_002"]
+
+
+@pytest.mark.parametrize("aggregator", ["fedse", "ffa"])
+def test_secure_aggregation_gives_the_plain_mean_and_the_server_never_holds_one_update(tmp_path, aggregator):
+    """SecAgg+ through Flower's workflow and mod (the ClientApp as a SuperNode runs it): the global
+    adapter is the plain run's to within one quantisation step, and no record, file or message the
+    server holds carries one client's upload."""
+    from safetensors.numpy import load_file
+
+    from fedse.flower.secagg import PENDING
+
+    run = ["fed.rounds=1", f"fed.aggregator='{aggregator}'"]
+    plain = flower_run(tmp_path, LoopbackGrid(nodes()), *run, name="plain", node_root=str(tmp_path / "plain-nodes"))
+    grid = LoopbackGrid(nodes())
+    secure = flower_run(
+        tmp_path, grid, *run, "privacy.secagg=true", name="secure", node_root=str(tmp_path / "secure-nodes")
+    )
+    step = 2 * secure.config.privacy.secagg_range / 2**22
+    for key, value in plain.global_adapter.tensors.items():
+        assert (secure.global_adapter.tensors[key].double() - value.double()).abs().max() <= step + 1e-6, key
+    aggregate = next(r for r in records(secure.store.root) if r["event"] == "aggregate")
+    assert aggregate["accepted"] == ["maze", "wordle"] and aggregate["secure_aggregation"] is True
+    assert aggregate["update_cosine"] is None and aggregate["update_norm"] is None
+    from fedse.experiments.report import write_report
+
+    write_report([secure.store.root])
+    assert "Secure aggregation (SecAgg+)" in (secure.store.root / "report.md").read_text()
+    plain_aggregate = next(r for r in records(plain.store.root) if r["event"] == "aggregate")
+    assert not plain_aggregate["secure_aggregation"]
+    assert plain_aggregate["update_cosine"] is not None  # what the plain server measures, and this one cannot
+    # what each node kept and masked: the entries where the two clients differ are individual
+    kept = {c: load_file(str(next((tmp_path / "secure-nodes").glob(f"*/{c}/{PENDING}/round_001.safetensors"))))
+            for c in ("maze", "wordle")}  # fmt: skip
+    own = [
+        a
+        for k in kept["maze"]
+        for a in (kept["maze"][k], kept["wordle"][k])
+        if not (kept["maze"][k] == kept["wordle"][k]).all()
+    ]
+    assert own, "the two clients uploaded the same factors: nothing individual to look for"
+
+    def individual(array) -> bool:
+        array = torch.as_tensor(array).double()
+        return any(array.shape == a.shape and torch.allclose(array, torch.from_numpy(a), atol=1e-7) for a in own)
+
+    assert not any("update" in reply.content for reply in grid.received if reply.metadata.message_type == "train")
+    for reply in grid.received:
+        for record in reply.content.array_records.values():
+            assert not any(individual(array.numpy()) for array in record.values())
+    for path in secure.store.root.rglob("*.safetensors"):
+        from safetensors.torch import load_file as load_torch
+
+        assert not any(individual(t) for t in load_torch(str(path)).values()), path
 
 
 def test_a_train_reply_carries_only_the_uploaded_factors_and_scalars(tmp_path):
@@ -284,6 +345,30 @@ def test_two_supernodes_each_with_its_own_environment_configuration(tmp_path, mo
         (n, e) for n in (0, 1) for e in ("privdesk", "maze")
     }
     assert "acme_tickets" not in (tmp_path / "run" / "config.json").read_text()
+
+
+@pytest.mark.deploy
+def test_secure_aggregation_runs_over_the_deployment_engine(tmp_path):
+    """Real processes: SuperLink, two SuperNodes with their model workers, SecAgg+ between them;
+    the server's run folder ends with the mean and never an individual upload."""
+    from safetensors.numpy import load_file
+
+    overrides = ["fed.rounds=1", "eval.first=false", "privacy.secagg=true"]
+    done = run_local(tiny_toml(tmp_path), tmp_path / "run", tmp_path / "work", overrides=overrides, timeout=500,
+                     options={"poll": 0.2})  # fmt: skip
+    assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
+    aggregate = next(r for r in records(tmp_path / "run") if r["event"] == "aggregate")
+    assert aggregate["accepted"] == ["maze", "wordle"] and aggregate["secure_aggregation"] is True
+    kept = [load_file(str(p)) for p in sorted((tmp_path / "work" / "nodes").rglob("secagg/round_001.safetensors"))]
+    assert len(kept) == 2  # on the nodes' own disks, outside the run folder
+    assert not list((tmp_path / "run").rglob("secagg"))
+    final = load_file(str(sorted((tmp_path / "run" / "checkpoints").rglob("adapter_model.safetensors"))[-1]))
+    assert set(kept[0]) <= set(final)
+    for key in kept[0]:
+        mean = (kept[0][key] + kept[1][key]) / 2
+        assert abs(final[key] - mean).max() <= 2 * 8.0 / 2**22 + 1e-6  # within one quantisation step
+        if not (kept[0][key] == kept[1][key]).all():
+            assert abs(final[key] - kept[0][key]).max() > 1e-6 and abs(final[key] - kept[1][key]).max() > 1e-6
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:

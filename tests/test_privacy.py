@@ -21,9 +21,10 @@ from fedse.fl.privacy import (
     epsilon,
     noise_aggregation,
     privatize_update,
+    secagg_refusal,
 )
 from fedse.fl.update import Update, update_norm
-from helpers import random_factors, tiny_config
+from helpers import TINY, random_factors, tiny_config
 
 
 def test_every_clipped_update_is_within_the_bound():
@@ -125,6 +126,40 @@ def test_the_refusals_are_those_the_properties_imply():
     assert dp_refusal(AGGREGATORS["flora"], "local") is None  # post-processing of noisy factors
     assert "layer inputs" in dp_refusal(AGGREGATORS["regmean"], "local")
     assert "nothing leaves" in dp_refusal(AGGREGATORS["local"], "local")
+
+
+@pytest.mark.parametrize("dp", ["off", "central", "local"])
+@pytest.mark.parametrize("rule", sorted(AGGREGATORS))
+def test_a_rule_that_needs_individual_updates_is_refused_secure_aggregation_in_one_line(rule, dp):
+    extra = [f"fed.aggregator={rule}", "privacy.secagg=true", f"privacy.dp={dp}"]
+    reason = dp_refusal(AGGREGATORS[rule], dp) or secagg_refusal(AGGREGATORS[rule], dp)
+    if reason is None:
+        tiny_config(*extra)
+        return
+    with pytest.raises(ConfigError) as raised:
+        tiny_config(*extra)
+    assert f"fed.aggregator = '{rule}'" in str(raised.value) and reason in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_secure_aggregation_serves_exactly_the_rules_that_need_only_an_unweighted_mean():
+    served = {name for name, cls in AGGREGATORS.items() if secagg_refusal(cls, "off") is None}
+    assert served == {"fedse", "ffa", "fedsa"}
+    assert "example counts" in secagg_refusal(AGGREGATORS["fedit"], "off")
+    assert secagg_refusal(AGGREGATORS["fedse"], "local") is None
+    assert "use dp = 'local'" in secagg_refusal(AGGREGATORS["fedse"], "central")
+    for rule in ("flora", "fedex", "median", "trimmed", "subspace", "sum", "regmean"):
+        assert "not only their mean" in secagg_refusal(AGGREGATORS[rule], "off")
+
+
+def test_an_embedded_run_refuses_secure_aggregation_and_creates_nothing(tmp_path, capsys):
+    from fedse.cli import main
+
+    sets = [f"--set={s}" for s in TINY]
+    assert main(["run", "--runs-dir", str(tmp_path / "runs"), "--name", "r", *sets, "--set=privacy.secagg=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "privacy.secagg = true needs clients on other machines" in err and "\n" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.parametrize("mode", ["central", "local"])

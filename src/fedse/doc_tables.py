@@ -43,13 +43,14 @@ def aggregator_table(repo: Path) -> str:
 
 
 def privacy_table(repo: Path) -> str:
-    """Each rule under each privacy mode: supported, or refused and why (`fedse.fl.privacy.dp_refusal`)."""
+    """Each rule under each privacy mode: supported, or refused and why (`fedse.fl.privacy.dp_refusal`,
+    `secagg_refusal`)."""
     from fedse.fl.aggregators import AGGREGATORS
-    from fedse.fl.privacy import dp_refusal
+    from fedse.fl.privacy import dp_refusal, secagg_refusal
 
-    lines = ["| rule | plain | central DP | local DP |", "|---|---|---|---|"]
+    lines = ["| rule | plain | central DP | local DP | SecAgg+ |", "|---|---|---|---|---|"]
     for name, cls in AGGREGATORS.items():
-        cells = [dp_refusal(cls, mode) for mode in ("central", "local")]
+        cells = [dp_refusal(cls, mode) for mode in ("central", "local")] + [secagg_refusal(cls, "off")]
         shown = ["✓" if c is None else f"refused: {c}" for c in cells]
         lines.append(f"| `{name}` | ✓ | " + " | ".join(shown) + " |")
     return "\n".join(lines)

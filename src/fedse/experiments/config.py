@@ -34,7 +34,7 @@ from fedse.evolve.sft import TrainSection
 from fedse.experiments.tensorboard import LogSection
 from fedse.fl.aggregators import AGGREGATORS, Aggregator, make_aggregator
 from fedse.fl.client import ExploreSection
-from fedse.fl.privacy import PrivacySection, dp_refusal
+from fedse.fl.privacy import PrivacySection, dp_refusal, secagg_refusal
 from fedse.fl.update import DEFAULT_MAX_UPDATE_NORM
 from fedse.sections import Section
 
@@ -288,6 +288,13 @@ class RunConfig(Section):
         if refusal:
             raise ValueError(
                 f"privacy.dp = '{self.privacy.dp}' with fed.aggregator = '{self.fed.aggregator}': {refusal} "
+                "(the Aggregators page lists what each rule supports)"
+            )
+        refusal = self.privacy.secagg and secagg_refusal(AGGREGATORS[self.fed.aggregator], self.privacy.dp)
+        if refusal:
+            raise ValueError(
+                f"privacy.secagg = true with fed.aggregator = '{self.fed.aggregator}'"
+                f"{'' if self.privacy.dp == 'off' else f' and privacy.dp = {self.privacy.dp!r}'}: {refusal} "
                 "(the Aggregators page lists what each rule supports)"
             )
         return self

@@ -130,9 +130,11 @@ class AggregateRecord(Record):
     update_cosine: list[list[float]] | None = None
     update_norm: list[float] | None = None
     merge: dict[str, float] = field(default_factory=dict)
+    """What the aggregation rule measured (`fedse.fl.aggregators.Aggregation.metrics`)."""
     privacy: dict[str, float | str] = field(default_factory=dict)
     """Under `[privacy] dp`: the mode, σ, C, δ, ε of this round alone and ε after it (cumulative)."""
-    """What the aggregation rule measured (`fedse.fl.aggregators.Aggregation.metrics`)."""
+    secure_aggregation: bool = False
+    """The server saw only the clients' mean (SecAgg+), so the per-client figures are absent."""
 
 
 @dataclass(frozen=True)

@@ -141,14 +141,20 @@ def _setup(run: RunRecords) -> str:
 
 def _privacy_setup(run: RunRecords) -> str:
     p = run.config.get("privacy", {})
+    secure = (
+        " Secure aggregation (SecAgg+): the server saw only the mean of each round's updates, so the per-client "
+        "update norms and cosines, and the inexactness, were not computed."
+        if p.get("secagg")
+        else ""
+    )
     if p.get("dp", "off") == "off":
-        return ""
+        return secure
     spent = [a.privacy["epsilon"] for a in run.aggregate if a.privacy]
     eps = f"ε = {spent[-1]:.2f} after the last round" if spent else "no round aggregated yet"
     return (
         f" Differential privacy ({p['dp']}): each client's round update clipped to C = {p['clip']:g}, noise "
         f"σ = {p['noise_multiplier']:g}; {eps} at δ = {p['delta']:g} (unit: one client's round of data)."
-    )
+    ) + secure
 
 
 def render_markdown(runs: list[RunRecords], plots: list[str]) -> str:
@@ -191,6 +197,8 @@ def _aggregate_line(agg: AggregateRecord, aggregator: str) -> str:
         parts.append(f"rejected {agg.rejected}")
     if agg.clipped:
         parts.append("clipped " + ", ".join(f"{c} (norm {n:.3g})" for c, n in agg.clipped.items()))
+    if agg.secure_aggregation:
+        parts.append("securely aggregated (no per-client figures)")
     if agg.inexactness is not None:
         parts.append(f"inexactness {agg.inexactness:.4f}")
     if agg.update_cosine:

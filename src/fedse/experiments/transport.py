@@ -72,6 +72,11 @@ class InProcessTransport:
                 f"environment {remote[0]!r} is defined on its Flower node ([env.{remote[0]}] backend = 'node'): "
                 f"run this federation with `fedse flower`, or give [env.{remote[0]}] its class to run it here"
             )
+        if config.privacy.secagg:
+            raise UserError(
+                "privacy.secagg = true needs clients on other machines: run this federation with `fedse flower`, "
+                "or set privacy.secagg = false to run it here"
+            )
         self.config, self.store, self.policy, self.aggregator = config, store, policy, aggregator
         self.progress = progress
         self.client_envs, self.partition = config.client_layout()

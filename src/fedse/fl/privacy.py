@@ -59,6 +59,12 @@ class PrivacySection(Section):
     """σ: the noise's standard deviation is σ·C on a client's update (local) or on the sum (central)."""
     delta: float = Field(1e-5, gt=0, lt=1)
     """δ of the (ε, δ) the accountant reports."""
+    secagg: bool = False
+    """Flower runtime only: clients mask their uploads with SecAgg+, so the server learns only
+    their mean (`fedse.flower.secagg`); for rules that need nothing else."""
+    secagg_range: float = Field(8.0, gt=0, le=1e3)
+    """Largest |entry| of an upload SecAgg+ quantises (to 2²² levels over ±range); a client with a
+    larger one drops out of the round rather than be clipped."""
 
 
 def dp_refusal(rule: type[Aggregator], mode: str) -> str | None:
@@ -73,6 +79,24 @@ def dp_refusal(rule: type[Aggregator], mode: str) -> str | None:
         return "its server needs each client's update, not only their sum, so noise on the sum does not cover it"
     if mode == "central" and rule.weights_by_examples:
         return "it weights clients by their example counts, so one client's influence on the mean is not bounded by C"
+    return None
+
+
+def secagg_refusal(rule: type[Aggregator], dp: str) -> str | None:
+    """Why `rule` (under DP mode `dp`) cannot run with secure aggregation (None: it can)."""
+    if not rule.uploads:
+        return "nothing leaves a client under this rule, so there is nothing to aggregate"
+    if not rule.linear:
+        return "its server needs each client's update, not only their mean"
+    if rule.reads_inputs:
+        return "its server reads each client's summary of its layer inputs"
+    if rule.weights_by_examples:
+        return (
+            "it weights clients by their example counts, and SecAgg+ scales an update by its weight before "
+            "quantising it, which costs a small client's update its precision"
+        )
+    if dp == "central":
+        return "central DP clips each update on the server, which secure aggregation hides from it (use dp = 'local')"
     return None
 
 

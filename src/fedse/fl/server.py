@@ -218,8 +218,29 @@ def aggregate_round(
         uploaded = sorted(aggregator.upload(current.tensors))
         aggregated = noise_aggregation(aggregated, uploaded, len(valid), privacy, noise)
     aggregation, server_state = optimizer.step(current, aggregated, server_state)
-    diagnostics = round_diagnostics(aggregator, current, full, aggregation)
-    return RoundResult(aggregation, [u.client for u in valid], rejected, clipped, diagnostics, server_state)
+    accepted = [c for u in valid for c in (u.members or [u.client])]
+    if any(u.members for u in valid):  # secure aggregation: no individual update to measure
+        diagnostics = secure_diagnostics(aggregator, current, len(accepted), aggregation)
+    else:
+        diagnostics = round_diagnostics(aggregator, current, full, aggregation)
+    return RoundResult(aggregation, accepted, rejected, clipped, diagnostics, server_state)
+
+
+def secure_diagnostics(aggregator: Aggregator, current: Adapter, clients: int, result: Aggregation) -> dict:
+    """The round's figures when the server saw only the clients' mean (SecAgg+): the per-client
+    norms and cosines, and how far the mean of products is from the product of means, need
+    individual updates, so they are not computed."""
+    return {
+        "clients": clients,
+        "bytes_up": [aggregator.bytes_up(current)] * clients,
+        "bytes_down": aggregator.bytes_down(current, clients),
+        "inexactness": None,
+        "gap": None,
+        "update_cosine": None,
+        "update_norm": None,
+        "merge": dict(result.metrics),
+        "secure_aggregation": True,
+    }
 
 
 def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Update], result: Aggregation) -> dict:

@@ -22,6 +22,9 @@ class Update:
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    members: tuple[str, ...] = ()
+    """The clients a securely aggregated update stands for (SecAgg+: the server holds only the mean
+    of their uploads, never one of them); empty for one client's own update."""
 
     def __post_init__(self) -> None:
         bad = [k for k, v in self.metrics.items() if not isinstance(v, int | float) or isinstance(v, bool)]

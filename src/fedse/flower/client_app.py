@@ -27,8 +27,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedse.flower.codec import json_record, record_json
+from fedse.flower.secagg import masked_reply_content, masking_request, secagg_mod
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])
 
 
 def node_directory(node_config: dict, config: dict) -> Path:
@@ -46,6 +47,11 @@ def node_client_name(node_config: dict, clients: list[str]) -> str:
 
 def handle(message_type: str, content: RecordDict, node_config: dict) -> RecordDict:
     """The reply content to one message (the same in this process and in a worker)."""
+    if message_type == "train" and (fields := masking_request(content)) is not None:  # SecAgg+'s stage 3
+        name = node_client_name(node_config, [fields["client"]])
+        if name != fields["client"]:
+            raise ValueError(f"this node is client {name!r}, the server asked for {fields['client']!r}'s update")
+        return masked_reply_content(node_directory(node_config, fields), int(fields["round"]))
     config = record_json(content["config"])
     if message_type == "query":
         return RecordDict({"config": json_record({"client": node_client_name(node_config, config["clients"])})})
@@ -70,7 +76,7 @@ def _reply(msg: Message, context: Context) -> Message:
 
     node_config = dict(context.node_config)
     socket_path = worker_socket(node_config)
-    if socket_path is not None:
+    if socket_path is not None and masking_request(msg.content) is None:  # SecAgg+ reads a file: no model
         content = forward(socket_path, msg.metadata.message_type, msg.content)
     else:
         content = handle(msg.metadata.message_type, msg.content, node_config)

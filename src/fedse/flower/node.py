@@ -30,9 +30,10 @@ from fedse.experiments.evaluation import evaluate
 from fedse.experiments.records import EvalRecord
 from fedse.fl.client import ClientState, client_requests, learn
 from fedse.fl.server import fold, tensors_folded
-from fedse.fl.update import Update
+from fedse.fl.update import Update, bound_update
 from fedse.flower.codec import json_record, record_tensors, tensors_record
 from fedse.flower.node_envs import NodeEnvs
+from fedse.flower.secagg import keep_upload
 
 _POLICIES: dict[tuple[str, str], Policy] = {}
 
@@ -168,14 +169,25 @@ def train_content(content, config: dict, directory: Path, own: NodeEnvs | None =
         "generated_tokens": s.generated_tokens,
         "seconds": s.seconds,
     }
-    content = {
-        "update": tensors_record(result.update.tensors),
-        "metrics": MetricRecord(metrics),
-        "explore": MetricRecord(explore),
-    }
+    content = {"metrics": MetricRecord(metrics), "explore": MetricRecord(explore)}
+    if config.get("secagg"):  # kept here for SecAgg+ to mask (fedse.flower.secagg); nothing sent now
+        keep_secure_upload(client, result.update, received, directory, int(config["round"]))
+    else:
+        content["update"] = tensors_record(result.update.tensors)
     if result.update.inputs:  # a rule that reads inputs: the summary travels beside the factors
         content["inputs"] = tensors_record(result.update.inputs)
     return RecordDict(content)
+
+
+def keep_secure_upload(client: NodeClient, update: Update, received: Adapter, directory: Path, round_: int) -> None:
+    """Bound the update by the run's norm bound, as the server would had it seen it, and keep it."""
+    fed = client.config.fed
+    bounded, norm = bound_update(
+        update, client.aggregator.upload(received.tensors), fed.max_update_norm, fed.update_bound
+    )
+    if bounded is None:
+        raise ValueError(f"update norm {norm:.4g} is above the bound {fed.max_update_norm:g}")
+    keep_upload(directory, round_, bounded.tensors, client.config.privacy.secagg_range)
 
 
 def evaluate_content(content, config: dict, directory: Path, own: NodeEnvs | None = None):

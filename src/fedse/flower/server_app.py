@@ -50,6 +50,7 @@ class FlowerTransport:
         self.config, self.store, self.grid, self.options = config, store, grid, options
         self.client_envs, _ = config.client_layout()
         self.clients = list(self.client_envs)
+        self.aggregator = config.fed.build_aggregator()
         self.node_of: dict[str, int] = {}
         """Client -> the SuperNode serving it (learnt by a `query` message)."""
         self.token = ""
@@ -177,7 +178,8 @@ class FlowerTransport:
     def train(
         self, round_: int, clients: list[str], server: ServerState
     ) -> tuple[ExploreRecord, list[Update], list[ClientRecord]]:
-        replies, wire = self._phase("train", round_, {c: {} for c in clients}, server)
+        secure = self.config.privacy.secagg
+        replies, wire = self._phase("train", round_, {c: {"secagg": True} if secure else {} for c in clients}, server)
         done = [c for c in clients if c in replies]
         if len(done) < min(self.options.min_clients, len(clients)):
             self.store.append(wire)
@@ -196,9 +198,12 @@ class FlowerTransport:
             stats.seconds = max(stats.seconds, float(explore["seconds"]))
             metrics = dict(content["metrics"])
             num_examples = metrics.pop("num_examples")
-            inputs = record_tensors(content["inputs"]) if "inputs" in content else {}
-            updates.append(Update(client, record_tensors(content["update"]), num_examples, metrics, inputs))
+            if not secure:
+                inputs = record_tensors(content["inputs"]) if "inputs" in content else {}
+                updates.append(Update(client, record_tensors(content["update"]), num_examples, metrics, inputs))
             records.append(ClientRecord.from_metrics(round_, client, num_examples, metrics))
+        if secure:
+            updates = self.secure_mean(round_, done, {r.client: r.num_examples for r in records}, server)
         explore_record = ExploreRecord(
             round_,
             done,
@@ -210,6 +215,31 @@ class FlowerTransport:
         )
         self.store.append(explore_record, *records, wire)
         return explore_record, updates, records
+
+    def secure_mean(
+        self, round_: int, clients: list[str], examples: dict[str, int], server: ServerState
+    ) -> list[Update]:
+        """The mean of `clients`' kept uploads through SecAgg+ (`fedse.flower.secagg`), as one
+        update on behalf of those it includes; none if fewer than two took part."""
+        from fedse.flower.secagg import secure_mean
+
+        if len(clients) < 2:
+            log.warning("round %d: secure aggregation needs two clients or more, %d trained", round_, len(clients))
+            return []
+        nodes = {c: (self.node_of[c], self._secure_fields(round_, c)) for c in clients if c in self.node_of}
+        like = self.aggregator.upload(server.adapter.tensors)
+        mean, members = secure_mean(
+            self.grid, nodes, like, self.config.privacy.secagg_range, self.options.round_timeout
+        )
+        if not members:
+            log.warning("round %d: secure aggregation did not finish (too few clients answered every stage)", round_)
+            return []
+        total = sum(examples[c] for c in members)
+        return [Update("+".join(members), mean, total, members=tuple(members))]
+
+    def _secure_fields(self, round_: int, client: str) -> dict:
+        config = self._config(round_, client)
+        return {k: config[k] for k in ("round", "client", "token", "node_root")}
 
     def evaluate(self, round_: int, server: ServerState) -> list[EvalRecord]:
         """Each environment is tested on the node of the (last) client holding it, with the
