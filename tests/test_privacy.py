@@ -179,3 +179,51 @@ def test_a_private_run_records_epsilon_each_round_and_keeps_its_secrets_to_itsel
     assert len(secret) == 64
     shared = [tmp_path / "private" / n for n in ("config.json", "metrics.jsonl", "state.json")]
     assert all(secret not in p.read_text() for p in shared)
+
+
+def test_exposure_is_the_secrets_rank_among_the_candidates_in_bits():
+    from fedse.experiments.leakage import exposure_of
+
+    others = [10.0 + i for i in range(7)]  # 10 … 16
+    best = exposure_of(1.0, others)
+    assert best["rank"] == 1 and best["exposure"] == pytest.approx(3.0)  # log2(8) − log2(1): the cap
+    assert best["exposure_fit"] > 3.0  # the normal fit goes past the cap the candidates set
+    middle = exposure_of(13.0, others)
+    assert middle["rank"] == 4 and middle["exposure"] == pytest.approx(1.0)
+    assert middle["exposure_fit"] == pytest.approx(1.0)  # the secret at the candidates' mean: P = 1/2
+    worst = exposure_of(99.0, others)
+    assert worst["rank"] == 8 and worst["exposure"] == pytest.approx(0.0)
+
+
+def test_membership_auc_is_the_probability_a_member_scores_higher():
+    from fedse.experiments.leakage import auc
+
+    assert auc([3.0, 4.0], [1.0, 2.0]) == 1.0 and auc([1.0, 2.0], [3.0, 4.0]) == 0.0
+    assert auc([1.0, 3.0], [2.0, 2.0]) == 0.5 and auc([2.0], [2.0]) == 0.5
+
+
+def test_a_planted_canary_is_in_one_agent_turn_and_each_candidate_replaces_only_it():
+    from fedse.evolve.experts import expert_trajectory
+    from fedse.experiments.leakage import canary_text, plant, with_secret
+
+    demo = expert_trajectory("maze", 0)
+    (canary,) = plant([demo], ["123456"])
+    text = "\n".join(m["content"] for m in canary.messages)
+    assert text.count(canary_text("123456")) == 1 and canary.messages[3]["content"].startswith(canary_text("123456"))
+    assert canary.messages[3]["content"].endswith(demo.messages[3]["content"]) and demo.messages[3] != canary.messages[3]
+    swapped = with_secret(canary, "123456", "654321")
+    assert len(swapped.messages) == 4 and swapped.messages[:3] == canary.messages[:3]
+    assert swapped.messages[3]["content"] == canary.messages[3]["content"].replace("123456", "654321")
+
+
+def test_episode_nll_is_the_summed_nll_of_each_episode_alone(tmp_path):
+    """Batched scoring gives each episode what scoring it alone gives (padding changes nothing)."""
+    from fedse.evolve.experts import expert_trajectory
+    from fedse.evolve.sft import episode_nll
+
+    policy = Policy(load_base("tiny-random"))
+    episodes = [expert_trajectory("maze", i) for i in range(3)]
+    together = episode_nll(policy, None, episodes, max_length=512, batch=3)
+    alone = [episode_nll(policy, None, [e], max_length=512)[0] for e in episodes]
+    assert [n for _, n in together] == [n for _, n in alone] and all(n > 0 for _, n in alone)
+    assert [s for s, _ in together] == pytest.approx([s for s, _ in alone], rel=1e-4)

@@ -73,6 +73,25 @@ class TrainReport:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def encode_example(
+    layout: ChatLayout, t: Trajectory, max_length: int
+) -> tuple[tuple[list[int], list[int]] | None, bool]:
+    """(ids, loss mask) of one trajectory, its history cut from the left to fit `max_length`
+    (None: nothing to learn from within it), and whether it was cut to fit."""
+    messages = t.messages[:-1] if t.messages and t.messages[-1]["role"] == "user" else t.messages
+    if len(messages) < 2 or not any(m["role"] == "assistant" for m in messages[2:]):
+        return None, False
+    ids, mask = layout.encode_episode(messages)
+    cut = len(ids) > max_length
+    if cut:
+        keep_head = len(layout.encode(layout.prefix_text(messages[0]["content"], messages[1]["content"])))
+        if keep_head >= max_length:
+            return None, False  # left out, not cut
+        tail = max_length - keep_head
+        ids, mask = ids[:keep_head] + ids[-tail:], mask[:keep_head] + mask[-tail:]
+    return ((ids, mask) if any(mask) else None), cut
+
+
 def encode_examples(
     layout: ChatLayout, trajectories: list[Trajectory], max_length: int
 ) -> tuple[list[tuple[list[int], list[int]]], int]:
@@ -83,23 +102,12 @@ def encode_examples(
     on must not stop every round of the run."""
     examples, truncated, skipped = [], 0, 0
     for t in trajectories:
-        messages = t.messages[:-1] if t.messages and t.messages[-1]["role"] == "user" else t.messages
-        if len(messages) < 2 or not any(m["role"] == "assistant" for m in messages[2:]):
+        example, cut = encode_example(layout, t, max_length)
+        truncated += cut
+        if example is None:
             skipped += 1
-            continue
-        ids, mask = layout.encode_episode(messages)
-        if len(ids) > max_length:
-            keep_head = len(layout.encode(layout.prefix_text(messages[0]["content"], messages[1]["content"])))
-            if keep_head >= max_length:
-                skipped += 1
-                continue
-            tail = max_length - keep_head
-            ids, mask = ids[:keep_head] + ids[-tail:], mask[:keep_head] + mask[-tail:]
-            truncated += 1
-        if not any(mask):
-            skipped += 1
-            continue
-        examples.append((ids, mask))
+        else:
+            examples.append(example)
     if truncated:
         log.warning(
             "%d of %d episodes were longer than %d tokens; their oldest turns were cut",
@@ -237,17 +245,37 @@ def train_adapter(
 
 
 @torch.no_grad()
+def episode_nll(
+    policy: Policy, name: str | None, trajectories: list[Trajectory], max_length: int = 2048, batch: int = 8
+) -> list[tuple[float, int]]:
+    """(summed NLL, count) of the agent tokens of each trajectory under adapter `name` (None: the
+    base model), `batch` episodes a forward pass; an episode with nothing to score gets (0, 0)."""
+    layout = ChatLayout(policy.tokenizer)
+    pad = policy.tokenizer.pad_token_id or 0
+    encoded = [encode_example(layout, t, max_length)[0] for t in trajectories]
+    scorable = [i for i, e in enumerate(encoded) if e is not None]
+    out = [(0.0, 0)] * len(trajectories)
+    for start in range(0, len(scorable), batch):
+        rows = scorable[start : start + batch]
+        examples = [encoded[i] for i in rows]
+        ids, attention, target_mask = _padded_batch(examples, list(range(len(rows))), pad, policy.device)
+        predict = torch.zeros_like(target_mask)
+        predict[:, :-1] = target_mask[:, 1:]
+        with torch.no_grad():
+            logits = policy.logits([name] * len(rows), ids, keep=predict, attention_mask=attention)
+            nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][target_mask[:, 1:]], reduction="none")
+        row = predict.nonzero()[:, 0]
+        sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row, nll.double())
+        counts = torch.bincount(row, minlength=len(rows))
+        for j, i in enumerate(rows):
+            out[i] = (float(sums[j]), int(counts[j]))
+    return out
+
+
 def mean_loss(policy: Policy, name: str | None, trajectories: list[Trajectory], max_length: int = 2048) -> float:
     """Mean NLL per agent token of `trajectories` under adapter `name` (None: the base model)."""
-    layout = ChatLayout(policy.tokenizer)
-    examples, _ = encode_examples(layout, trajectories, max_length)
-    pad = policy.tokenizer.pad_token_id or 0
-    total, count = 0.0, 0
-    for i in range(len(examples)):
-        loss, n = batch_loss(policy, name, *_padded_batch(examples, [i], pad, policy.device))
-        total += float(loss) * n
-        count += n
-    return total / max(count, 1)
+    scored = episode_nll(policy, name, trajectories, max_length, batch=1)
+    return sum(s for s, _ in scored) / max(sum(n for _, n in scored), 1)
 
 
 def input_moments(
