@@ -179,11 +179,16 @@ def main() -> None:
     result = {"client": client, "clip": clip, "canaries": args.canaries, "candidates": args.candidates,
               "base": base_exposure, "base_auc": membership_auc(policy, None, members, others), "runs": rows}  # fmt: skip
     result["config"] = "tiny" if args.tiny else args.config
-    result["dtype"] = str(policy.dtype).removeprefix("torch.")
+    result["machine"] = machine(out / "dp-off")
     path = Path(args.result) if args.result else out / "privacy.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     path.with_suffix(".md").write_text(table(result) + "\n")
     print(table(result))
+
+
+def machine(root: Path) -> dict:
+    """The machine the run in `root` recorded first (CPU, threads, dtype, torch)."""
+    return json.loads((root / "machine.jsonl").read_text().splitlines()[0])
 
 
 def table(result: dict) -> str:
@@ -191,9 +196,11 @@ def table(result: dict) -> str:
         return statistics.fmean(x[key] for x in items)
 
     cap = math.log2(result["candidates"] + 1)
+    m = result.get("machine", {})
     lines = [
         f"Canaries in client {result['client']}'s seeds: {result['canaries']}, each ranked among "
-        f"{result['candidates']} random secrets (rank exposure at most {cap:.2f} bits); clip C = {result['clip']:.4g}.",
+        f"{result['candidates']} random secrets (rank exposure at most {cap:.2f} bits); clip C = {result['clip']:.4g}. "
+        f"Config {result['config']}; {m.get('cpu', '?')}, {m.get('threads', '?')} threads, {m.get('dtype', '?')}.",
         "",
         "| run | ε (δ = 1e-5) | test Avg | exposure, global | exposure (fit), global | exposure, own upload | "
         "exposure (fit), own upload | membership AUC |",

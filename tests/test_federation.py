@@ -84,7 +84,8 @@ def test_only_adapter_tensors_scalar_metrics_and_a_rules_input_summary_reach_the
     adapter_keys = set(fed.global_adapter.tensors)
     assert len(seen) == 2
     for update in seen:
-        assert set(vars(update)) == {"client", "tensors", "num_examples", "metrics", "inputs"}
+        assert set(vars(update)) == {"client", "tensors", "num_examples", "metrics", "inputs", "members"}
+        assert update.members == ()  # one client's own update (a SecAgg+ mean names its clients there)
         assert set(update.tensors) <= adapter_keys and all(isinstance(t, torch.Tensor) for t in update.tensors.values())
         assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in update.metrics.values())
         # a rule that reads inputs gets its per-layer summary of them (floats, in x p and in), nothing else
