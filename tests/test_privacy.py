@@ -210,7 +210,9 @@ def test_a_planted_canary_is_in_one_agent_turn_and_each_candidate_replaces_only_
     (canary,) = plant([demo], ["123456"])
     text = "\n".join(m["content"] for m in canary.messages)
     assert text.count(canary_text("123456")) == 1 and canary.messages[3]["content"].startswith(canary_text("123456"))
-    assert canary.messages[3]["content"].endswith(demo.messages[3]["content"]) and demo.messages[3] != canary.messages[3]
+    assert (
+        canary.messages[3]["content"].endswith(demo.messages[3]["content"]) and demo.messages[3] != canary.messages[3]
+    )
     swapped = with_secret(canary, "123456", "654321")
     assert len(swapped.messages) == 4 and swapped.messages[:3] == canary.messages[:3]
     assert swapped.messages[3]["content"] == canary.messages[3]["content"].replace("123456", "654321")

@@ -261,9 +261,8 @@ def episode_nll(
         ids, attention, target_mask = _padded_batch(examples, list(range(len(rows))), pad, policy.device)
         predict = torch.zeros_like(target_mask)
         predict[:, :-1] = target_mask[:, 1:]
-        with torch.no_grad():
-            logits = policy.logits([name] * len(rows), ids, keep=predict, attention_mask=attention)
-            nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][target_mask[:, 1:]], reduction="none")
+        logits = policy.logits([name] * len(rows), ids, keep=predict, attention_mask=attention)
+        nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][target_mask[:, 1:]], reduction="none")
         row = predict.nonzero()[:, 0]
         sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row, nll.double())
         counts = torch.bincount(row, minlength=len(rows))

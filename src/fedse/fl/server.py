@@ -220,16 +220,15 @@ def aggregate_round(
     aggregation, server_state = optimizer.step(current, aggregated, server_state)
     accepted = [c for u in valid for c in (u.members or [u.client])]
     if any(u.members for u in valid):  # secure aggregation: no individual update to measure
-        diagnostics = secure_diagnostics(aggregator, current, len(accepted), aggregation)
+        # per-client norms, cosines and inexactness need individual updates: not computed
+        diagnostics = {**base_diagnostics(aggregator, current, len(accepted), aggregation), "secure_aggregation": True}
     else:
         diagnostics = round_diagnostics(aggregator, current, full, aggregation)
     return RoundResult(aggregation, accepted, rejected, clipped, diagnostics, server_state)
 
 
-def secure_diagnostics(aggregator: Aggregator, current: Adapter, clients: int, result: Aggregation) -> dict:
-    """The round's figures when the server saw only the clients' mean (SecAgg+): the per-client
-    norms and cosines, and how far the mean of products is from the product of means, need
-    individual updates, so they are not computed."""
+def base_diagnostics(aggregator: Aggregator, current: Adapter, clients: int, result: Aggregation) -> dict:
+    """The figures every round has; those that need individual updates left at None."""
     return {
         "clients": clients,
         "bytes_up": [aggregator.bytes_up(current)] * clients,
@@ -239,7 +238,6 @@ def secure_diagnostics(aggregator: Aggregator, current: Adapter, clients: int, r
         "update_cosine": None,
         "update_norm": None,
         "merge": dict(result.metrics),
-        "secure_aggregation": True,
     }
 
 
@@ -250,16 +248,7 @@ def round_diagnostics(aggregator: Aggregator, current: Adapter, updates: list[Up
     SmolLM2-135M): holding every client's at once took a 5-client demo's server step to
     23 GB of resident memory. Per module, at most K + 4 dense matrices of that module live.
     """
-    out: dict = {
-        "clients": len(updates),
-        "bytes_up": [aggregator.bytes_up(current)] * len(updates),
-        "bytes_down": aggregator.bytes_down(current, len(updates)),
-        "inexactness": None,
-        "gap": None,
-        "update_cosine": None,
-        "update_norm": None,
-        "merge": dict(result.metrics),
-    }
+    out = base_diagnostics(aggregator, current, len(updates), result)
     if "B" not in aggregator.uploads:
         return out
     scale = current.scale

@@ -47,19 +47,16 @@ def node_client_name(node_config: dict, clients: list[str]) -> str:
 
 def handle(message_type: str, content: RecordDict, node_config: dict) -> RecordDict:
     """The reply content to one message (the same in this process and in a worker)."""
-    if message_type == "train" and (fields := masking_request(content)) is not None:  # SecAgg+'s stage 3
-        name = node_client_name(node_config, [fields["client"]])
-        if name != fields["client"]:
-            raise ValueError(f"this node is client {name!r}, the server asked for {fields['client']!r}'s update")
-        return masked_reply_content(node_directory(node_config, fields), int(fields["round"]))
-    config = record_json(content["config"])
+    masking = masking_request(content) if message_type == "train" else None  # SecAgg+'s stage 3
+    config = masking or record_json(content["config"])
     if message_type == "query":
         return RecordDict({"config": json_record({"client": node_client_name(node_config, config["clients"])})})
-    from fedse.flower.node import evaluate_content, train_content  # torch and the model: not for a query
-
     name = node_client_name(node_config, config["clients"])
     if name != config["client"]:
         raise ValueError(f"this node is client {name!r}, the server sent a message for {config['client']!r}")
+    if masking is not None:  # the upload kept at training, read from disk: no model needed
+        return masked_reply_content(node_directory(node_config, config), int(config["round"]))
+    from fedse.flower.node import evaluate_content, train_content  # torch and the model: not for a query
     from fedse.flower.node_envs import NodeEnvs
 
     directory = node_directory(node_config, config)

@@ -99,7 +99,7 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
 
 
 def masking_request(content: RecordDict) -> dict | None:
-    """The fields `secure_mean` sent (round, client, token, node_root) if `content` is SecAgg+'s
+    """The fields `secure_mean` sent (round, client, clients, token, node_root) if `content` is SecAgg+'s
     request for the node's kept upload, else None."""
     if "fitins.config" not in content.config_records:
         return None
@@ -140,7 +140,7 @@ def secure_mean(
     grid, nodes: dict[str, tuple[int, dict]], like: dict[str, torch.Tensor], value_range: float, timeout: float
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The mean of what the clients of `nodes` (client -> its node and the fields that find its
-    kept upload: round, client, token, node_root) kept, unmasked by SecAgg+ over `grid`, and the
+    kept upload: round, client, clients, token, node_root) kept, unmasked by SecAgg+ over `grid`, and the
     clients it includes (none: too few took part for the protocol to finish). `like` gives the
     uploaded tensors' keys, shapes and dtypes."""
     instructions = {node: {"fedse": json.dumps(fields)} for node, fields in nodes.values()}

@@ -32,6 +32,7 @@ from fedse.experiments.federation import Federation
 from fedse.experiments.records import ClientRecord, EvalRecord, ExploreRecord, WireRecord
 from fedse.experiments.store import RunStore
 from fedse.files import atomic_write_json
+from fedse.fl.aggregators import Aggregator
 from fedse.fl.server import ServerState, folded_tensors
 from fedse.fl.update import Update
 from fedse.flower.codec import json_record, record_json, record_tensors, tensors_record, wire_bytes
@@ -46,11 +47,13 @@ class FlowerTransport:
     `grid`. The nodes keep the clients' buffers and personal adapters, so nothing of them is
     restored or checkpointed here."""
 
-    def __init__(self, config: RunConfig, store: RunStore, grid: Grid, options: FlowerOptions) -> None:
+    def __init__(
+        self, config: RunConfig, store: RunStore, grid: Grid, options: FlowerOptions, aggregator: Aggregator
+    ) -> None:
         self.config, self.store, self.grid, self.options = config, store, grid, options
+        self.aggregator = aggregator
         self.client_envs, _ = config.client_layout()
         self.clients = list(self.client_envs)
-        self.aggregator = config.fed.build_aggregator()
         self.node_of: dict[str, int] = {}
         """Client -> the SuperNode serving it (learnt by a `query` message)."""
         self.token = ""
@@ -74,15 +77,12 @@ class FlowerTransport:
     # --- messages -------------------------------------------------------------------------------
 
     def _config(self, round_: int, client: str, **extra) -> dict:
-        return {
-            "round": round_,
-            "client": client,
-            "clients": self.clients,
-            "run": self.config.model_dump(),
-            "token": self.token,
-            "node_root": self.options.node_root or str((self.store.root / "nodes").resolve()),
-            **extra,
-        }
+        return {"clients": self.clients, "run": self.config.model_dump(), **self._where(round_, client), **extra}
+
+    def _where(self, round_: int, client: str) -> dict:
+        """What finds a client's files on its node: round, client, run token, node root."""
+        node_root = self.options.node_root or str((self.store.root / "nodes").resolve())
+        return {"round": round_, "client": client, "token": self.token, "node_root": node_root}
 
     def discover(self, wait: float) -> None:
         """Map clients to SuperNodes: ask every unmapped node which client it is, until all
@@ -226,7 +226,8 @@ class FlowerTransport:
         if len(clients) < 2:
             log.warning("round %d: secure aggregation needs two clients or more, %d trained", round_, len(clients))
             return []
-        nodes = {c: (self.node_of[c], self._secure_fields(round_, c)) for c in clients if c in self.node_of}
+        where = {c: {**self._where(round_, c), "clients": self.clients} for c in clients}
+        nodes = {c: (self.node_of[c], where[c]) for c in clients if c in self.node_of}
         like = self.aggregator.upload(server.adapter.tensors)
         mean, members = secure_mean(
             self.grid, nodes, like, self.config.privacy.secagg_range, self.options.round_timeout
@@ -236,10 +237,6 @@ class FlowerTransport:
             return []
         total = sum(examples[c] for c in members)
         return [Update("+".join(members), mean, total, members=tuple(members))]
-
-    def _secure_fields(self, round_: int, client: str) -> dict:
-        config = self._config(round_, client)
-        return {k: config[k] for k in ("round", "client", "token", "node_root")}
 
     def evaluate(self, round_: int, server: ServerState) -> list[EvalRecord]:
         """Each environment is tested on the node of the (last) client holding it, with the
@@ -264,7 +261,7 @@ def flower_federation(
 ) -> Federation:
     """The federation of `config` in run folder `root`, its clients reached through `grid`."""
     return Federation(
-        config, root, policy, transport=lambda store, _, __: FlowerTransport(config, store, grid, options)
+        config, root, policy, transport=lambda store, _, rule: FlowerTransport(config, store, grid, options, rule)
     )
 
 
