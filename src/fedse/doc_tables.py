@@ -203,6 +203,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "interference": lambda repo: markdown_table(_bench(repo) / "learnability-interference.md", "| update of |"),
     "interference-nll": lambda repo: markdown_table(_bench(repo) / "learnability-interference.md", "| model |"),
     "regmean-probe": lambda repo: markdown_table(_bench(repo) / "learnability-regmean.md", "| model |"),
+    "privacy-leakage": lambda repo: (_bench(repo) / "privacy-demo.md").read_text().strip(),
 }
 
 
