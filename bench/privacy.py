@@ -21,8 +21,9 @@ model's AUC on the same sets is the reference (the tasks may differ before any t
 Runs: DP off, then `[privacy] dp = "central"` with clip C = the median norm of the clients' round
 updates in the run without DP (a train-side figure) and each σ of `--sigmas`; ε from the run's
 own accountant; test Avg from the run's last evaluation. Run folders are kept under `--out`, and a
-finished one is not run again. Writes the figures as JSON (`--result`, default
-`<out>/privacy.json`) and the table beside it (.md).
+finished one is not run again. Each run's figures are added to its `metrics.jsonl` as a `leakage`
+record, so its report.md (rewritten) gains a leakage section. Writes the figures of all runs as
+JSON (`--result`, default `<out>/privacy.json`) and the table beside it (.md).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from fedse.evolve.experts import expert_trajectory
 from fedse.experiments.config import RunConfig, load_config
 from fedse.experiments.federation import Federation
 from fedse.experiments.leakage import exposure, membership_auc, plant
+from fedse.experiments.records import LeakageRecord
+from fedse.experiments.report import write_report
 from fedse.experiments.store import RunStore
 from fedse.experiments.transport import InProcessTransport
 from fedse.fl.client import expert_seeds, exploration_tasks
@@ -174,28 +177,54 @@ def main() -> None:
     seed_file = out / "canaries.json"
     write_agenttraj(canaries, seed_file)
     policy = Policy(load_base(base.model.name, dtype=base.base_dtype()))
-    planted = [f"buffer.seed_file='{seed_file.resolve()}'"]
-    rows = {}
-    plain_config = load_config(None if args.tiny else args.config, [*(TINY if args.tiny else []), *planted])
-    plain = run_once(plain_config, out / "dp-off", client)
-    clip = statistics.median(plain["norms"])
     planted_pairs = list(zip(canaries, secrets))
-    rows["dp off"] = measure(policy, plain, out / "dp-off", planted_pairs, members, others, candidates)
+    reference = {
+        "exposure": [exposure(policy, None, t, s, candidates[i]) for i, (t, s) in enumerate(planted_pairs)],
+        "auc": membership_auc(policy, None, members, others),
+    }
+    planted = [*(TINY if args.tiny else []), f"buffer.seed_file='{seed_file.resolve()}'"]
+    rows = {}
+
+    def run_and_score(name: str, root: Path, overrides: list[str]) -> dict:
+        run = run_once(load_config(None if args.tiny else args.config, overrides), root, client)
+        rows[name] = measure(policy, run, root, planted_pairs, members, others, candidates)
+        record_leakage(root, client, rows[name], reference, args.candidates, len(members))
+        return run
+
+    clip = statistics.median(run_and_score("dp off", out / "dp-off", planted)["norms"])
     for sigma in args.sigmas:
-        dp = [*planted, "privacy.dp='central'", f"privacy.clip={clip:.6g}", f"privacy.noise_multiplier={sigma:g}"]
-        config = load_config(None if args.tiny else args.config, [*(TINY if args.tiny else []), *dp])
-        root = out / f"central-sigma{sigma:g}"
-        run = run_once(config, root, client)
-        rows[f"central σ={sigma:g}"] = measure(policy, run, root, planted_pairs, members, others, candidates)
-    base_exposure = [exposure(policy, None, t, s, candidates[i]) for i, (t, s) in enumerate(planted_pairs)]
+        dp = ["privacy.dp='central'", f"privacy.clip={clip:.6g}", f"privacy.noise_multiplier={sigma:g}"]
+        run_and_score(f"central σ={sigma:g}", out / f"central-sigma{sigma:g}", [*planted, *dp])
     result = {"client": client, "clip": clip, "canaries": args.canaries, "candidates": args.candidates,
-              "base": base_exposure, "base_auc": membership_auc(policy, None, members, others), "runs": rows}  # fmt: skip
+              "base": reference["exposure"], "base_auc": reference["auc"], "runs": rows}  # fmt: skip
     result["config"] = "tiny" if args.tiny else args.config
     result["machine"] = machine(out / "dp-off")
     path = Path(args.result) if args.result else out / "privacy.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     path.with_suffix(".md").write_text(table(result) + "\n")
     print(table(result))
+
+
+def record_leakage(root: Path, client: str, measured: dict, reference: dict, candidates: int, members: int) -> None:
+    """Add the run's leakage to its metrics (once) and rewrite its report, which then has the section."""
+    store = RunStore(root)
+
+    def bits(items: list[dict], key: str) -> list[float]:
+        return [x[key] for x in items]
+
+    models = {"base": reference["exposure"], "global": measured["global"], "own": measured["own"]}
+    record = LeakageRecord(
+        store.last_round(),
+        client=client,
+        candidates=candidates,
+        exposure={m: bits(v, "exposure") for m, v in models.items()},
+        exposure_fit={m: bits(v, "exposure_fit") for m, v in models.items()},
+        membership_auc={"base": reference["auc"], "global": measured["auc"]},
+        members=members,
+    )
+    if record not in store.load().leakage:
+        store.append(record)
+    write_report([root])
 
 
 def machine(root: Path) -> dict:

@@ -229,3 +229,31 @@ def test_episode_nll_is_the_summed_nll_of_each_episode_alone(tmp_path):
     alone = [episode_nll(policy, None, [e], max_length=512)[0] for e in episodes]
     assert [n for _, n in together] == [n for _, n in alone] and all(n > 0 for _, n in alone)
     assert [s for s, _ in together] == pytest.approx([s for s, _ in alone], rel=1e-4)
+
+
+def test_the_privacy_bench_adds_one_leakage_section_to_each_runs_report(tmp_path):
+    """bench/privacy.py on the tiny model: every run's metrics gain one leakage record (not a second
+    when the bench runs again), holding the figures of the bench's own table, and its report shows them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fedse.experiments.store import RunStore
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "privacy.py"
+    command = [sys.executable, str(bench), "--tiny", "--out", str(tmp_path), "--candidates", "6", "--canaries", "2",
+               "--sigmas", "1.0"]  # fmt: skip
+    for _ in range(2):
+        subprocess.run(command, check=True, capture_output=True)
+    result = json.loads((tmp_path / "privacy.json").read_text())
+    for name, folder in (("dp off", "dp-off"), ("central σ=1", "central-sigma1")):
+        (leakage,) = RunStore(tmp_path / folder).load().leakage
+        row = result["runs"][name]
+        assert leakage.exposure["global"] == [c["exposure"] for c in row["global"]]
+        assert leakage.exposure_fit["own"] == [c["exposure_fit"] for c in row["own"]]
+        assert leakage.membership_auc == {"base": result["base_auc"], "global": row["auc"]}
+        assert leakage.round == 2 and leakage.candidates == 6 and leakage.members == 4
+        report = (tmp_path / folder / "report.md").read_text()
+        assert "### Leakage" in report
+        assert f"| global adapter | {sum(leakage.exposure['global']) / 2:.2f} |" in report

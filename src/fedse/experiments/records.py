@@ -10,6 +10,7 @@ Every line is one JSON object `{"event": ..., "schema": SCHEMA_VERSION, <fields>
 | `client` | per round and sampled client, after its local training | round, client, num_examples and the client's metrics |
 | `aggregate` | per round, after the server's aggregation | round, accepted, rejected, clipped and the round diagnostics |
 | `wire` | Flower runs: per round and phase (train, evaluate) | round, phase, down, up (bytes per client, measured on the messages), dropped (client -> why) |
+| `leakage` | by `bench/privacy.py`, after the run, for its last round | round, client, candidates, exposure (per canary and model), membership AUC |
 
 The runtime writes these types, the report and the round summaries read them, and tests
 build fake runs from them. A line without `schema` is version 1 (runs written before the
@@ -149,8 +150,29 @@ class WireRecord(Record):
     dropped: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LeakageRecord(Record):
+    """What the run's final models reveal of one client's training data (`fedse.experiments.leakage`):
+    the rank exposure of each canary secret planted in it, and its normal-fit estimate, under the
+    base model, the global adapter and the client's last upload; and the membership AUC of its
+    trained-on demonstrations against others, under the base model and the global adapter."""
+
+    event: ClassVar[str] = "leakage"
+    client: str
+    candidates: int
+    """How many random secrets each canary's secret was ranked among."""
+    exposure: dict[str, list[float]]
+    """Model ("base", "global", "own") -> rank exposure in bits, one per canary."""
+    exposure_fit: dict[str, list[float]]
+    """Model -> normal-fit exposure in bits, one per canary."""
+    membership_auc: dict[str, float]
+    """Model ("base", "global") -> AUC of −NLL per agent token, members against non-members."""
+    members: int
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.event: cls for cls in (EvalRecord, EvalAvgRecord, ExploreRecord, ClientRecord, AggregateRecord, WireRecord)
+    cls.event: cls
+    for cls in (EvalRecord, EvalAvgRecord, ExploreRecord, ClientRecord, AggregateRecord, WireRecord, LeakageRecord)
 }
 
 
@@ -234,6 +256,7 @@ class RunRecords:
     client: list[ClientRecord] = field(default_factory=list)
     aggregate: list[AggregateRecord] = field(default_factory=list)
     wire: list[WireRecord] = field(default_factory=list)
+    leakage: list[LeakageRecord] = field(default_factory=list)
 
     def add(self, record: Record) -> None:
         getattr(self, record.event).append(record)

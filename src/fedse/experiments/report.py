@@ -157,6 +157,35 @@ def _privacy_setup(run: RunRecords) -> str:
     ) + secure
 
 
+_LEAKAGE_MODELS = {"base": "base model", "global": "global adapter", "own": "the client's last upload"}
+
+
+def _leakage_section(run: RunRecords) -> list[str]:
+    """The leakage measured by `bench/privacy.py` (none: no section)."""
+    out = []
+    for r in run.leakage:
+        cap = math.log2(r.candidates + 1)
+        out += [
+            f"Measured after round {r.round}: {len(r.exposure['global'])} canary secrets planted in client "
+            f"{r.client}'s training data, each ranked among {r.candidates} random secrets (rank exposure at most "
+            f"{cap:.2f} bits); membership: its {r.members} trained-on demonstrations against as many others.",
+            "",
+            "| model | exposure (bits, mean) | per canary | exposure, normal fit (mean) | membership AUC |",
+            "|---|---:|---|---:|---:|",
+        ]
+        for model, label in _LEAKAGE_MODELS.items():
+            if model not in r.exposure:
+                continue
+            bits, fit = r.exposure[model], r.exposure_fit[model]
+            auc = r.membership_auc.get(model)
+            out.append(
+                f"| {label} | {sum(bits) / len(bits):.2f} | {', '.join(f'{b:.2f}' for b in bits)} "
+                f"| {sum(fit) / len(fit):.2f} | {'–' if auc is None else f'{auc:.3f}'} |"
+            )
+        out.append("")
+    return out
+
+
 def render_markdown(runs: list[RunRecords], plots: list[str]) -> str:
     out = ["# fedse report", ""]
     for run in runs:
@@ -179,6 +208,8 @@ def render_markdown(runs: list[RunRecords], plots: list[str]) -> str:
         out += ["### Test success per round", "", *_success_table(run), ""]
         out += ["### Clients", "", *_client_table(run), ""]
         out += ["### Aggregation and communication", "", *_aggregate_table(run), "", _timing(run), ""]
+        if run.leakage:
+            out += ["### Leakage: canary exposure and membership inference", "", *_leakage_section(run)]
     out += ["## Plots", ""]
     out += [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(out) + "\n"
