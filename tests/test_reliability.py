@@ -544,18 +544,29 @@ def test_a_seed_file_that_would_read_wrong_or_forever_is_one_line(tmp_path, caps
     assert message in err and "\n" not in err and not runs.exists()
 
 
-def test_a_metrics_field_of_the_wrong_type_is_one_line_not_a_wrong_figure(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("event", "field", "value", "message"),
+    [
+        ("aggregate", "accepted", "maze", 'accepted = "maze" is not list[str]'),  # once counted as 4 clients
+        ("aggregate", "accepted", ["maze", 3], 'accepted = ["maze", 3] is not list[str]'),
+        ("eval", "task_successes", [1, "yes"], 'task_successes = [1, "yes"] is not list[int]'),
+        ("aggregate", "update_cosine", [[1.0, "x"]], 'update_cosine = [[1.0, "x"]] is not list[list[float]] | None'),
+    ],
+)
+def test_a_metrics_field_of_the_wrong_type_is_one_line_not_a_wrong_figure(
+    tmp_path, capsys, event, field, value, message
+):
     fed = Federation(tiny_config("fed.rounds=1"), tmp_path / "run", Policy(load_base("tiny-random")))
     fed.run()
     lines = fed.store.metrics.read_text().splitlines()
-    aggregate = next(i for i, line in enumerate(lines) if '"event": "aggregate"' in line)
-    record = json.loads(lines[aggregate])
-    record["accepted"] = "maze"  # a string where a list belongs: once counted as 4 clients
-    lines[aggregate] = json.dumps(record)
+    where = next(i for i, line in enumerate(lines) if f'"event": "{event}"' in line)
+    record = json.loads(lines[where])
+    record[field] = value
+    lines[where] = json.dumps(record)
     fed.store.metrics.write_text("\n".join(lines) + "\n")
     assert main(["report", str(fed.store.root)]) == 2
     err = capsys.readouterr().err.strip()
-    assert 'accepted = "maze" is not list[str]' in err and "\n" not in err
+    assert message in err and "\n" not in err
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import ClassVar
+from types import UnionType
+from typing import ClassVar, Union, get_args, get_origin, get_type_hints
 
 from fedse.errors import UserError
 
@@ -194,8 +196,9 @@ def parse_record(line: str, where: str = "metrics") -> Record | None:
     round_ = data.get("round")
     if type(round_) is not int:
         raise RecordError(f"{where}: bad {cls.event} record (round {round_!r} is not an integer)")
+    hints = _hints(cls)
     for f in fields(cls):
-        if f.name in data and not _fits(data[f.name], f.type):
+        if f.name in data and not _fits(data[f.name], hints[f.name]):
             shown = json.dumps(data[f.name])[:40]
             raise RecordError(f"{where}: bad {cls.event} record ({f.name} = {shown} is not {f.type})")
     try:
@@ -204,22 +207,30 @@ def parse_record(line: str, where: str = "metrics") -> Record | None:
         raise RecordError(f"{where}: bad {cls.event} record ({error})") from None
 
 
-_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
+@cache
+def _hints(cls: type[Record]) -> dict[str, object]:
+    return get_type_hints(cls)
 
 
-def _fits(value: object, annotation: str) -> bool:
-    """Whether a JSON value has the kind a record field's annotation (a string, as written) names:
-    its outer type only ("list[str]" -> a list), None where the annotation allows it."""
-    options = [a.strip() for a in annotation.split("|")]
-    if value is None:
-        return "None" in options
-    for option in options:
-        kinds = _KINDS.get(option.split("[", 1)[0])
-        if kinds is None:
-            return True  # a type this check does not know: the constructor decides
-        if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
-            return True
-    return False
+def _fits(value: object, hint: object) -> bool:
+    """Whether a JSON value has the type a record field's (resolved) annotation names, element by
+    element: `list[float]` takes a list of numbers, `dict[str, list[float]]` a mapping of such lists."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        return any(_fits(value, option) for option in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1]) for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    return True  # a type this check does not know: the constructor decides
 
 
 @dataclass
