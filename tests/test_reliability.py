@@ -554,17 +554,20 @@ def test_a_seed_file_that_would_read_wrong_or_forever_is_one_line(tmp_path, caps
     ],
 )
 def test_a_metrics_field_of_the_wrong_type_is_one_line_not_a_wrong_figure(
-    tmp_path, capsys, event, field, value, message
+    tmp_path, capsys, one_round_runs, event, field, value, message
 ):
-    fed = Federation(tiny_config("fed.rounds=1"), tmp_path / "run", Policy(load_base("tiny-random")))
-    fed.run()
-    lines = fed.store.metrics.read_text().splitlines()
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_round_runs["fedex"], run)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
     where = next(i for i, line in enumerate(lines) if f'"event": "{event}"' in line)
     record = json.loads(lines[where])
     record[field] = value
     lines[where] = json.dumps(record)
-    fed.store.metrics.write_text("\n".join(lines) + "\n")
-    assert main(["report", str(fed.store.root)]) == 2
+    metrics.write_text("\n".join(lines) + "\n")
+    assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
 
