@@ -71,3 +71,23 @@ def test_report_on_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys)
 def test_eval_on_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys, bad):
     assert main([bad[0], str(tmp_path / bad[1])]) == 2
     assert "is not a run directory (no config.json)" in capsys.readouterr().err
+
+
+def test_a_leakage_record_gets_a_section_and_one_missing_a_model_shows_dashes(tmp_path):
+    from fedse.experiments.records import LeakageRecord
+
+    root = tmp_path / "run"
+    fake_run(root, "leaky", [(0, 0), (2, 1)])
+    assert "### Leakage" not in render_markdown([load_run(root)], [])
+    full = LeakageRecord(1, client="maze", candidates=7, exposure={"base": [0.5, 1.5], "global": [3.0, 2.0]},
+                         exposure_fit={"base": [1.0, 1.0], "global": [4.0, 2.0]},
+                         membership_auc={"base": 0.5, "global": 0.75}, members=4)  # fmt: skip
+    partial = LeakageRecord(1, client="maze", candidates=0, exposure={"own": []}, exposure_fit={},
+                            membership_auc={}, members=0)  # fmt: skip
+    RunStore(root).append(full, partial)
+    markdown = render_markdown([load_run(root)], [])
+    assert "2 canary secrets planted in client maze's training data, each ranked among 7 random secrets" in markdown
+    assert "(rank exposure at most 3.00 bits)" in markdown
+    assert "| base model | 1.00 | 0.50, 1.50 | 1.00 | 0.500 |" in markdown
+    assert "| global adapter | 2.50 | 3.00, 2.00 | 3.00 | 0.750 |" in markdown
+    assert "| the client's last upload | – | – | – | – |" in markdown

@@ -160,27 +160,31 @@ def _privacy_setup(run: RunRecords) -> str:
 _LEAKAGE_MODELS = {"base": "base model", "global": "global adapter", "own": "the client's last upload"}
 
 
+def _mean(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.2f}" if values else "–"
+
+
 def _leakage_section(run: RunRecords) -> list[str]:
     """The leakage measured by `bench/privacy.py` (none: no section)."""
     out = []
     for r in run.leakage:
-        cap = math.log2(r.candidates + 1)
+        cap = math.log2(r.candidates + 1) if r.candidates > 0 else float("nan")
+        canaries = max((len(v) for v in r.exposure.values()), default=0)
         out += [
-            f"Measured after round {r.round}: {len(r.exposure['global'])} canary secrets planted in client "
-            f"{r.client}'s training data, each ranked among {r.candidates} random secrets (rank exposure at most "
-            f"{cap:.2f} bits); membership: its {r.members} trained-on demonstrations against as many others.",
+            f"Measured after round {r.round}: {canaries} canary secrets planted in client {r.client}'s training "
+            f"data, each ranked among {r.candidates} random secrets (rank exposure at most {cap:.2f} bits); "
+            f"membership: its {r.members} trained-on demonstrations against as many others.",
             "",
             "| model | exposure (bits, mean) | per canary | exposure, normal fit (mean) | membership AUC |",
             "|---|---:|---|---:|---:|",
         ]
         for model, label in _LEAKAGE_MODELS.items():
-            if model not in r.exposure:
+            if model not in r.exposure and model not in r.membership_auc:
                 continue
-            bits, fit = r.exposure[model], r.exposure_fit[model]
-            auc = r.membership_auc.get(model)
+            bits, fit, auc = r.exposure.get(model, []), r.exposure_fit.get(model, []), r.membership_auc.get(model)
             out.append(
-                f"| {label} | {sum(bits) / len(bits):.2f} | {', '.join(f'{b:.2f}' for b in bits)} "
-                f"| {sum(fit) / len(fit):.2f} | {'–' if auc is None else f'{auc:.3f}'} |"
+                f"| {label} | {_mean(bits)} | {', '.join(f'{b:.2f}' for b in bits) or '–'} "
+                f"| {_mean(fit)} | {'–' if auc is None else f'{auc:.3f}'} |"
             )
         out.append("")
     return out
