@@ -107,11 +107,10 @@ def run_once(config: RunConfig, root: Path, client: str) -> dict:
         t = recording["t"]
         save_file({k: v.contiguous() for k, v in t.last.tensors.items()}, str(saved))
         (root / "bench-norms.json").write_text(json.dumps(t.norms))
-    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
-    avg = [r for r in records if r["event"] == "eval_avg"][-1]
-    spent = [r["privacy"] for r in records if r["event"] == "aggregate" and r.get("privacy")]
+    records = RunStore(root).load()
+    spent = [a.privacy for a in records.aggregate if a.privacy]
     return {
-        "avg": avg["avg_weighted"],
+        "avg": records.eval_avg[-1].avg_weighted,
         "epsilon": spent[-1]["epsilon"] if spent else math.inf,
         "norms": json.loads((root / "bench-norms.json").read_text()),
         "own": load_file(str(saved)),

@@ -226,8 +226,11 @@ class FlowerTransport:
         if len(clients) < 2:
             log.warning("round %d: secure aggregation needs two clients or more, %d trained", round_, len(clients))
             return []
-        where = {c: {**self._where(round_, c), "clients": self.clients} for c in clients}
-        nodes = {c: (self.node_of[c], where[c]) for c in clients if c in self.node_of}
+        nodes = {
+            c: (self.node_of[c], {**self._where(round_, c), "clients": self.clients})
+            for c in clients
+            if c in self.node_of
+        }
         like = self.aggregator.upload(server.adapter.tensors)
         mean, members = secure_mean(
             self.grid, nodes, like, self.config.privacy.secagg_range, self.options.round_timeout
