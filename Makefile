@@ -20,13 +20,18 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/fedse run configs/demo.toml --force
 
+# One pytest worker per core (pytest-xdist), a test file per worker at a time: much of the suite
+# waits on subprocesses and Flower's polling, so the cores fill up; each worker runs one torch thread.
+WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(WORKERS) --dist loadfile
+
 test: install
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest
+	$(PYTEST)
 
 # The fast suite for day-to-day work: no real embedded model, no killed or deployed processes.
 test-fast: install
-	$(PY) -m pytest -m "not slow and not crash and not deploy"
+	$(PYTEST) -m "not slow and not crash and not deploy"
 
 # The whole crash matrix (every aggregator and buffer setting, every phase): ~15 min on 2 cores.
 test-crash: install

@@ -1,7 +1,9 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fedse.envs
 from fedse.agent.model import load_base
@@ -11,6 +13,13 @@ from fedse.agent.policy import Policy
 # once installed: tests name its class in run configurations and register its entry point.
 EXAMPLE_SRC = Path(__file__).resolve().parents[1] / "examples" / "ticket-routing" / "src"
 sys.path.insert(0, str(EXAMPLE_SRC))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: one torch thread each, in this process and in
+    # every fedse process a test starts, or their spinning OpenMP threads slow everything down
+    os.environ.setdefault("FEDSE_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -97,7 +97,10 @@ def here(tmp_path: Path) -> Path:
     """A working folder that looks like the repository to the commands (they write runs/ here)."""
     for name in ("configs", "examples"):
         (tmp_path / name).symlink_to(REPO / name)
-    shutil.copytree(REPO / "results", tmp_path / "results")
+    # what a clone holds: a run's checkpoints and clients' files are gitignored (results/.gitignore),
+    # and a working copy that ran a grid holds gigabytes of them
+    untracked = shutil.ignore_patterns("checkpoints", "clients", "evals", ".lock", "*.tmp")
+    shutil.copytree(REPO / "results", tmp_path / "results", ignore=untracked)
     return tmp_path
 
 

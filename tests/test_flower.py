@@ -102,6 +102,10 @@ def nodes() -> list[dict]:
     return [{"client": "maze"}, {"client": "wordle"}]
 
 
+PRIVDESK = '[env.privdesk]\nclass = "acme_tickets:TicketRouting"\noptions = { tickets = 12 }\n'
+NODE_ONLY = ("fed.clients=['privdesk', 'maze']", "env.privdesk.backend='node'", "fed.rounds=1")
+
+
 @pytest.mark.parametrize("aggregator", ["fedsa", "fedex", "subspace", "regmean"])
 def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
     """Same config and seed: the same final global adapter and the same records (seconds aside).
@@ -297,68 +301,37 @@ def tiny_toml(tmp_path: Path) -> Path:
 
 
 @pytest.mark.deploy
-def test_deployment_engine_on_loopback_reproduces_the_embedded_run(tmp_path):
-    config = tiny_toml(tmp_path)
-    embedded = embedded_like_the_nodes(tmp_path)
-    done = run_local(config, tmp_path / "run", tmp_path / "work", timeout=500, options={"poll": 0.2})
-    assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
-    state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["global_adapter"] == embedded.global_adapter.hash
-    assert records(tmp_path / "run") == records(embedded.store.root)
-    wire = [r for r in records(tmp_path / "run", drop=()) if r["event"] == "wire"]
-    assert {r["phase"] for r in wire} == {"train", "evaluate"} and all(r["up"] and r["down"] for r in wire)
+def test_a_deployment_with_tls_node_auth_secagg_and_a_node_defined_environment(tmp_path, monkeypatch):
+    """Real processes with what a production federation turns on at once, in one deployment:
+    - TLS and SuperNode authentication: a SuperNode whose key was never registered is refused;
+    - the privdesk node defines its environment by its --env-config file (its package importable
+      there), unseen by the server; the maze node plays the built-in game;
+    - SecAgg+ between the registered nodes: the server's run folder ends with the mean, and the
+      individual uploads stay on the nodes' disks."""
+    from safetensors.numpy import load_file
 
-
-@pytest.mark.deploy
-def test_tls_with_node_auth_runs_and_refuses_an_unregistered_supernode(tmp_path):
-    config = tiny_toml(tmp_path)
+    example_src = Path(__file__).resolve().parents[1] / "examples" / "ticket-routing" / "src"
+    monkeypatch.setenv("PYTHONPATH", str(example_src))
+    file = tmp_path / "privdesk.toml"
+    file.write_text(PRIVDESK)
+    overrides = [*NODE_ONLY, "privacy.secagg=true"]
     done = run_local(
-        config, tmp_path / "run", tmp_path / "work", overrides=["fed.rounds=1"], node_auth=True, intruder=True,
-        timeout=500, options={"poll": 0.2},
+        tiny_toml(tmp_path), tmp_path / "run", tmp_path / "work", overrides=overrides, node_auth=True, intruder=True,
+        node_envs={"privdesk": str(file)}, timeout=500, options={"poll": 0.2},
     )  # fmt: skip
     assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "state.json").read_text())["round"] == 1
     assert done.exit_codes["node-intruder"] not in (None, 0)  # refused: it exited on its own
     assert "No SuperNode found with the given public key" in (done.logs / "superlink.log").read_text()
-    accepted = [r["accepted"] for r in records(tmp_path / "run") if r["event"] == "aggregate"]
-    assert accepted == [["maze", "wordle"]]
 
-
-@pytest.mark.deploy
-def test_two_supernodes_each_with_its_own_environment_configuration(tmp_path, monkeypatch):
-    """Real processes: the privdesk node defines its environment by its --env-config file (its
-    package importable there), the maze node plays the built-in game; the server names both."""
-    example_src = Path(__file__).resolve().parents[1] / "examples" / "ticket-routing" / "src"
-    monkeypatch.setenv("PYTHONPATH", str(example_src))
-    file = tmp_path / "privdesk.toml"
-    file.write_text(PRIVDESK)
-    config = tiny_toml(tmp_path)
-    overrides = ["fed.clients=['privdesk','maze']", "env.privdesk.backend='node'", "fed.rounds=1"]
-    done = run_local(
-        config, tmp_path / "run", tmp_path / "work", overrides=overrides, node_envs={"privdesk": str(file)},
-        timeout=500, options={"poll": 0.2},
-    )  # fmt: skip
-    assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
     log = records(tmp_path / "run")
-    assert [r["accepted"] for r in log if r["event"] == "aggregate"] == [["privdesk", "maze"]]
     assert {(r["round"], r["env"]) for r in log if r["event"] == "eval"} == {
         (n, e) for n in (0, 1) for e in ("privdesk", "maze")
     }
     assert "acme_tickets" not in (tmp_path / "run" / "config.json").read_text()
+    [aggregate] = [r for r in log if r["event"] == "aggregate"]
+    assert aggregate["accepted"] == ["privdesk", "maze"] and aggregate["secure_aggregation"] is True
 
-
-@pytest.mark.deploy
-def test_secure_aggregation_runs_over_the_deployment_engine(tmp_path):
-    """Real processes: SuperLink, two SuperNodes with their model workers, SecAgg+ between them;
-    the server's run folder ends with the mean and never an individual upload."""
-    from safetensors.numpy import load_file
-
-    overrides = ["fed.rounds=1", "eval.first=false", "privacy.secagg=true"]
-    done = run_local(tiny_toml(tmp_path), tmp_path / "run", tmp_path / "work", overrides=overrides, timeout=500,
-                     options={"poll": 0.2})  # fmt: skip
-    assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
-    aggregate = next(r for r in records(tmp_path / "run") if r["event"] == "aggregate")
-    assert aggregate["accepted"] == ["maze", "wordle"] and aggregate["secure_aggregation"] is True
     kept = [load_file(str(p)) for p in sorted((tmp_path / "work" / "nodes").rglob("secagg/round_001.safetensors"))]
     assert len(kept) == 2  # on the nodes' own disks, outside the run folder
     assert not list((tmp_path / "run").rglob("secagg"))
@@ -415,7 +388,11 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_after_a_restart(tmp
 
 
 @pytest.mark.deploy
-def test_a_killed_server_app_resumes_from_its_last_completed_round(tmp_path):
+def test_a_deployed_run_whose_server_app_is_killed_resumes_to_the_embedded_runs_result(tmp_path):
+    """Flower's deployment engine on loopback (SuperLink, SuperNodes and their workers as real
+    processes): the ServerApp is SIGKILLed in round 2 and the run resumed; it ends with the
+    adapter and records of the uninterrupted embedded run, and its wire records count bytes both
+    ways for both phases."""
     config = tiny_toml(tmp_path)
     embedded = embedded_like_the_nodes(tmp_path, "eval.every=2")
     run = tmp_path / "run"
@@ -439,10 +416,8 @@ def test_a_killed_server_app_resumes_from_its_last_completed_round(tmp_path):
     assert done.ok, done.run.stdout[-3000:] + done.run.stderr[-3000:]
     assert json.loads((run / "state.json").read_text())["global_adapter"] == embedded.global_adapter.hash
     assert records(run) == records(embedded.store.root)
-
-
-PRIVDESK = '[env.privdesk]\nclass = "acme_tickets:TicketRouting"\noptions = { tickets = 12 }\n'
-NODE_ONLY = ("fed.clients=['privdesk', 'maze']", "env.privdesk.backend='node'", "fed.rounds=1")
+    wire = [r for r in records(run, drop=()) if r["event"] == "wire"]
+    assert {r["phase"] for r in wire} == {"train", "evaluate"} and all(r["up"] and r["down"] for r in wire)
 
 
 def test_a_nodes_own_environment_federates_unseen_by_the_server(tmp_path):

@@ -78,7 +78,8 @@ def embedded_gguf(name: str) -> Path:
 
 
 def _convert_embedded(name: str, target: Path) -> None:
-    """De-quantize the GGUF once and save it as safetensors (written atomically)."""
+    """De-quantize the GGUF once and save it as safetensors (written atomically; when several
+    processes convert at once, the first folder renamed into place is the one all of them use)."""
     gguf = embedded_gguf(name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -93,6 +94,12 @@ def _convert_embedded(name: str, target: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # several processes may convert at once (the nodes of a deployment on a fresh machine):
+        # whichever renames first wins, and the others use its folder, which holds the same bytes
+        if not (target / "config.json").is_file():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -140,9 +140,9 @@ def secure_mean(
     grid, nodes: dict[str, tuple[int, dict]], like: dict[str, torch.Tensor], value_range: float, timeout: float
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The mean of what the clients of `nodes` (client -> its node and the fields that find its
-    kept upload: round, client, clients, token, node_root) kept, unmasked by SecAgg+ over `grid`, and the
-    clients it includes (none: too few took part for the protocol to finish). `like` gives the
-    uploaded tensors' keys, shapes and dtypes."""
+    kept upload: round, client, clients, token, node_root) kept, unmasked by SecAgg+ over `grid`,
+    and the clients it includes, in the order of `nodes` (none: too few took part for the
+    protocol to finish). `like` gives the uploaded tensors' keys, shapes and dtypes."""
     instructions = {node: {"fedse": json.dumps(fields)} for node, fields in nodes.values()}
     round_ = int(next(iter(nodes.values()))[1]["round"])
     strategy = _MeanOnly(instructions)
@@ -159,5 +159,5 @@ def secure_mean(
     import torch
 
     mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(like[k].dtype) for k, a in zip(keys, strategy.mean)}
-    client_of = {node: client for client, (node, _) in nodes.items()}
-    return mean, sorted(client_of[n] for n in strategy.members)
+    included = set(strategy.members)
+    return mean, [client for client, (node, _) in nodes.items() if node in included]  # in the order of `nodes`
