@@ -49,7 +49,7 @@ SETTINGS = {
     "fedsa_cap-dedup": ["fed.aggregator='fedsa'", *CAP_DEDUP],
     "flora_retention": ["fed.aggregator='flora'", *RETENTION],
     "subspace": ["fed.aggregator='subspace'"],
-    "regmean": ["fed.aggregator='regmean'"],
+    "regmean_seed3": ["fed.aggregator='regmean'", "fed.seed=3"],  # restarts drawn from the run's seed
 }
 if FULL:
     SETTINGS |= {

@@ -225,3 +225,20 @@ def test_every_rounds_factors_fold_to_the_servers_dense_total_bit_for_bit(name):
     fedex = ServerState(current)
     fedex.apply(aggregate_round(make_aggregator("fedex"), current, updates_for("fedex", current), {}))
     assert fedex.folded is None and fedex.base_delta  # a dense-only rule: the total travels densely
+
+
+@pytest.mark.parametrize("name", ["flora", "sum", "subspace", "regmean"])
+def test_the_restart_adapter_depends_on_the_run_seed_and_the_round(name):
+    current = random_factors(0)
+    updates = updates_for(name, current)
+
+    def restart_a(seed: int, state: dict) -> torch.Tensor:
+        tensors = aggregate_round(make_aggregator(name, seed=seed), current, updates, state).aggregation.adapter.tensors
+        assert not any(v.any() for k, v in tensors.items() if k.endswith(B_SUFFIX))
+        return torch.cat([v.flatten() for k, v in sorted(tensors.items()) if k.endswith(A_SUFFIX)])
+
+    first = restart_a(1, {})
+    assert torch.equal(first, restart_a(1, {}))  # a resumed run restarts from the same factors
+    assert not torch.equal(first, restart_a(2, {}))  # another seed from others
+    assert not torch.equal(first, restart_a(1, {"round": 1}))  # and every round from new ones
+    assert not torch.equal(restart_a(0, {"round": 1}), restart_a(1, {}))

@@ -141,6 +141,7 @@ class FedSection(Section):
             elect=self.merge_elect,
             input_rank=self.input_rank,
             alpha=self.input_alpha,
+            seed=self.seed,
         )
 
     @model_validator(mode="after")

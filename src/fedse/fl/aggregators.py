@@ -171,6 +171,19 @@ class FedSALoRA(Aggregator):
         return Adapter(received.spec, tensors)
 
 
+RESTARTS_PER_SEED = 2**20
+"""How many rounds a run can restart before its restart draws could meet another seed's."""
+
+
+def restart(current: Adapter, state: dict, seed: int) -> tuple[Adapter, dict]:
+    """The fresh adapter (B = 0, seeded A) the folding rules start the next round from, and the
+    state that counts it. A is drawn from the run's seed and the round together, so that runs with
+    different seeds restart from different factors, and a resumed run from the same ones. Run
+    seed 0 draws from the round number alone."""
+    round_ = state.get("round", 0) + 1
+    return fresh_adapter(current, seed=seed * RESTARTS_PER_SEED + round_), {**state, "round": round_}
+
+
 class FLoRA(Aggregator):
     """FLoRA (Wang et al., NeurIPS 2024): stack the clients' factors, which gives the exact sum
     of their products; here the mean, mean_k s B_k A_k, is merged into the base weights and
@@ -181,11 +194,14 @@ class FLoRA(Aggregator):
     exact = True
     linear = False
     mutates_base = True
+    options = ("seed",)
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
 
     def aggregate(self, current, updates, state):
-        base_delta = mean_delta([u.tensors for u in updates], current.scale)
-        round_ = state.get("round", 0) + 1
-        return Aggregation(fresh_adapter(current, seed=round_), base_delta, {**state, "round": round_})
+        adapter, state = restart(current, state, self.seed)
+        return Aggregation(adapter, mean_delta([u.tensors for u in updates], current.scale), state)
 
     def bytes_down(self, adapter, num_clients):
         return adapter.num_bytes * max(num_clients, 1)
@@ -287,8 +303,8 @@ class CoordinateMedian(TrimmedMean):
 
 # --- Weight-space rules: they combine the products ΔW_k, never A and B apart ----------------------
 #
-# Both rules below fold their result into the base weights and start every round from a fresh
-# adapter (B = 0, A drawn from a seed every client knows), as FLoRA does: clients keep training at
+# The rules below fold their result into the base weights and start every round from a fresh
+# adapter (`restart`: B = 0, A drawn from the run's seed and the round), as FLoRA does: clients keep training at
 # rank r. The round's result is factors, U (out x R) and V (in x R) per layer, computed without any
 # dense d_out x d_in matrix; `bytes_down` counts them, what a client needs to fold the round into
 # its own copy of the base. The embedded runtime holds the folded total densely, as for FLoRA (in
@@ -339,12 +355,12 @@ class WeightSum(Aggregator):
     exact = True
     linear = False
     mutates_base = True
-    options = ("scale",)
+    options = ("scale", "seed")
 
-    def __init__(self, scale: float = 1.0) -> None:
+    def __init__(self, scale: float = 1.0, seed: int = 0) -> None:
         if not scale > 0:
             raise ValueError(f"scale must be positive, got {scale}")
-        self.scale = scale
+        self.scale, self.seed = scale, seed
 
     def merged_factors(self, current: Adapter, updates: list[Update]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Module -> (U, V) with U V^T = s B A + λ Σ_k ΔW_k: the round's folded delta, float32."""
@@ -358,10 +374,9 @@ class WeightSum(Aggregator):
         return out
 
     def aggregate(self, current, updates, state):
-        round_ = state.get("round", 0) + 1
         factors = self.merged_factors(current, updates)
-        state = {**state, "round": round_}
-        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), state, folded=factors)
+        adapter, state = restart(current, state, self.seed)
+        return Aggregation(adapter, densify(factors), state, folded=factors)
 
     def bytes_down(self, adapter, num_clients):
         return factor_bytes(adapter, adapter.spec.rank * max(num_clients, 1))
@@ -499,12 +514,12 @@ class SubspaceMerge(Aggregator):
     exact = True
     linear = False
     mutates_base = True
-    options = ("rank", "elect")
+    options = ("rank", "elect", "seed")
 
-    def __init__(self, rank: int = 0, elect: bool = True) -> None:
+    def __init__(self, rank: int = 0, elect: bool = True, seed: int = 0) -> None:
         if rank < 0:
             raise ValueError(f"rank must be 0 (exact) or positive, got {rank}")
-        self.rank, self.elect = rank, elect
+        self.rank, self.elect, self.seed = rank, elect, seed
 
     def merged_factors(
         self, current: Adapter, updates: list[Update]
@@ -521,10 +536,9 @@ class SubspaceMerge(Aggregator):
         return out, {**budget.figures(), "shared_energy": shared / budget.total if budget.total else 0.0}
 
     def aggregate(self, current, updates, state):
-        round_ = state.get("round", 0) + 1
         factors, figures = self.merged_factors(current, updates)
-        state = {**state, "round": round_}
-        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), state, figures, folded=factors)
+        adapter, state = restart(current, state, self.seed)
+        return Aggregation(adapter, densify(factors), state, figures, folded=factors)
 
     def as_adapter(self, like: Adapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Adapter:
         """The merged update as one PEFT adapter of rank R = the largest layer's (B = U, A = V^T,
@@ -619,16 +633,16 @@ class RegMeanMerge(Aggregator):
     linear = False
     mutates_base = True
     reads_inputs = True
-    options = ("rank", "input_rank", "alpha")
+    options = ("rank", "input_rank", "alpha", "seed")
 
-    def __init__(self, rank: int = 0, input_rank: int = 64, alpha: float = 0.9) -> None:
+    def __init__(self, rank: int = 0, input_rank: int = 64, alpha: float = 0.9, seed: int = 0) -> None:
         if rank < 0:
             raise ValueError(f"rank must be 0 (exact) or positive, got {rank}")
         if input_rank < 1:
             raise ValueError(f"input_rank must be at least 1, got {input_rank}")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.rank, self.input_rank, self.alpha = rank, input_rank, alpha
+        self.rank, self.input_rank, self.alpha, self.seed = rank, input_rank, alpha, seed
 
     def summarize_inputs(self, moments: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -657,10 +671,9 @@ class RegMeanMerge(Aggregator):
         return out, budget.figures()
 
     def aggregate(self, current, updates, state):
-        round_ = state.get("round", 0) + 1
         factors, figures = self.merged_factors(current, updates)
-        state = {**state, "round": round_}
-        return Aggregation(fresh_adapter(current, seed=round_), densify(factors), state, figures, folded=factors)
+        adapter, state = restart(current, state, self.seed)
+        return Aggregation(adapter, densify(factors), state, figures, folded=factors)
 
     def bytes_up(self, adapter):
         return super().bytes_up(adapter) + tensor_bytes(self.expected_inputs(adapter))
