@@ -129,7 +129,8 @@ class FedSection(Section):
     input_alpha: float = Field(0.9, ge=0, le=1)
     """The regmean aggregator's shrinkage: G̃ = α G + (1 − α) diag(G) (RegMean's α)."""
     seed: int = 0
-    """Seeds everything random in the run: adapter init, task sampling, exploration, batching."""
+    """Seeds everything random in the run: adapter init, task sampling, exploration, batching, and
+    the fresh adapter the folding rules (flora, sum, subspace, regmean) restart from each round."""
 
     def build_aggregator(self) -> Aggregator:
         """The configured aggregation rule, given the options it takes."""

@@ -187,7 +187,7 @@ def restart(current: Adapter, state: dict, seed: int) -> tuple[Adapter, dict]:
 class FLoRA(Aggregator):
     """FLoRA (Wang et al., NeurIPS 2024): stack the clients' factors, which gives the exact sum
     of their products; here the mean, mean_k s B_k A_k, is merged into the base weights and
-    every round starts from a fresh adapter (B = 0, new seeded A). Clients receive the
+    every round starts from a fresh adapter (B = 0, A drawn from the run's seed and the round). Clients receive the
     stacked factors, so download grows with the number of clients."""
 
     name = "flora"
