@@ -14,7 +14,7 @@ from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.cli import main
 from fedse.experiments.config import CENTRAL, ConfigError
-from fedse.experiments.experiment_report import bootstrap_mean, collect, paired_bootstrap
+from fedse.experiments.experiment_report import clustered_bootstrap, collect, paired_bootstrap
 from fedse.experiments.federation import Federation
 from fedse.experiments.grid import load_experiment, run_grid
 from fedse.experiments.methods import METHODS
@@ -107,9 +107,13 @@ def test_the_shipped_presets_load_and_the_committed_results_are_their_own(monkey
         assert all(c.changes() == [] for c in finished), f"{preset.name}: a committed run is stale"
 
 
+def one_seed(values: list[float]) -> dict[tuple, float]:
+    return {(0, "maze", i): v for i, v in enumerate(values)}
+
+
 def test_bootstrap_on_cases_with_known_answers():
-    assert bootstrap_mean([1.0] * 50) == (1.0, 1.0, 1.0)
-    mean, lo, hi = bootstrap_mean([1.0] * 30 + [0.0] * 70)
+    assert clustered_bootstrap(one_seed([1.0] * 50)) == (1.0, 1.0, 1.0)
+    mean, lo, hi = clustered_bootstrap(one_seed([1.0] * 30 + [0.0] * 70))
     half = 1.96 * (0.3 * 0.7 / 100) ** 0.5  # the normal approximation, 0.0898
     assert (
         mean == pytest.approx(0.3)
@@ -124,6 +128,20 @@ def test_bootstrap_on_cases_with_known_answers():
     assert same[:3] == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="share no"):
         paired_bootstrap(ours, {("x", "y", 0): 1})
+
+
+def test_seeds_that_disagree_widen_the_interval_to_what_the_seeds_span():
+    """Seed 0 solves every task, seed 1 none: a resample draws {0, 0}, {1, 1} or one of each with
+    probabilities 1/4, 1/4, 1/2, so its mean is 1, 0 or about 1/2, and the 2.5th and 97.5th
+    percentiles are 0 and 1. Resampling the 200 tasks flat would give about 0.5 ± 0.07."""
+    units = {(s, "maze", t): 1.0 - s for s in (0, 1) for t in range(100)}
+    assert clustered_bootstrap(units) == (0.5, 0.0, 1.0)
+    agreeing = {(s, "maze", t): float(t % 2) for s in range(5) for t in range(40)}  # every seed 0.5
+    mean, lo, hi = clustered_bootstrap(agreeing)
+    flat = clustered_bootstrap({(0, "maze", i): v for i, v in enumerate(agreeing.values())})
+    assert mean == 0.5 and lo == pytest.approx(flat[1], abs=0.02) and hi == pytest.approx(flat[2], abs=0.02)
+    unequal = {(0, "maze", 0): 1.0, (1, "maze", 0): 0.0, (1, "maze", 1): 0.0, (1, "maze", 2): 0.0}
+    assert clustered_bootstrap(unequal)[0] == 0.25  # the point estimate weighs every unit alike
 
 
 def write_experiment(tmp_path: Path, methods: list[str], seeds: list[int]) -> Path:

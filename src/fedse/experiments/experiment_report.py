@@ -4,7 +4,9 @@ bands, and what each method cost.
 
 Units of uncertainty: a (seed, environment, test task) triple. A method's interval resamples
 its triples; a comparison resamples the triples both methods played (paired: the same seed
-and task on both sides), so the task-to-task variation that both share cancels.
+and task on both sides), so the task-to-task variation that both share cancels. Both resample
+in two stages, as the triples were made: seeds first, then the triples within each drawn seed
+(`clustered_bootstrap`), because the triples of one seed share one trained model.
 """
 
 from __future__ import annotations
@@ -22,27 +24,44 @@ from fedse.files import atomic_write_text
 BOOTSTRAP_SAMPLES = 10_000
 
 
-def bootstrap_mean(values: list[float], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, 2.5th, 97.5th percentile) of the mean of `values` under resampling with replacement."""
-    if not values:
+def clustered_bootstrap(
+    units: dict[tuple, float], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean over the units, 2.5th, 97.5th percentile) of that mean under a two-stage resampling:
+    draw as many seeds (a unit key's first element) as there are, with replacement, then for each
+    drawn seed as many of its units as it has, with replacement; each draw is a fresh one.
+
+    The units of one seed were all played by one trained model, so they are not independent:
+    resampling them flat treats seed-to-seed variation as if it averaged out over tasks, and the
+    interval is too narrow when seeds disagree. With one seed this is the flat bootstrap."""
+    if not units:
         raise ValueError("bootstrap of no values")
-    data = torch.tensor(values, dtype=torch.float64)
+    by_seed: dict = {}
+    for key in sorted(units):
+        by_seed.setdefault(key[0], []).append(float(units[key]))
+    groups = [torch.tensor(v, dtype=torch.float64) for v in by_seed.values()]
+    counts = torch.tensor([len(g) for g in groups], dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
-    index = torch.randint(len(values), (samples, len(values)), generator=gen)
-    means = data[index].mean(1)
+    drawn = torch.randint(len(groups), (samples, len(groups)), generator=gen)  # the seeds of each resample
+    total = torch.zeros(samples, dtype=torch.float64)
+    for slot in range(len(groups)):
+        for i, g in enumerate(groups):  # the resamples that drew seed i in this slot draw its units
+            rows = (drawn[:, slot] == i).nonzero().squeeze(1)
+            total[rows] += g[torch.randint(len(g), (len(rows), len(g)), generator=gen)].sum(1)
+    means = total / counts[drawn].sum(1)
     lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(data.mean()), lo, hi
+    return float(torch.cat(groups).mean()), lo, hi
 
 
 def paired_bootstrap(
     ours: dict[tuple, int], theirs: dict[tuple, int], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
 ) -> tuple[float, float, float, int]:
-    """Mean of ours − theirs over the units both have, its 95 % percentile interval, and the
-    number of units. Units are keys such as (seed, env, task)."""
+    """Mean of ours − theirs over the units both have, its 95 % interval (`clustered_bootstrap`),
+    and the number of units. Units are keys such as (seed, env, task)."""
     common = sorted(ours.keys() & theirs.keys())
     if not common:
         raise ValueError("the two methods share no (seed, env, task) unit to compare")
-    mean, lo, hi = bootstrap_mean([ours[k] - theirs[k] for k in common], samples, seed)
+    mean, lo, hi = clustered_bootstrap({k: ours[k] - theirs[k] for k in common}, samples, seed)
     return mean, lo, hi, len(common)
 
 
@@ -121,12 +140,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _cell(per_seed: list[float], units: list[int]) -> str:
+def _cell(per_seed: list[float], units: dict[tuple, int]) -> str:
     mean = statistics.fmean(per_seed)
     std = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
     if not units:
         return f"{_pct(mean)} ± {_pct(std)}"
-    _, lo, hi = bootstrap_mean([float(u) for u in units])
+    _, lo, hi = clustered_bootstrap(units)
     return f"{_pct(mean)} ± {_pct(std)} [{_pct(lo)}, {_pct(hi)}]"
 
 
@@ -158,7 +177,7 @@ def experiment_report(
         f"# Experiment {root.name}",
         "",
         "Test success (%) after each finished run's last round (unfinished runs are left out): mean over seeds ± their standard deviation "
-        "[95 % bootstrap interval over (seed, test task)]; Avg is weighted by test tasks (Fed-SE's).",
+        "[95 % bootstrap interval: seeds resampled, then test tasks within each]; Avg is weighted by test tasks (Fed-SE's).",
         "",
         "| method | seeds | " + " | ".join(envs) + " | Avg |",
         "|---|---|" + "---|" * (len(envs) + 1),
@@ -167,10 +186,10 @@ def experiment_report(
         cells = []
         for env in envs:
             per_seed = [r.per_env[env][0] / r.per_env[env][1] for r in rs if env in r.per_env]
-            units = [v for r in rs for k, v in r.outcomes.items() if k[1] == env]
+            units = {k: v for r in rs for k, v in r.outcomes.items() if k[1] == env}
             cells.append(_cell(per_seed, units) if per_seed else "–")
         avg = [sum(s for s, _ in r.per_env.values()) / sum(t for _, t in r.per_env.values()) for r in rs]
-        cells.append(_cell(avg, [v for r in rs for v in r.outcomes.values()]))
+        cells.append(_cell(avg, {k: v for r in rs for k, v in r.outcomes.items()}))
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
     for reference in references:
         if reference not in results:
@@ -179,7 +198,8 @@ def experiment_report(
         lines += [
             "",
             f"{reference} − method (points), paired over the (seed, test task) units both played, "
-            f"95 % percentile interval of {BOOTSTRAP_SAMPLES:,} bootstrap resamples, on Avg and per environment:",
+            f"95 % percentile interval of {BOOTSTRAP_SAMPLES:,} bootstrap resamples (seeds resampled, then the "
+            "units within each), on Avg and per environment:",
             "",
             f"| method | {reference} − method | 95 % interval | units | " + " | ".join(envs) + " |",
             "|---|---|---|---|" + "---|" * len(envs),
