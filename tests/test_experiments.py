@@ -138,7 +138,7 @@ def test_seeds_that_disagree_widen_the_interval_to_what_the_seeds_span():
     assert clustered_bootstrap(units) == (0.5, 0.0, 1.0)
     agreeing = {(s, "maze", t): float(t % 2) for s in range(5) for t in range(40)}  # every seed 0.5
     mean, lo, hi = clustered_bootstrap(agreeing)
-    flat = clustered_bootstrap({(0, "maze", i): v for i, v in enumerate(agreeing.values())})
+    flat = clustered_bootstrap(one_seed(list(agreeing.values())))
     assert mean == 0.5 and lo == pytest.approx(flat[1], abs=0.02) and hi == pytest.approx(flat[2], abs=0.02)
     unequal = {(0, "maze", 0): 1.0, (1, "maze", 0): 0.0, (1, "maze", 1): 0.0, (1, "maze", 2): 0.0}
     assert clustered_bootstrap(unequal)[0] == 0.25  # the point estimate weighs every unit alike

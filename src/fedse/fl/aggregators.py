@@ -187,8 +187,8 @@ def restart(current: Adapter, state: dict, seed: int) -> tuple[Adapter, dict]:
 class FLoRA(Aggregator):
     """FLoRA (Wang et al., NeurIPS 2024): stack the clients' factors, which gives the exact sum
     of their products; here the mean, mean_k s B_k A_k, is merged into the base weights and
-    every round starts from a fresh adapter (B = 0, A drawn from the run's seed and the round). Clients receive the
-    stacked factors, so download grows with the number of clients."""
+    every round starts from a fresh adapter (B = 0, A drawn from the run's seed and the round).
+    Clients receive the stacked factors, so download grows with the number of clients."""
 
     name = "flora"
     exact = True
@@ -304,8 +304,8 @@ class CoordinateMedian(TrimmedMean):
 # --- Weight-space rules: they combine the products ΔW_k, never A and B apart ----------------------
 #
 # The rules below fold their result into the base weights and start every round from a fresh
-# adapter (`restart`: B = 0, A drawn from the run's seed and the round), as FLoRA does: clients keep training at
-# rank r. The round's result is factors, U (out x R) and V (in x R) per layer, computed without any
+# adapter (`restart`: B = 0, A drawn from the run's seed and the round), as FLoRA does: clients
+# keep training at rank r. The round's result is factors, U (out x R) and V (in x R) per layer, computed without any
 # dense d_out x d_in matrix; `bytes_down` counts them, what a client needs to fold the round into
 # its own copy of the base. The embedded runtime holds the folded total densely, as for FLoRA (in
 # memory and in checkpoints); on Flower the nodes receive every round's factors (`Aggregation.folded`)
