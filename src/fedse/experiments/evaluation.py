@@ -8,8 +8,8 @@ from fedse.envs import EnvBackend, make_env
 from fedse.experiments.records import EvalAvgRecord, EvalRecord
 
 
-def evaluation_tasks(env_name: str, count: int | None) -> list[int]:
-    """`count` test ids spread evenly over the env's test split (None: all of it).
+def evaluation_tasks(env_name: str, count: int | None, split: str = "test") -> list[int]:
+    """`count` ids spread evenly over the env's `split` (None: all of it).
 
     The split is ordered by difficulty for some envs (TextCraft's depth bands), so a prefix
     would not be representative.
@@ -17,7 +17,7 @@ def evaluation_tasks(env_name: str, count: int | None) -> list[int]:
     >>> evaluation_tasks("maze", 5)
     [0, 5, 10, 15, 20]
     """
-    ids = make_env(env_name).splits["test"]
+    ids = make_env(env_name).splits[split]
     if count is None or count >= len(ids):
         return list(ids)
     return [ids[i * len(ids) // count] for i in range(count)]
@@ -33,13 +33,16 @@ def evaluate(
     max_batch: int,
     progress: str | None = None,
     backends: dict[str, EnvBackend] | None = None,
+    split: str = "test",
 ) -> list[EvalRecord]:
-    """Greedy rollouts on each environment's test split; `adapters` maps env -> adapter name."""
+    """Greedy rollouts on each environment's `split` (the test split, except for a diagnostic that
+    compares models on what they trained on); `adapters` maps env -> adapter name."""
     sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens)
     requests = []
     for env_name, adapter in adapters.items():
         requests += [
-            RolloutRequest(env_name, i, adapter=adapter, sampling=sampling) for i in evaluation_tasks(env_name, tasks)
+            RolloutRequest(env_name, i, adapter=adapter, sampling=sampling)
+            for i in evaluation_tasks(env_name, tasks, split)
         ]
     trajectories = rollout(policy, on_backends(requests, backends or {}), max_batch=max_batch, progress=progress)
     out = []
