@@ -67,10 +67,10 @@ def play(fed: Federation, adapters: dict[str, str], round_: int, tasks: int | No
     )  # fmt: skip
 
 
-def measure(run: Path, scratch: Path, train_tasks: int) -> dict:
-    """The figures of the module docstring, as a dict (per env: "own" and "merged" test and train
-    outcomes, and each model's NLL on the client's round data); raises UserError on a run it
-    cannot replay."""
+def measure(run: Path, scratch: Path, train_tasks: int, envs: list[str] | None = None) -> dict:
+    """The figures of the module docstring, as a dict (per env of `envs`, default all: "own" and
+    "merged" test and train outcomes; per client: each model's NLL on its round data); raises
+    UserError on a run it cannot replay."""
     store = RunStore(run)
     config: RunConfig = validate_config(store.read_config(), where=str(run / "config.json"))
     last = store.last_round()
@@ -81,6 +81,10 @@ def measure(run: Path, scratch: Path, train_tasks: int) -> dict:
             f"{run} lacks round {last - 1}'s checkpoint (it has rounds {store.completed_rounds()}): rerun it "
             "with checkpoints.keep_last = 2 (or more) to measure its last merge"
         )
+    unknown = sorted(set(envs or []) - set(config.fed.clients))
+    if unknown:
+        raise UserError(f"--envs {unknown[0]!r} is not an environment of {run} (it has {config.fed.clients})")
+    played = envs or list(config.fed.clients)
     recorded = store.load().round(last)
     if not recorded.evals:
         raise UserError(f"{run} did not evaluate round {last}; nothing to check the replay against")
@@ -91,22 +95,21 @@ def measure(run: Path, scratch: Path, train_tasks: int) -> dict:
     fed.transport.start(True, last - 1, {})
     clients = fed.sampled_clients(last)
     _, updates, client_records = fed.transport.train(last, clients, fed.server)
-    envs = {c: fed.client_envs[c] for c in clients}
+    env_of = {env: c for c in clients for env in fed.client_envs[c] if env in played}
     data = {c: fed.transport.buffer(c).training_set(last) for c in clients}
     max_length = config.train.max_length
 
     def nll(slot_of: dict[str, str]) -> dict[str, float]:
         return {c: mean_loss(fed.policy, slot_of[c], data[c], max_length) for c in clients if data[c]}
 
-    own_adapters = {env: c for c in clients for env in envs[c]}  # each client's trained slot
-    own = {
-        "test": play(fed, own_adapters, last, config.eval.tasks, "test"),
-        "train": play(fed, own_adapters, last, train_tasks, "train"),
+    own = {  # each client's trained slot, on its own environments
+        "test": play(fed, env_of, last, config.eval.tasks, "test"),
+        "train": play(fed, env_of, last, train_tasks, "train"),
         "nll": nll({c: c for c in clients}),
     }
     start_nll = nll(dict.fromkeys(clients, GLOBAL))  # the global slot still holds the round's start
     fed.aggregate(last, updates)
-    everyone = dict.fromkeys(config.fed.clients, GLOBAL)
+    everyone = dict.fromkeys(env_of, GLOBAL)
     merged = {
         "test": play(fed, everyone, last, config.eval.tasks, "test"),
         "train": play(fed, everyone, last, train_tasks, "train"),
@@ -122,7 +125,7 @@ def measure(run: Path, scratch: Path, train_tasks: int) -> dict:
         "rule": config.fed.aggregator,
         "reproduced": trained_as_recorded and all(was[e.env] == e.task_successes for e in merged["test"]),
         "trained_as_recorded": trained_as_recorded,
-        "client_of": {env: c for c in clients for env in envs[c]},
+        "client_of": env_of,
         "start_nll": start_nll,
         "own": {k: [asdict(e) for e in v] if k != "nll" else v for k, v in own.items()},
         "merged": {k: [asdict(e) for e in v] if k != "nll" else v for k, v in merged.items()},
@@ -176,13 +179,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a finished run folder with its last two checkpoints")
     parser.add_argument("--train-tasks", type=int, default=40, help="train tasks per env (spread over the split)")
+    parser.add_argument("--envs", nargs="*", help="environments to play (default: all; every client still trains)")
     parser.add_argument("--scratch", type=Path, help="where the replay runs (default: runs/merge-cost/<run name>)")
     parser.add_argument("--out", type=Path, help="markdown file to write (a .json of the figures goes beside it)")
     args = parser.parse_args()
     set_up_process()
     scratch = args.scratch or Path("runs/merge-cost") / "-".join(args.run.resolve().parts[-2:])
     try:
-        result = measure(args.run, scratch, args.train_tasks)
+        result = measure(args.run, scratch, args.train_tasks, args.envs)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

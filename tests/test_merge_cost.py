@@ -62,8 +62,9 @@ def test_a_replay_that_trains_differently_from_the_record_is_flagged(regmean_run
         if record["event"] == "client" and record["round"] == 2:
             record["train_loss"] += 1.0
     metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    result = merge_cost().measure(run, tmp_path / "scratch", train_tasks=1)
+    result = merge_cost().measure(run, tmp_path / "scratch", train_tasks=1, envs=["maze"])
     assert not result["reproduced"] and not result["trained_as_recorded"]
+    assert result["client_of"] == {"maze": "maze"} and [e["env"] for e in result["merged"]["test"]] == ["maze"]
     assert "NOT reproduced" in merge_cost().table(result)
 
 
@@ -73,4 +74,6 @@ def test_a_run_without_its_second_last_checkpoint_is_refused_in_one_line(regmean
     shutil.rmtree(run / "checkpoints" / "round_001")
     with pytest.raises(UserError, match=r"lacks round 1's checkpoint .* checkpoints.keep_last = 2"):
         merge_cost().measure(run, tmp_path / "scratch", train_tasks=1)
+    with pytest.raises(UserError, match=r"--envs 'webshop' is not an environment of"):
+        merge_cost().measure(regmean_run, tmp_path / "scratch", train_tasks=1, envs=["webshop"])
     assert not (tmp_path / "scratch").exists()
