@@ -14,7 +14,7 @@ from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.cli import main
 from fedse.experiments.config import CENTRAL, ConfigError
-from fedse.experiments.experiment_report import clustered_bootstrap, collect, paired_bootstrap
+from fedse.experiments.experiment_report import SeedResult, clustered_bootstrap, collect, paired_bootstrap
 from fedse.experiments.federation import Federation
 from fedse.experiments.grid import load_experiment, run_grid
 from fedse.experiments.methods import METHODS
@@ -277,6 +277,16 @@ def test_several_clients_per_environment_hold_disjoint_partitions_of_its_train_s
     assert {e["env"] for e in records(fed, "eval")} == {"maze"}
     with pytest.raises(Exception, match="clients_per_env > 1 needs one shared adapter"):
         tiny_config("fed.clients_per_env=2", "fed.aggregator='fedsa'")
+
+
+def test_a_runs_cost_counts_the_input_summaries_an_input_aware_rule_asks_of_its_clients(tmp_path):
+    fed = method_run(tmp_path, "fedse-regmean")
+    client = records(fed, "client")
+    inputs = sum(r["inputs_seconds"] for r in client)
+    assert inputs > 0
+    seconds = inputs + sum(r["train_seconds"] for r in client)
+    seconds += sum(r["seconds"] for r in records(fed, "explore") + records(fed, "eval_avg"))
+    assert SeedResult.of("fedse-regmean", 0, fed.store.root).cost()["minutes"] == pytest.approx(seconds / 60)
 
 
 def test_methods_may_run_more_seeds_and_the_report_pairs_the_named_references(tmp_path):

@@ -91,7 +91,8 @@ class SeedResult:
     def cost(self) -> dict[str, float]:
         run = self.run
         seconds = sum(r.seconds for r in run.eval_avg) + sum(r.seconds for r in run.explore)
-        seconds += sum(r.train_seconds for r in run.client)
+        # a client's compute includes the input summary an input-aware rule asks of it (RegMean)
+        seconds += sum(r.train_seconds + (r.inputs_seconds or 0.0) for r in run.client)
         sent = sum(sum(a.bytes_up) + a.bytes_down * a.clients for a in run.aggregate)
         return {"minutes": seconds / 60, "train_tokens": sum(r.train_tokens for r in run.client), "mb": sent / 1e6}
 
@@ -244,7 +245,8 @@ def experiment_report(
         lines += [f"| {m} | {text} |" for m, text in seen.items()]
     lines += [
         "",
-        "Cost per run (mean over seeds): wall time of exploration, training and evaluation; tokens "
+        "Cost per run (mean over seeds): wall time of exploration, training (with the clients' input "
+        "summaries, for a rule that reads inputs) and evaluation; tokens "
         "trained; adapter bytes sent and received; the machines the runs ran on (minutes compare only "
         "within one machine).",
         "",
