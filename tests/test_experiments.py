@@ -192,7 +192,8 @@ def test_the_experiment_command_runs_the_grid_and_rebuilds_its_report_from_the_r
     assert main(["experiment", str(path)]) == 0
     root = tmp_path / "results" / "tiny"
     report = (root / "report.md").read_text()
-    assert "| pretrained | 2 |" in report and "| fedse | 2 |" in report and "| local-static | 2 |" in report
+    assert "| pretrained | 2 | global |" in report and "| fedse | 2 | global |" in report
+    assert "| local-static | 2 | personal |" in report  # each environment evaluated with its own client's adapter
     paired = report.split("| method | fedse − method |")[1].split("Exploration:")[0]
     assert "| local-static | +0.0 |" in paired and "| pretrained | " in paired and "| fedse |" not in paired
     explored = report.split("| method | successes / explored |")[1].split("Cost per run")[0]

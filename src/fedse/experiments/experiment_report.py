@@ -20,6 +20,7 @@ import torch
 from fedse.experiments.records import RunRecords
 from fedse.experiments.store import ExperimentStore, RunStore
 from fedse.files import atomic_write_text
+from fedse.fl.aggregators import AGGREGATORS
 
 BOOTSTRAP_SAMPLES = 10_000
 
@@ -125,6 +126,16 @@ def aggregation(results: list[SeedResult]) -> str | None:
     return text
 
 
+def evaluated_with(results: list[SeedResult]) -> str:
+    """'personal' when the method's rule keeps an adapter on each client and every environment was
+    evaluated with its own client's (local, fedsa), 'global' when one adapter served them all."""
+    for r in results:
+        rule = AGGREGATORS.get(r.run.config.get("fed", {}).get("aggregator", ""))
+        if rule is not None and rule.personalized and r.round > 0:
+            return "personal"
+    return "global"
+
+
 def machines(method_dir: Path, results: list[SeedResult]) -> str:
     """The machines a method's seeds ran on, e.g. "Xeon (bfloat16) ×3" ("not recorded": a run
     from before machine.jsonl was kept)."""
@@ -178,10 +189,12 @@ def experiment_report(
         f"# Experiment {root.name}",
         "",
         "Test success (%) after each finished run's last round (unfinished runs are left out): mean over seeds ± their standard deviation "
-        "[95 % bootstrap interval: seeds resampled, then test tasks within each]; Avg is weighted by test tasks (Fed-SE's).",
+        "[95 % bootstrap interval: seeds resampled, then test tasks within each]; Avg is weighted by test tasks (Fed-SE's). "
+        "Adapter: global (one adapter evaluated on every environment) or personal (each environment evaluated with "
+        "the adapter its own client kept).",
         "",
-        "| method | seeds | " + " | ".join(envs) + " | Avg |",
-        "|---|---|" + "---|" * (len(envs) + 1),
+        "| method | seeds | adapter | " + " | ".join(envs) + " | Avg |",
+        "|---|---|---|" + "---|" * (len(envs) + 1),
     ]
     for m, rs in results.items():
         cells = []
@@ -191,7 +204,7 @@ def experiment_report(
             cells.append(_cell(per_seed, units) if per_seed else "–")
         avg = [sum(s for s, _ in r.per_env.values()) / sum(t for _, t in r.per_env.values()) for r in rs]
         cells.append(_cell(avg, {k: v for r in rs for k, v in r.outcomes.items()}))
-        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {len(rs)} | {evaluated_with(rs)} | " + " | ".join(cells) + " |")
     for reference in references:
         if reference not in results:
             continue
