@@ -52,15 +52,22 @@ def rounds_of(run: Path) -> tuple[list[Factors], int, float]:
     return history, int(config["model"]["lora_rank"]), float(config["fed"].get("merge_scale", 1.0))
 
 
+def updates(u: torch.Tensor, v: torch.Tensor, rank: int, scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One layer's folded sum [λ U_1 … λ U_K], [V_1 … V_K] split back into the clients' (U_k, V_k), float64."""
+    return [
+        (u[:, k * rank : (k + 1) * rank].double() / scale, v[:, k * rank : (k + 1) * rank].double())
+        for k in range(u.shape[1] // rank)
+    ]
+
+
 def compare(factors: Factors, rank: int, scale: float) -> dict[str, float]:
     """The module docstring's figures for one round."""
     total = {"sum": 0.0, "elect": 0.0, "elect_gap": 0.0, "plain": 0.0, "plain_gap": 0.0, "shared": 0.0}
     clients = 0
     gram = None
     for u, v in factors.values():
-        clients = u.shape[1] // rank
-        pairs = [(u[:, k * rank : (k + 1) * rank].double() / scale, v[:, k * rank : (k + 1) * rank].double())
-                 for k in range(clients)]  # fmt: skip
+        pairs = updates(u, v, rank, scale)
+        clients = len(pairs)
         _, _, cores = core_space(pairs)  # Q_u, Q_v have orthonormal columns: norms are the cores'
         summed = sum(cores)
         elected, figures = subspace_merge(cores, elect=True)
@@ -97,10 +104,7 @@ def check(factors: Factors, rank: int, scale: float, subspace_run: Path) -> floa
         raise UserError(f"{subspace_run} is not a subspace run with a folded round")
     gap = norm = 0.0
     for module, (u, v) in factors.items():
-        clients = u.shape[1] // rank
-        pairs = [(u[:, k * rank : (k + 1) * rank].double() / scale, v[:, k * rank : (k + 1) * rank].double())
-                 for k in range(clients)]  # fmt: skip
-        q_u, q_v, cores = core_space(pairs)
+        q_u, q_v, cores = core_space(updates(u, v, rank, scale))
         merged, _ = subspace_merge(cores, elect=True)
         their_u, their_v = folded[0][module]
         gap += square_norm(torch.cat([q_u @ merged, -their_u.double()], 1), torch.cat([q_v, their_v.double()], 1))
