@@ -1,6 +1,7 @@
 """Builders the tests share: the tiny federation's configuration, random LoRA factors and
 adapters. Test modules import these from here, never from one another."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -123,3 +124,12 @@ class ServedApp:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def bench_module(name: str):
+    """bench/<name>.py imported as a module (the bench scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """bench/merge_cost.py: a finished run's last round replayed, each client's own adapter against the
 merged model, on the tiny model."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,16 +12,11 @@ from fedse.agent.policy import Policy
 from fedse.errors import UserError
 from fedse.experiments.federation import Federation
 from fedse.files import file_digest
-from helpers import tiny_config
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "merge_cost.py"
+from helpers import bench_module, tiny_config
 
 
 def merge_cost():
-    spec = importlib.util.spec_from_file_location("merge_cost", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("merge_cost")
 
 
 def digests(root: Path) -> dict[str, str]:

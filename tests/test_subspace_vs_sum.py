@@ -1,7 +1,6 @@
 """bench/subspace_vs_sum.py: a sum run's rounds split back into the clients' updates and merged
 again by the subspace rule, on hand-built updates and on the tiny model."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,11 @@ from fedse.agent.model import load_base
 from fedse.agent.policy import Policy
 from fedse.errors import UserError
 from fedse.experiments.federation import Federation
-from helpers import tiny_config
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "subspace_vs_sum.py"
+from helpers import bench_module, tiny_config
 
 
 def bench():
-    spec = importlib.util.spec_from_file_location("subspace_vs_sum", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("subspace_vs_sum")
 
 
 def stacked(*updates: tuple[torch.Tensor, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
