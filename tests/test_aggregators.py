@@ -58,6 +58,11 @@ def test_one_client_gives_back_that_clients_model(name):
         for k, v in update.tensors.items():
             torch.testing.assert_close(result.aggregation.adapter.tensors[k], v)
         return
+    if name == "personal":  # its own adapter stays with the client; the base moves by λ times it
+        assert result.aggregation.adapter is current
+        for m, got in result.aggregation.base_delta.items():
+            torch.testing.assert_close(got.double(), mean_client_delta([update], current)[m], rtol=1e-5, atol=1e-5)
+        return
     want, got = mean_client_delta([update], current), produced_delta(result, current)
     for m in want:
         torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)

@@ -50,6 +50,7 @@ SETTINGS = {
     "flora_retention": ["fed.aggregator='flora'", *RETENTION],
     "subspace": ["fed.aggregator='subspace'"],
     "regmean_seed3": ["fed.aggregator='regmean'", "fed.seed=3"],  # restarts drawn from the run's seed
+    "personal": ["fed.aggregator='personal'"],  # the server holds tensors of each client between rounds
 }
 if FULL:
     SETTINGS |= {

@@ -106,11 +106,12 @@ PRIVDESK = '[env.privdesk]\nclass = "acme_tickets:TicketRouting"\noptions = { ti
 NODE_ONLY = ("fed.clients=['privdesk', 'maze']", "env.privdesk.backend='node'", "fed.rounds=1")
 
 
-@pytest.mark.parametrize("aggregator", ["fedsa", "fedex", "subspace", "regmean"])
+@pytest.mark.parametrize("aggregator", ["fedsa", "fedex", "subspace", "regmean", "personal"])
 def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
     """Same config and seed: the same final global adapter and the same records (seconds aside).
     fedsa keeps B on the nodes across rounds; fedex, subspace and regmean send the base delta down,
-    and regmean's nodes also send their input summaries. (fedse: the deployment test below; all
+    and regmean's nodes also send their input summaries; personal does both: its nodes keep their
+    adapters and receive the shared base's factors. (fedse: the deployment test below; all
     seven rules were checked once by hand.)"""
     embedded = Federation(
         tiny_config(f"fed.aggregator='{aggregator}'"), tmp_path / "emb", Policy(load_base("tiny-random"))
@@ -120,7 +121,7 @@ def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
     flower = flower_run(tmp_path, grid, f"fed.aggregator='{aggregator}'")
     assert flower.global_adapter.hash == embedded.global_adapter.hash
     carried = {name for m in grid.sent if m.metadata.message_type == "train" for name in m.content}
-    if aggregator in ("subspace", "regmean"):  # low-rank results: factors travel, never a dense matrix
+    if aggregator in ("subspace", "regmean", "personal"):  # low-rank results: factors travel, never a dense matrix
         assert "folded" in carried and "base" not in carried
     elif aggregator == "fedex":
         assert "base" in carried and "folded" not in carried
@@ -129,7 +130,7 @@ def test_flower_runtime_reproduces_the_embedded_run(tmp_path, aggregator):
     assert (
         [s["resumed"] for s in flower.store.sittings()] == [s["resumed"] for s in embedded.store.sittings()] == [False]
     )
-    if aggregator == "fedsa":  # each node kept its own B for every round
+    if aggregator in ("fedsa", "personal"):  # each node kept its own adapter (fedsa: its B) every round
         kept = sorted(p.name for p in (flower.store.root / "nodes").rglob("round_*"))
         assert kept == ["round_001", "round_001", "round_002", "round_002"]
 

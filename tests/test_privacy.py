@@ -126,6 +126,8 @@ def test_the_refusals_are_those_the_properties_imply():
     assert dp_refusal(AGGREGATORS["flora"], "local") is None  # post-processing of noisy factors
     assert "layer inputs" in dp_refusal(AGGREGATORS["regmean"], "local")
     assert "nothing leaves" in dp_refusal(AGGREGATORS["local"], "local")
+    assert dp_refusal(AGGREGATORS["fedsa"], "local") is None  # it uploads the shared A, keeps its B
+    assert "whole kept adapter" in dp_refusal(AGGREGATORS["personal"], "local")
 
 
 @pytest.mark.parametrize("dp", ["off", "central", "local"])

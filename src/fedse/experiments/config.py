@@ -117,7 +117,8 @@ class FedSection(Section):
     trim: float = Field(0.2, ge=0, lt=0.5)
     """The trimmed aggregator's fraction dropped at each end per entry."""
     merge_scale: float = Field(1.0, gt=0)
-    """The sum aggregator's λ: W += λ Σ_k ΔW_k (1: every update at full strength; 1/K: the mean)."""
+    """The sum aggregator's λ: W += λ Σ_k ΔW_k (1: every update at full strength; 1/K: the mean);
+    the personal aggregator's λ: the shared base is W_0 + λ · mean_k s B_k A_k."""
     merge_rank: int = Field(0, ge=0)
     """The subspace and regmean aggregators' rank budget for the merged update: 0 keeps it exact
     (Σ_k r_k); a smaller rank truncates it, recording the energy dropped each round."""

@@ -102,6 +102,13 @@ METHODS: dict[str, Method] = {
             ("fed.aggregator='regmean'",),
         ),
         Method(
+            "fedse-personal",
+            "the Fed-SE loop with personal adapters on a shared base: each client keeps training its own "
+            "adapter and the server folds the exact mean of the clients' adapters into the base they share; "
+            "personalized: each environment is evaluated with its own client's adapter",
+            ("fed.aggregator='personal'",),
+        ),
+        Method(
             "fedse-subspace-no-election",
             "the subspace merge without its sign election: shared directions plainly averaged",
             ("fed.aggregator='subspace'", "fed.merge_elect=false"),

@@ -6,7 +6,8 @@
       clients/<c>/buffer.jsonl   each client's experience buffer (private to the client)
       clients/<c>/personal/round_NNN/  its own adapter, personalised aggregators (private too)
       checkpoints/round_NNN/     the server's: global adapter (PEFT format), base delta (float32),
-                                 aggregator state, optimiser moments, the round's configuration
+                                 aggregator state (its tensors apart, e.g. what the personal rule holds
+                                 of each client), optimiser moments, the round's configuration
       state.json                 the last completed round, its global adapter's hash, and a digest
                                  of every file that round's state lives in (`RunStore.verify`)
       evals/                     re-evaluations of checkpoints (`fedse eval`)
@@ -91,10 +92,16 @@ class Checkpoint:
     base_delta: dict[str, torch.Tensor] = field(default_factory=dict)
     """Cumulative dense ΔW per module, folded into the base (mutating aggregators)."""
     aggregator_state: dict = field(default_factory=dict)
+    """The rule's own state: JSON values, and tensors (`held`) stored in their own file."""
     server_state: dict[str, torch.Tensor] = field(default_factory=dict)
     """The server optimiser's moments (fed.server_optimizer momentum / adam)."""
     folded: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = field(default_factory=list)
     """Every round's folded delta as factors (`fedse.fl.server.ServerState.folded`)."""
+
+
+def held(state: dict) -> dict[str, torch.Tensor]:
+    """The tensors of an aggregator's state (`fedse.fl.aggregators.HELD`), stored apart from its JSON."""
+    return {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def machine_record(dtype: torch.dtype, resumed: bool) -> dict:
@@ -322,7 +329,10 @@ class RunStore:
                 )
             if checkpoint.folded:
                 save_file(folded_tensors(checkpoint.folded), str(tmp / "folded.safetensors"))
-            (tmp / "aggregator.json").write_text(json.dumps(checkpoint.aggregator_state))
+            state = checkpoint.aggregator_state
+            (tmp / "aggregator.json").write_text(json.dumps({k: v for k, v in state.items() if k not in held(state)}))
+            if held(state):
+                save_file(held(state), str(tmp / "aggregator.safetensors"))
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -410,7 +420,7 @@ class RunStore:
                 f"{self.root} has no checkpoint for round {round_}; completed rounds: {self.completed_rounds() or 'none'}"
             )
         delta_file, server_file = ckpt / "base_delta.safetensors", ckpt / "server_state.safetensors"
-        folded_file = ckpt / "folded.safetensors"
+        folded_file, held_file = ckpt / "folded.safetensors", ckpt / "aggregator.safetensors"
         try:
             base_delta = load_file(str(delta_file)) if delta_file.exists() else {}
             # no file: nothing folded yet, or a rule (or an older fedse) that kept the total only densely
@@ -420,7 +430,10 @@ class RunStore:
             checkpoint = Checkpoint(
                 global_adapter=load_adapter(ckpt / GLOBAL),
                 base_delta=base_delta,
-                aggregator_state=json.loads((ckpt / "aggregator.json").read_text()),
+                aggregator_state={
+                    **json.loads((ckpt / "aggregator.json").read_text()),
+                    **(load_file(str(held_file)) if held_file.exists() else {}),
+                },
                 server_state=load_file(str(server_file)) if server_file.exists() else {},
                 folded=folded,
             )

@@ -69,6 +69,10 @@ class Aggregator:
     trains: ClassVar[str] = "AB"
     """Which factors a client trains."""
 
+    uploads_kept: ClassVar[bool] = False
+    """Whether a client uploads what it keeps from round to round (its own adapter): then an upload
+    is not the received model plus one round's move, and clipping that move bounds nothing."""
+
     reads_inputs: ClassVar[bool] = False
     """Whether clients also send a summary of their layers' inputs (`summarize_inputs`)."""
     weights_by_examples: ClassVar[bool] = False
@@ -683,6 +687,85 @@ class RegMeanMerge(Aggregator):
         return factor_bytes(adapter, exact if self.rank == 0 else min(self.rank, exact))
 
 
+HELD = "held/"
+"""Prefix of the tensors in a rule's state that it keeps between rounds, "held/<client>/<tensor>"
+(the personal rule: each client's last uploaded factors); the checkpoint stores them apart from
+the state's JSON."""
+
+
+def held_adapters(state: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Client -> the factors `state` holds for it (`HELD`)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if key.startswith(HELD):
+            client, name = key[len(HELD) :].split("/", 1)
+            out.setdefault(client, {})[name] = tensor
+    return out
+
+
+class PersonalOnSharedBase(Aggregator):
+    """Each client keeps training its own adapter, as local training does, on a base model that
+    all clients share and that the server moves by λ times the mean of the clients' adapters:
+
+        client k's model = W_0 + s B_k A_k + (λ/N) Σ_j s B_j A_j   (N clients heard from so far)
+
+    so its own update counts 1 + λ/N and each other client's λ/N: a fraction of what the others
+    learnt is added to an environment's own update, never averaged over it. λ → 0 is local
+    training; with λ = 1 the shared part is FLoRA's exact mean of the products. The client trains
+    its adapter on the shared base it is evaluated on, so it can undo, round by round, what of
+    the others' (or its own doubled) update hurts its environment.
+
+    The server keeps each client's last upload (the state's `HELD` tensors, checkpointed) and folds
+    the change of the shared part, (λ/N') Σ_j s B'_j A'_j − (λ/N) Σ_j s B_j A_j, exact through
+    stacking (FLoRA's identity): factors of rank ≤ 2·K·r cross the wire, never a dense matrix.
+    A client absent from a round keeps its last adapter in the mean. The global adapter is the
+    initial one, which a client starts from until it has its own. Personalized: each environment
+    is evaluated with its own client's adapter.
+
+    From: FedDPA (Yang et al., NeurIPS 2024, arXiv 2403.19211: a global and a local LoRA per
+    client) and APFL (Deng et al., 2020, arXiv 2003.13461: a personal model mixed with a global
+    one), with the global part here the exact mean of the personal products rather than a
+    separately trained adapter, so each client trains one adapter. Hence: one client gives its own
+    adapter with the base moved by λ times it; identical adapters give every client
+    (1 + λ)·s B A; client order does not matter. Not linear: the server needs each client's
+    factors."""
+
+    name = "personal"
+    exact = True
+    linear = False
+    personalized = True
+    mutates_base = True
+    uploads_kept = True
+    options = ("scale",)
+
+    def __init__(self, scale: float = 1.0) -> None:
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.scale = scale
+
+    def client_start(self, received, local):
+        return received if local is None else local
+
+    def aggregate(self, current, updates, state):
+        before = held_adapters(state)
+        after = {**before, **{u.client: self.upload(u.tensors) for u in updates}}
+        moved = {u.client for u in updates} if len(after) == len(before) else set(after)
+        terms = [(self.scale / len(after), after[c]) for c in sorted(moved)]
+        terms += [(-self.scale / len(before), before[c]) for c in sorted(moved & set(before))]
+        s, factors = current.scale, {}
+        for m in lora_modules(current.tensors):
+            factors[m] = (
+                torch.cat([w * s * t[m + B_SUFFIX].double() for w, t in terms], 1).float(),
+                torch.cat([t[m + A_SUFFIX].double().T for _, t in terms], 1).float(),
+            )
+        held = {f"{HELD}{c}/{k}": t for c, tensors in after.items() for k, t in tensors.items()}
+        state = {**{k: v for k, v in state.items() if not k.startswith(HELD)}, **held}
+        return Aggregation(current, densify(factors), state, folded=factors)
+
+    def bytes_down(self, adapter, num_clients):
+        return factor_bytes(adapter, 2 * adapter.spec.rank * max(num_clients, 1))
+
+
 AGGREGATORS: dict[str, type[Aggregator]] = {
     cls.name: cls
     for cls in (
@@ -698,6 +781,7 @@ AGGREGATORS: dict[str, type[Aggregator]] = {
         WeightSum,
         SubspaceMerge,
         RegMeanMerge,
+        PersonalOnSharedBase,
     )
 }
 

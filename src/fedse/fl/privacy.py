@@ -75,6 +75,11 @@ def dp_refusal(rule: type[Aggregator], mode: str) -> str | None:
         return "nothing leaves a client under this rule, so there is nothing to make private"
     if rule.reads_inputs:
         return "its clients also send summaries of their layer inputs, which this mechanism does not privatise"
+    if mode == "local" and rule.uploads_kept:
+        return (
+            "a client uploads its whole kept adapter, not the received one plus this round's move, so the "
+            "clip on that move does not bound what the upload reveals"
+        )
     if mode == "central" and not rule.linear:
         return "its server needs each client's update, not only their sum, so noise on the sum does not cover it"
     if mode == "central" and rule.weights_by_examples:

@@ -54,7 +54,8 @@ class ServerState:
     summed in float64 each round and kept as the checkpoint stores it (half of float64's 850 MB
     for SmolLM2-135M), so a resumed run holds exactly what an uninterrupted one does."""
     aggregator: dict = field(default_factory=dict)
-    """The aggregator's own state (e.g. the folding rules' round counter)."""
+    """The aggregator's own state (e.g. the folding rules' round counter; the personal rule's
+    copies of the clients' last adapters, tensors under `fedse.fl.aggregators.HELD`)."""
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     """The server optimiser's moments (momentum / adam), float32."""
     folded: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = field(default_factory=list)
