@@ -316,7 +316,7 @@ def test_methods_may_run_more_seeds_and_the_report_pairs_the_named_references(tm
     assert "| fedse | " in paired and "| pretrained | " in paired and "| fedse-subspace |" not in paired
     seen = report.split("| method | updates |")[1].split("Cost per run")[0]
     assert "| fedse | cosine " in seen and "shared energy" not in seen.split("| fedse-subspace |")[0]
-    assert "| fedse-subspace | cosine " in seen and "; shared energy " in seen
+    assert "| fedse-subspace | cosine " in seen and "; shared energy " in seen and "; from the sum " in seen
     assert "| pretrained |" not in seen  # no server step to describe
     both = path.read_text().replace('reference = "fedse-subspace"', 'reference = ["fedse-subspace", "fedse"]')
     path.write_text(both)

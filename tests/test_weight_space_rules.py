@@ -145,6 +145,21 @@ def test_a_rank_budget_truncates_and_records_the_dropped_energy():
     assert SubspaceMerge().bytes_down(start(), 3) == 3 * SPEC.rank * (OUT + IN) * 4
 
 
+def test_the_merge_records_how_far_it_lies_from_the_plain_sum():
+    def against_sum(clients, elect=True):
+        updates = [Update(f"c{i}", client(t), 1) for i, t in enumerate(clients)]
+        merge = aggregate_round(SubspaceMerge(elect=elect), start(), updates, {}).diagnostics["merge"]
+        return merge["from_sum"], merge["size_vs_sum"]
+
+    assert against_sum([[(2.0, 0, 0)], [(3.0, 1, 1)]]) == pytest.approx((0.0, 1.0), abs=1e-9)  # nothing shared
+    # three identical updates: the merge is one of them, the sum three: 2/3 of the sum away, 1/3 its size
+    assert against_sum([[(2.0, 0, 0)]] * 3) == pytest.approx((2 / 3, 1 / 3))
+    # one direction, opposite signs (+2, -1): the sum is +1; the election keeps +2 alone, at full
+    # strength (a whole sum away, twice its size); without it the two average to +0.5
+    assert against_sum([[(2.0, 0, 0)], [(-1.0, 0, 0)]]) == pytest.approx((1.0, 2.0))
+    assert against_sum([[(2.0, 0, 0)], [(-1.0, 0, 0)]], elect=False) == pytest.approx((0.5, 0.5))
+
+
 def test_a_nonzero_global_adapter_is_kept_under_the_merge():
     current = Adapter(SPEC, client([(1.0, 5, 5)]))
     b = current.tensors[MODULE + B_SUFFIX]

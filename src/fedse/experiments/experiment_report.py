@@ -113,16 +113,18 @@ def exploration(results: list[SeedResult]) -> str:
 
 def aggregation(results: list[SeedResult]) -> str | None:
     """What the server saw, over every aggregated round of every seed: the mean pairwise cosine of
-    the clients' updates, and the subspace merge's share of its merged energy on directions two or
-    more clients hold (None for a method without a server step)."""
+    the clients' updates; for the subspace merge, its share of the merged energy on directions two
+    or more clients hold and its distance from the plain sum (rounds that recorded it), and None
+    for a method without a server step."""
     rounds = [a for r in results for a in r.run.aggregate if a.update_cosine]
     if not rounds:
         return None
     cosines = [v for a in rounds for i, row in enumerate(a.update_cosine) for j, v in enumerate(row) if i != j]
     text = f"cosine {statistics.fmean(cosines):+.3f} [{min(cosines):+.3f}, {max(cosines):+.3f}]" if cosines else "–"
-    shared = [a.merge["shared_energy"] for a in rounds if "shared_energy" in a.merge]
-    if shared:
-        text += f"; shared energy {statistics.fmean(shared):.3f} [{min(shared):.3f}, {max(shared):.3f}]"
+    for key, label in (("shared_energy", "shared energy"), ("from_sum", "from the sum")):
+        figures = [a.merge[key] for a in rounds if key in a.merge]
+        if figures:
+            text += f"; {label} {statistics.fmean(figures):.3f} [{min(figures):.3f}, {max(figures):.3f}]"
     return text
 
 
@@ -250,7 +252,8 @@ def experiment_report(
             "",
             "Aggregation: the clients' updates as the server saw them, over every aggregated round and seed: "
             "mean pairwise cosine [min, max]; for the subspace merge, the share of the merged update's energy "
-            "on directions two or more clients hold [min, max] (0: every direction passed as one client's):",
+            "on directions two or more clients hold [min, max] (0: every direction passed as one client's) and, "
+            "in the runs that recorded it, ‖merge − sum of the updates‖ / ‖sum‖ [min, max]:",
             "",
             "| method | updates |",
             "|---|---|",

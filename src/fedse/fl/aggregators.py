@@ -529,15 +529,26 @@ class SubspaceMerge(Aggregator):
         self, current: Adapter, updates: list[Update]
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
         """Module -> (U, V) with U V^T = s B A + the merged update, at the declared rank, float32
-        (computed in float64); and the round's figures (energy dropped by the rank budget, energy on shared directions)."""
+        (computed in float64); and the round's figures: energy dropped by the rank budget, energy on
+        shared directions, and the merge against the plain sum Σ_k ΔW_k (‖merge − sum‖ / ‖sum‖ and
+        ‖merge‖ / ‖sum‖ over all layers, before the rank budget: 0 and 1 when no direction is shared)."""
         out, budget, shared = {}, RankBudget(self.rank), 0.0
+        sum_sq = gap_sq = merged_sq = 0.0
         for m in lora_modules(current.tensors):
             pairs = [update_factors(current, u, m) for u in updates]
             q_u, q_v, cores = core_space([current_factors(current, m), *pairs])
             merged, figures = subspace_merge(cores[1:], self.elect)
             out[m], energy = budget.factors(q_u, cores[0] + merged, q_v)
             shared += figures["shared_energy"] * energy
-        return out, {**budget.figures(), "shared_energy": shared / budget.total if budget.total else 0.0}
+            summed = sum(cores[1:])  # Q_u, Q_v have orthonormal columns: norms are the cores'
+            sum_sq += float(summed.square().sum())
+            gap_sq += float((merged - summed).square().sum())
+            merged_sq += float(merged.square().sum())
+        against_sum = {
+            "from_sum": math.sqrt(gap_sq / sum_sq) if sum_sq else 0.0,
+            "size_vs_sum": math.sqrt(merged_sq / sum_sq) if sum_sq else 1.0,
+        }
+        return out, {**budget.figures(), "shared_energy": shared / budget.total if budget.total else 0.0, **against_sum}
 
     def aggregate(self, current, updates, state):
         factors, figures = self.merged_factors(current, updates)
