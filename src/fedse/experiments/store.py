@@ -329,10 +329,10 @@ class RunStore:
                 )
             if checkpoint.folded:
                 save_file(folded_tensors(checkpoint.folded), str(tmp / "folded.safetensors"))
-            state = checkpoint.aggregator_state
-            (tmp / "aggregator.json").write_text(json.dumps({k: v for k, v in state.items() if k not in held(state)}))
-            if held(state):
-                save_file(held(state), str(tmp / "aggregator.safetensors"))
+            state, tensors = checkpoint.aggregator_state, held(checkpoint.aggregator_state)
+            (tmp / "aggregator.json").write_text(json.dumps({k: v for k, v in state.items() if k not in tensors}))
+            if tensors:
+                save_file(tensors, str(tmp / "aggregator.safetensors"))
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
